@@ -1,0 +1,3 @@
+"""edgellm-export: HuggingFace checkpoints to TensorRT Edge-LLM ONNX exports."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,155 @@
+"""ModelConfig: the normalised architecture, from config.json plus tensor names.
+
+config.json comes in two dialects: legacy (`rope_scaling`, top-level
+`rope_theta`) and transformers 5 (`rope_parameters` holding theta and type).
+Feature flags that config.json does not state reliably (q/k norm, biases) are
+inferred from which tensors exist, as the runtime's reference exporter does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ExportError
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """What the checkpoint means by its rotary embedding."""
+
+    rope_type: str  # default, linear, llama3, dynamic, longrope, yarn, ...
+    theta: float
+    params: dict[str, Any] = field(default_factory=dict)  # the rest of the HF dict
+
+    @property
+    def is_default(self) -> bool:
+        return self.rope_type == "default"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope: RopeSpec
+    partial_rotary_factor: float = 1.0
+    tie_word_embeddings: bool = False
+    has_qk_norm: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int = -1
+    hidden_act: str = "silu"
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+
+def _int(cfg: dict, key: str, path: Path, default: int | None = None) -> int:
+    v = cfg.get(key, default)
+    if v is None:
+        raise ExportError(f"config.json lacks the required field {key!r}", path)
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ExportError(f"config.json field {key!r} must be a positive integer, got {v!r}", path)
+    return v
+
+
+def _float(cfg: dict, key: str, path: Path, default: float) -> float:
+    v = cfg.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ExportError(f"config.json field {key!r} must be a number, got {v!r}", path)
+    return float(v)
+
+
+def text_config_of(raw: dict) -> dict:
+    """The text decoder's config: VLM wrappers keep it under `text_config`."""
+    inner = raw.get("text_config")
+    if isinstance(inner, dict) and "hidden_size" in inner and "hidden_size" not in raw:
+        merged = dict(inner)
+        merged.setdefault("model_type", raw.get("model_type"))
+        return merged
+    return raw
+
+
+def parse_rope(cfg: dict, path: Path) -> tuple[RopeSpec, float]:
+    """RopeSpec and partial_rotary_factor from either config dialect."""
+    scaling = cfg.get("rope_parameters")
+    if scaling is None:
+        scaling = cfg.get("rope_scaling")
+    if scaling is not None and not isinstance(scaling, dict):
+        raise ExportError(f"rope_scaling / rope_parameters must be an object, got {scaling!r}", path)
+    scaling = dict(scaling or {})
+    theta = cfg.get("rope_theta", scaling.get("rope_theta", 10000.0))
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
+        raise ExportError(f"rope_theta must be a positive number, got {theta!r}", path)
+    rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
+    scaling.pop("type", None)
+    scaling.pop("rope_theta", None)
+    prf = cfg.get("partial_rotary_factor", scaling.pop("partial_rotary_factor", 1.0))
+    if not isinstance(prf, (int, float)) or not 0 < prf <= 1:
+        raise ExportError(f"partial_rotary_factor must be in (0, 1], got {prf!r}", path)
+    return RopeSpec(str(rope_type), float(theta), scaling), float(prf)
+
+
+def build_model_config(raw: dict, tensor_names_have, path: Path) -> ModelConfig:
+    """Normalise config.json. `tensor_names_have(suffix)` tells if a layer tensor exists."""
+    cfg = text_config_of(raw)
+    model_type = cfg.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise ExportError("config.json has no 'model_type'", path)
+    hidden = _int(cfg, "hidden_size", path)
+    heads = _int(cfg, "num_attention_heads", path)
+    kv_heads = _int(cfg, "num_key_value_heads", path, heads)
+    head_dim = cfg.get("head_dim") or hidden // heads
+    if heads % kv_heads:
+        raise ExportError(
+            f"num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})",
+            path,
+        )
+    rope, prf = parse_rope(cfg, path)
+    window = -1
+    if cfg.get("use_sliding_window") and cfg.get("sliding_window"):
+        window = int(cfg["sliding_window"])
+    tie = cfg.get("tie_word_embeddings", raw.get("tie_word_embeddings", False))
+    return ModelConfig(
+        model_type=model_type,
+        vocab_size=_int(cfg, "vocab_size", path),
+        hidden_size=hidden,
+        intermediate_size=_int(cfg, "intermediate_size", path),
+        num_hidden_layers=_int(cfg, "num_hidden_layers", path),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=int(head_dim),
+        rms_norm_eps=_float(cfg, "rms_norm_eps", path, 1e-6),
+        max_position_embeddings=_int(cfg, "max_position_embeddings", path, 4096),
+        rope=rope,
+        partial_rotary_factor=prf,
+        tie_word_embeddings=bool(tie),
+        has_qk_norm=tensor_names_have(".self_attn.q_norm.weight"),
+        qkv_bias=tensor_names_have(".self_attn.q_proj.bias")
+        or tensor_names_have(".self_attn.qkv_proj.bias"),
+        o_bias=tensor_names_have(".self_attn.o_proj.bias"),
+        mlp_bias=tensor_names_have(".mlp.down_proj.bias"),
+        sliding_window=window,
+        hidden_act=str(cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))),
+        raw=cfg,
+    )

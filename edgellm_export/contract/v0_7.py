@@ -1,0 +1,111 @@
+"""The Edge-LLM 0.7.x contract (contract/edgellm-0.7/text.md): names, dims, plugin, config.
+
+Model code calls `declare_io`, `attention` and `finish_outputs`; it never spells
+a binding name, a dim name or a plugin attribute itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import ModelConfig
+from ..onnx_graph.builder import FLOAT, FLOAT16, INT32, INT64, GraphBuilder
+from ..ops import attention_plugin
+from . import rope_v0_7
+
+RELEASE = "0.7.1"
+IR_VERSION = 10
+OPSETS = {"": 24, attention_plugin.DOMAIN: 1}
+SUBDIR = "llm"
+GRAPH_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+
+# Symbolic dim names: equal names mean "equal at runtime" to TensorRT (§2.4).
+BATCH, SEQ, PAST, ROPE_BATCH, MAX_POS, KV_BATCH = (
+    "batch", "seq_len", "past_len", "rope_batch", "max_pos", "kv_batch"
+)
+
+
+@dataclass
+class GraphIO:
+    inputs_embeds: str
+    past: list[str]
+    rope: str
+    context_lengths: str
+    kvcache_start_index: str
+    last_token_ids: str
+    presents: list[str | None]
+
+
+def declare_io(g: GraphBuilder, cfg: ModelConfig) -> GraphIO:
+    kv_shape = [BATCH, 2, cfg.num_key_value_heads, PAST, cfg.head_dim]
+    emb = g.input("inputs_embeds", FLOAT16, [BATCH, SEQ, cfg.hidden_size])
+    past = [g.input(f"past_key_values_{i}", FLOAT16, kv_shape) for i in range(cfg.num_hidden_layers)]
+    rope = g.input("rope_rotary_cos_sin", FLOAT, [ROPE_BATCH, MAX_POS, cfg.rotary_dim])
+    ctx = g.input("context_lengths", INT32, [BATCH])
+    start = g.input("kvcache_start_index", INT32, [KV_BATCH])
+    last = g.input("last_token_ids", INT64, [BATCH, 1])
+    return GraphIO(emb, past, rope, ctx, start, last, [None] * cfg.num_hidden_layers)
+
+
+def attention(g: GraphBuilder, io: GraphIO, cfg: ModelConfig, layer: int, q: str, k: str, v: str) -> str:
+    """Emit the layer's AttentionPlugin; returns the `[B, S, Hq, D]` attention output."""
+    attn, present = attention_plugin.emit(
+        g,
+        [q, k, v, io.past[layer], io.context_lengths, io.rope, io.kvcache_start_index],
+        num_q_heads=cfg.num_attention_heads,
+        num_kv_heads=cfg.num_key_value_heads,
+        head_size=cfg.head_dim,
+        sliding_window_size=cfg.sliding_window,
+    )
+    io.presents[layer] = present
+    return attn
+
+
+def finish_outputs(g: GraphBuilder, io: GraphIO, cfg: ModelConfig, logits: str) -> None:
+    g.output(logits, "logits", FLOAT, [BATCH, 1, cfg.vocab_size])
+    kv_out = [BATCH, 2, cfg.num_key_value_heads, "present_len", cfg.head_dim]
+    for i, p in enumerate(io.presents):
+        g.output(p, f"present_key_values_{i}", FLOAT16, kv_out)
+
+
+def runtime_config(cfg: ModelConfig, *, allow_rope_passthrough: bool = False) -> dict:
+    """The `config.json` the 0.7 builder and runtime read (§6.1)."""
+    rope = rope_v0_7.runtime_rope_fields(cfg, passthrough=allow_rope_passthrough)
+    out = {
+        "model": cfg.model_type,
+        "model_type": "llm",
+        "edgellm_version": RELEASE,
+        "trt_native_ops": False,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "max_position_embeddings": rope.pop("max_position_embeddings"),
+        "rope_theta": rope.pop("rope_theta"),
+        "rope_scaling": rope.pop("rope_scaling"),
+        "partial_rotary_factor": cfg.partial_rotary_factor,
+        "num_deepstack_features": 0,
+    }
+    out.update(rope)  # original_max_position_embeddings for longrope
+    return out
+
+
+def check_supported(cfg: ModelConfig) -> None:
+    """Refuse shapes the 0.7 plugin kernels cannot run (they throw at engine build)."""
+    from ..errors import UnsupportedError
+
+    if cfg.head_dim not in (64, 128):
+        raise UnsupportedError(
+            f"head_dim {cfg.head_dim} is not supported by Edge-LLM 0.7's attention kernels "
+            "(context FMHA and XQA decode together need 64 or 128)"
+        )
+    ratio = cfg.num_attention_heads // cfg.num_key_value_heads
+    if ratio not in (1, 2, 3, 4, 5, 6, 7, 8, 16):
+        raise UnsupportedError(
+            f"{cfg.num_attention_heads} query heads over {cfg.num_key_value_heads} KV heads "
+            f"(ratio {ratio}) is outside what Edge-LLM 0.7's decode kernels support (1..8 or 16)"
+        )

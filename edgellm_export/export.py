@@ -1,0 +1,109 @@
+"""The export pipeline: checkpoint directory -> `OUT/llm/` for one Edge-LLM release."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import golden as golden_mod
+from .checkpoint import open_checkpoint
+from .config import build_model_config
+from .contract import DEFAULT_TARGET, get_contract
+from .errors import ExportError
+from .models import family_for
+from .models.weights import WeightSource
+from .onnx_graph.builder import GraphBuilder
+from .output_dir import atomic_output_dir
+from .sidecars.chat_template import write_processed_chat_template
+from .sidecars.embedding import write_embedding
+from .sidecars.tokenizer_files import copy_tokenizer_files
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportOptions:
+    target: str = DEFAULT_TARGET
+    fp8_embedding: bool = False
+    golden: bool = True
+    # Write rope_scaling verbatim, as the reference exporter does. Only for
+    # demonstrating what the runtime would compute; never a user-facing default.
+    unsafe_rope_passthrough: bool = False
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    files: dict[str, int] = field(default_factory=dict)  # relative path -> bytes
+    seconds: float = 0.0
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, options: ExportOptions | None = None,
+                      progress=None) -> ExportResult:
+    opts = options or ExportOptions()
+    t0 = time.perf_counter()
+    report = progress or (lambda msg, done=None, total=None: None)
+    contract = get_contract(opts.target)
+    ckpt_path = Path(checkpoint)
+    with open_checkpoint(ckpt_path) as ckpt:
+        cfg = build_model_config(ckpt.config, ckpt.has_layer_tensor, ckpt.config_path)
+        family = family_for(cfg, ckpt.config_path)
+        contract.check_supported(cfg)
+        family.prepare(ckpt, cfg)
+        runtime_cfg = contract.runtime_config(cfg, allow_rope_passthrough=opts.unsafe_rope_passthrough)
+        report(f"{cfg.model_type}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+               f"vocab {cfg.vocab_size}")
+
+        # Graph first, from the config alone; every tensor's name and shape is
+        # checked here, from headers, before a single byte is written.
+        g = GraphBuilder("edgellm_decoder")
+        weights = WeightSource(ckpt, g)
+        family.emit_graph(g, weights, cfg, contract, ckpt.has("lm_head.weight"))
+        embed_ref = weights.ref("embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
+        data_size = g.layout_weights()
+        model = g.to_model(contract.DATA_FILE, contract.OPSETS, contract.IR_VERSION,
+                           producer=("edgellm-export", __import__("edgellm_export").__version__))
+
+        with atomic_output_dir(Path(out_dir)) as tmp:
+            llm = tmp / contract.SUBDIR
+            llm.mkdir()
+            (llm / contract.GRAPH_FILE).write_bytes(model.SerializeToString())
+            scenarios = golden_mod.make_scenarios(cfg.vocab_size) if opts.golden else []
+            run = golden_mod.GoldenRun(cfg, family, embed_ref, scenarios) if opts.golden else None
+            report("writing embedding.safetensors")
+            write_embedding(embed_ref, llm / "embedding.safetensors", fp8=opts.fp8_embedding)
+            _write_weights(g, llm / contract.DATA_FILE, data_size, run, report)
+            _write_json(llm / "config.json", runtime_cfg)
+            copy_tokenizer_files(ckpt.path, llm)
+            write_processed_chat_template(ckpt.path, llm, str(ckpt_path))
+            if run is not None:
+                golden_mod.write_bundle(llm, scenarios, precision="fp8_embedding" if opts.fp8_embedding
+                                        else "fp16")
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    return ExportResult(Path(out_dir), files, time.perf_counter() - t0)
+
+
+def _write_weights(g: GraphBuilder, path: Path, total: int, golden_run, report) -> None:
+    """Stream every external initializer into one data file, in graph order."""
+    written = 0
+    with open(path, "wb") as f:
+        for i, w in enumerate(g.weights):
+            t = w.produce()
+            if tuple(t.shape) != w.shape:
+                raise ExportError(f"internal: produced shape {tuple(t.shape)} for {w.name}, expected {w.shape}")
+            f.seek(w.offset)
+            f.write(t.numpy().data)
+            written = w.offset + w.nbytes
+            if golden_run is not None:
+                golden_run.consume(w.name, t)
+            del t
+            if i % 16 == 0 or i == len(g.weights) - 1:
+                report("writing model.onnx.data", written, total)
+        f.truncate(total)

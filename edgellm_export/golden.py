@@ -1,0 +1,167 @@
+"""The golden bundle: fixed prompts, per-step runtime inputs and expected logits.
+
+At export time the eager torch modules run a fixed scenario set (batch 2 with
+ragged prompts: plain prefill + decode, chunked prefill + decode; decode is
+teacher-forced so every backend sees identical inputs) and the inputs and
+logits are stored next to the graph. The validation side replays the inputs
+through a backend without needing torch or the checkpoint.
+
+The eager pass is layer-major: inputs of every step are known up front, so
+each layer's weights are used once, for all steps, as the weight writer
+streams them past. Memory stays at one layer's weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import ModelConfig
+from .rope import reference_inv_freq_and_scale
+
+BUNDLE_DIR = "golden"
+BUNDLE_FILE = "bundle.json"
+LOGITS_FILE = "logits.safetensors"
+FORMAT = 1
+KV_CAPACITY = 64
+DECODE_STEPS = 4
+PROMPT_LENGTHS = (11, 6)  # ragged batch of 2
+CHUNK_FIRST = (6, 3)  # first chunk of each prompt in the chunked-prefill scenario
+
+
+@dataclass
+class Step:
+    phase: str  # prefill | chunked_prefill | decode
+    token_ids: np.ndarray  # int64 [B, S], right-padded with 0
+    context_lengths: np.ndarray  # int32 [B]
+    kvcache_start_index: np.ndarray  # int32 [0] or [B]
+    last_token_ids: np.ndarray  # int64 [B, 1]
+    logits: np.ndarray | None = None  # float32 [B, V]
+
+
+@dataclass
+class Scenario:
+    name: str
+    steps: list[Step] = field(default_factory=list)
+
+
+def _padded(seqs: list[list[int]]) -> np.ndarray:
+    width = max(len(s) for s in seqs)
+    return np.array([s + [0] * (width - len(s)) for s in seqs], dtype=np.int64)
+
+
+def make_scenarios(vocab_size: int, seed: int = 20261128) -> list[Scenario]:
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, vocab_size, n).tolist() for n in PROMPT_LENGTHS]
+    forced = rng.integers(0, vocab_size, (DECODE_STEPS, len(prompts))).tolist()
+    lens = np.array(PROMPT_LENGTHS, dtype=np.int32)
+
+    def prefill(chunks, starts):
+        n = np.array([len(c) for c in chunks], dtype=np.int32)
+        start = np.array(starts, dtype=np.int32) if starts is not None else np.zeros(0, np.int32)
+        phase = "prefill" if starts is None else "chunked_prefill"
+        return Step(phase, _padded(chunks), n, start, (n - 1).astype(np.int64)[:, None])
+
+    def decodes(committed):
+        steps = []
+        for k, toks in enumerate(forced):
+            done = committed + k  # tokens already in the cache
+            steps.append(Step("decode", np.array(toks, dtype=np.int64)[:, None], (done + 1).astype(np.int32),
+                              done.astype(np.int32), np.zeros((len(toks), 1), np.int64)))
+        return steps
+
+    plain = Scenario("prefill_decode", [prefill(prompts, None), *decodes(lens)])
+    first = [p[:c] for p, c in zip(prompts, CHUNK_FIRST)]
+    rest = [p[c:] for p, c in zip(prompts, CHUNK_FIRST)]
+    chunked = Scenario("chunked_prefill_decode",
+                       [prefill(first, None), prefill(rest, list(CHUNK_FIRST)), *decodes(lens)])
+    return [plain, chunked]
+
+
+def reference_rope_table(cfg: ModelConfig, capacity: int = KV_CAPACITY) -> np.ndarray:
+    """[1, Cap, R] fp32 table of what the checkpoint means (not what a runtime builds)."""
+    inv, scale = reference_inv_freq_and_scale(cfg, capacity)
+    ang = np.arange(capacity, dtype=np.float64)[:, None] * inv[None, :]
+    return (np.concatenate([np.cos(ang), np.sin(ang)], axis=-1) * scale)[None].astype(np.float32)
+
+
+class GoldenRun:
+    """Consumes the weight stream layer by layer and computes the expected logits."""
+
+    def __init__(self, cfg: ModelConfig, family, embed_ref, scenarios: list[Scenario]):
+        import torch
+
+        self.torch = torch
+        self.cfg = cfg
+        self.scenarios = scenarios
+        self.layer_cls, self.head_cls = family.torch_modules()
+        self.table = torch.from_numpy(reference_rope_table(cfg))
+        emb = embed_ref.view()
+        self.hidden = [[emb[torch.from_numpy(s.token_ids)].float().half().float() for s in sc.steps]
+                       for sc in scenarios]
+        self.pending: dict[str, object] = {}
+        self.layer = 0
+
+    def consume(self, name: str, tensor) -> None:
+        """Called by the weight writer with each fp16 initializer as it is written.
+
+        Layer tensors arrive grouped by layer, then `norm.weight`, then the lm_head.
+        """
+        in_layer = name.startswith("layers.")
+        if self.pending and (not in_layer or not name.startswith(f"layers.{self.layer}.")):
+            if any(k.startswith("layers.") for k in self.pending):
+                self._run_layer()
+        self.pending[name] = tensor
+        if name.endswith(".weight.T") and not in_layer:  # lm_head comes last
+            self._run_head()
+
+    def _run_layer(self) -> None:
+        torch = self.torch
+        layer = self.layer_cls(self.cfg, self.pending)
+        c = self.cfg
+        for sc, hidden in zip(self.scenarios, self.hidden):
+            b = sc.steps[0].token_ids.shape[0]
+            kv = torch.zeros((b, 2, c.num_key_value_heads, KV_CAPACITY, c.head_dim), dtype=torch.float32)
+            for k, step in enumerate(sc.steps):
+                hidden[k], kv = layer(hidden[k], kv, self.table, torch.from_numpy(step.context_lengths),
+                                      torch.from_numpy(step.kvcache_start_index))
+        self.pending = {}
+        self.layer += 1
+
+    def _run_head(self) -> None:
+        torch = self.torch
+        lm_head = next(v for k, v in self.pending.items() if k.endswith(".weight.T"))
+        head = self.head_cls(self.cfg, self.pending["norm.weight"], lm_head)
+        for sc, hidden in zip(self.scenarios, self.hidden):
+            for k, step in enumerate(sc.steps):
+                out = head(hidden[k], torch.from_numpy(step.last_token_ids))
+                step.logits = out[:, 0, :].numpy().astype(np.float32)
+        self.pending = {}
+
+
+def write_bundle(out_dir: Path, scenarios: list[Scenario], *, precision: str) -> None:
+    from safetensors.numpy import save_file
+
+    d = out_dir / BUNDLE_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT, "kv_capacity": KV_CAPACITY, "precision": precision, "scenarios": []}
+    arrays = {}
+    for sc in scenarios:
+        steps = []
+        for k, st in enumerate(sc.steps):
+            key = f"{sc.name}.{k}"
+            arrays[key] = np.ascontiguousarray(st.logits)
+            steps.append({
+                "phase": st.phase,
+                "token_ids": st.token_ids.tolist(),
+                "context_lengths": st.context_lengths.tolist(),
+                "kvcache_start_index": st.kvcache_start_index.tolist(),
+                "last_token_ids": st.last_token_ids.tolist(),
+                "logits": key,
+            })
+        meta["scenarios"].append({"name": sc.name, "steps": steps})
+    (d / BUNDLE_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    save_file(arrays, str(d / LOGITS_FILE))

@@ -1,0 +1,200 @@
+"""The default dense decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3 style).
+
+RMSNorm, GQA attention through the runtime's AttentionPlugin, SwiGLU MLP.
+Optional parts follow the checkpoint's tensors: q/k RMSNorm (Qwen3), q/k/v,
+o and MLP biases. Two faces of the same structure live side by side here:
+`DecoderLayer` / `DecoderHead` (eager torch, for the golden reference) and
+`emit_graph` (the ONNX graph, built from the config with no weights loaded).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..onnx_graph.builder import FLOAT, FLOAT16, GraphBuilder
+from .weights import WeightSource
+
+
+def layer_tensor_shapes(cfg: ModelConfig, i: int) -> dict[str, tuple[int, ...]]:
+    """Every tensor layer `i` reads, with the shape the config implies."""
+    h, inter, p = cfg.hidden_size, cfg.intermediate_size, f"layers.{i}."
+    shapes = {
+        p + "input_layernorm.weight": (h,),
+        p + "post_attention_layernorm.weight": (h,),
+        p + "self_attn.q_proj.weight": (cfg.q_dim, h),
+        p + "self_attn.k_proj.weight": (cfg.kv_dim, h),
+        p + "self_attn.v_proj.weight": (cfg.kv_dim, h),
+        p + "self_attn.o_proj.weight": (h, cfg.q_dim),
+        p + "mlp.gate_proj.weight": (inter, h),
+        p + "mlp.up_proj.weight": (inter, h),
+        p + "mlp.down_proj.weight": (h, inter),
+    }
+    if cfg.qkv_bias:
+        shapes.update({p + "self_attn.q_proj.bias": (cfg.q_dim,), p + "self_attn.k_proj.bias": (cfg.kv_dim,),
+                       p + "self_attn.v_proj.bias": (cfg.kv_dim,)})
+    if cfg.o_bias:
+        shapes[p + "self_attn.o_proj.bias"] = (h,)
+    if cfg.mlp_bias:
+        shapes.update({p + "mlp.gate_proj.bias": (inter,), p + "mlp.up_proj.bias": (inter,),
+                       p + "mlp.down_proj.bias": (h,)})
+    if cfg.has_qk_norm:
+        shapes.update({p + "self_attn.q_norm.weight": (cfg.head_dim,),
+                       p + "self_attn.k_norm.weight": (cfg.head_dim,)})
+    return shapes
+
+
+def split_fused_tensors(ckpt, cfg: ModelConfig) -> None:
+    """Expose fused `qkv_proj` / `gate_up_proj` (Phi-3 and others) as their parts' names."""
+    for i in range(cfg.num_hidden_layers):
+        p = f"layers.{i}."
+        for kind in ("weight", "bias"):
+            ckpt.split_fused(p + f"self_attn.qkv_proj.{kind}", [
+                (p + f"self_attn.q_proj.{kind}", cfg.q_dim),
+                (p + f"self_attn.k_proj.{kind}", cfg.kv_dim),
+                (p + f"self_attn.v_proj.{kind}", cfg.kv_dim),
+            ])
+            ckpt.split_fused(p + f"mlp.gate_up_proj.{kind}", [
+                (p + f"mlp.gate_proj.{kind}", cfg.intermediate_size),
+                (p + f"mlp.up_proj.{kind}", cfg.intermediate_size),
+            ])
+
+
+def lm_head_name(cfg: ModelConfig, has_lm_head: bool) -> str:
+    # HF ties lm_head to the embedding whenever tie_word_embeddings is set.
+    return "embed_tokens.weight" if cfg.tie_word_embeddings or not has_lm_head else "lm_head.weight"
+
+
+# -- ONNX graph -----------------------------------------------------------------------------
+class _Emitter:
+    def __init__(self, g: GraphBuilder, w: WeightSource, cfg: ModelConfig):
+        self.g, self.w, self.cfg = g, w, cfg
+
+    def rms_norm(self, x: str, weight: str, eps: float) -> str:
+        # fp32 statistics, cast back to fp16, then the fp16 weight (as HF Llama does).
+        n, g = self.g.node, self.g
+        xf = n("Cast", [x], {"to": FLOAT})
+        var = n("ReduceMean", [n("Pow", [xf, g.const(np.array(2.0, np.float32))]), g.i64(-1)])
+        inv = n("Reciprocal", [n("Sqrt", [n("Add", [var, g.const(np.array(eps, np.float32))])])])
+        normed = n("Cast", [n("Mul", [xf, inv])], {"to": FLOAT16})
+        return n("Mul", [normed, weight])
+
+    def linear(self, x: str, name: str, out_f: int, in_f: int, bias: bool) -> str:
+        y = self.g.node("MatMul", [x, self.w.linear_weight(f"{name}.weight", out_f, in_f)])
+        if bias:
+            y = self.g.node("Add", [y, self.w.vector(f"{name}.bias", out_f)])
+        return y
+
+    def head_norm(self, x: str, name: str, heads: int) -> str:
+        d = self.cfg.head_dim
+        x4 = self.g.node("Reshape", [x, self.g.i64(0, 0, heads, d)])
+        y = self.rms_norm(x4, self.w.vector(name, d), self.cfg.rms_norm_eps)
+        return self.g.node("Reshape", [y, self.g.i64(0, 0, heads * d)])
+
+
+def emit_graph(g: GraphBuilder, w: WeightSource, cfg: ModelConfig, contract, has_lm_head: bool) -> None:
+    e, n, c = _Emitter(g, w, cfg), g.node, cfg
+    io = contract.declare_io(g, cfg)
+    h = c.hidden_size
+    x = io.inputs_embeds
+    for i in range(c.num_hidden_layers):
+        g.scope = f"layers.{i}"
+        p = f"layers.{i}."
+        y = e.rms_norm(x, w.vector(p + "input_layernorm.weight", h), c.rms_norm_eps)
+        q = e.linear(y, p + "self_attn.q_proj", c.q_dim, h, c.qkv_bias)
+        k = e.linear(y, p + "self_attn.k_proj", c.kv_dim, h, c.qkv_bias)
+        v = e.linear(y, p + "self_attn.v_proj", c.kv_dim, h, c.qkv_bias)
+        if c.has_qk_norm:
+            q = e.head_norm(q, p + "self_attn.q_norm.weight", c.num_attention_heads)
+            k = e.head_norm(k, p + "self_attn.k_norm.weight", c.num_key_value_heads)
+        attn = contract.attention(g, io, c, i, q, k, v)
+        attn = n("Reshape", [attn, g.i64(0, 0, c.q_dim)])
+        x = n("Add", [x, e.linear(attn, p + "self_attn.o_proj", h, c.q_dim, c.o_bias)])
+        y = e.rms_norm(x, w.vector(p + "post_attention_layernorm.weight", h), c.rms_norm_eps)
+        gate = e.linear(y, p + "mlp.gate_proj", c.intermediate_size, h, c.mlp_bias)
+        up = e.linear(y, p + "mlp.up_proj", c.intermediate_size, h, c.mlp_bias)
+        act = n("Mul", [n("Mul", [gate, n("Sigmoid", [gate])]), up])  # SiLU(gate) * up
+        x = n("Add", [x, e.linear(act, p + "mlp.down_proj", h, c.intermediate_size, c.mlp_bias)])
+    g.scope = "head"
+    y = e.rms_norm(x, w.vector("norm.weight", h), c.rms_norm_eps)
+    # Logits only for the selected token of each sequence: GatherND(batch_dims=1).
+    idx = n("Unsqueeze", [io.last_token_ids, g.i64(-1)])
+    sel = n("GatherND", [y, idx], {"batch_dims": 1})
+    lm_head = w.linear_weight(lm_head_name(c, has_lm_head), c.vocab_size, h)
+    logits = n("Cast", [n("MatMul", [sel, lm_head])], {"to": FLOAT})
+    g.scope = ""
+    contract.finish_outputs(g, io, c, logits)
+
+
+# -- eager torch reference -------------------------------------------------------------------
+def _torch_layers():
+    import torch
+    from torch import nn
+
+    from ..ops.attention_plugin import register_torch_op
+
+    attention_plugin = register_torch_op()
+
+    def rms_norm(x, weight, eps):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)) * weight.float()
+
+    class DecoderLayer(nn.Module):
+        """One decoder layer in fp32, over the graph's initializers of that layer.
+
+        `tensors` maps initializer names (`layers.{i}.self_attn.q_proj.weight.T`,
+        `[in, out]` fp16) to tensors; each is widened to fp32 only when used.
+        """
+
+        def __init__(self, cfg: ModelConfig, tensors: dict):
+            super().__init__()
+            self.cfg = cfg
+            self.t = {k.split(".", 2)[2]: v for k, v in tensors.items()}
+
+        def _linear(self, x, name):
+            y = x @ self.t[name + ".weight.T"].float()
+            b = self.t.get(name + ".bias")
+            return y + b.float() if b is not None else y
+
+        def forward(self, x, past, rope_table, context_lengths, kvcache_start_index):
+            c, t = self.cfg, self.t
+            b, s, _ = x.shape
+            y = rms_norm(x, t["input_layernorm.weight"], c.rms_norm_eps)
+            q = self._linear(y, "self_attn.q_proj")
+            k = self._linear(y, "self_attn.k_proj")
+            v = self._linear(y, "self_attn.v_proj")
+            if c.has_qk_norm:
+                q = rms_norm(q.view(b, s, -1, c.head_dim), t["self_attn.q_norm.weight"], c.rms_norm_eps)
+                k = rms_norm(k.view(b, s, -1, c.head_dim), t["self_attn.k_norm.weight"], c.rms_norm_eps)
+                q, k = q.reshape(b, s, -1), k.reshape(b, s, -1)
+            attn, present = attention_plugin(
+                q, k, v, past, context_lengths, rope_table, kvcache_start_index,
+                c.num_attention_heads, c.num_key_value_heads, c.head_dim, 0, 0, -1, [1.0, 1.0, 1.0],
+            )
+            x = x + self._linear(attn.reshape(b, s, -1), "self_attn.o_proj")
+            y = rms_norm(x, t["post_attention_layernorm.weight"], c.rms_norm_eps)
+            gate = self._linear(y, "mlp.gate_proj")
+            x = x + self._linear(torch.nn.functional.silu(gate) * self._linear(y, "mlp.up_proj"),
+                                 "mlp.down_proj")
+            return x, present
+
+    class DecoderHead(nn.Module):
+        """Final norm, token selection and lm_head (`[H, V]` fp16), widened in vocab slices."""
+
+        def __init__(self, cfg: ModelConfig, norm_weight, lm_head_t):
+            super().__init__()
+            self.cfg, self.norm, self.lm_head_t = cfg, norm_weight, lm_head_t
+
+        def forward(self, x, last_token_ids):
+            y = rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+            sel = torch.gather(y, 1, last_token_ids[:, :, None].expand(-1, -1, y.shape[-1]))
+            step = 16384
+            return torch.cat([sel @ self.lm_head_t[:, v0 : v0 + step].float()
+                              for v0 in range(0, self.lm_head_t.shape[1], step)], dim=-1)
+
+    return DecoderLayer, DecoderHead
+
+
+def torch_modules():
+    """(DecoderLayer, DecoderHead) eager classes; imports torch on first use."""
+    return _torch_layers()

@@ -1,0 +1,50 @@
+"""Dispatch from config.json's model_type to a registered model family."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..checkpoint.reader import Checkpoint
+from ..config import ModelConfig
+from ..errors import UnsupportedError
+from . import decoder
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: how to read its checkpoint and which graph builder it uses."""
+
+    model_types: tuple[str, ...]
+    # Adjusts the checkpoint view (e.g. splits fused tensors) once the config is known.
+    prepare: Callable[[Checkpoint, ModelConfig], None] = decoder.split_fused_tensors
+    emit_graph: Callable = decoder.emit_graph
+    layer_tensor_shapes: Callable = decoder.layer_tensor_shapes
+    torch_modules: Callable = decoder.torch_modules
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    for t in family.model_types:
+        FAMILIES[t] = family
+    return family
+
+
+def family_for(cfg: ModelConfig, config_path) -> Family:
+    from . import llama, mistral, phi3, qwen2, qwen3  # noqa: F401  (registration)
+
+    fam = FAMILIES.get(cfg.model_type)
+    if fam is None:
+        raise UnsupportedError(
+            f"model_type {cfg.model_type!r} is not supported (supported: "
+            f"{', '.join(sorted(FAMILIES))})",
+            config_path,
+        )
+    if cfg.hidden_act not in ("silu", "swish"):
+        raise UnsupportedError(
+            f"hidden_act {cfg.hidden_act!r}: the dense decoder implements SwiGLU (silu) only",
+            config_path,
+        )
+    return fam

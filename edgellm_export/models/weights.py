@@ -1,0 +1,89 @@
+"""Declaring checkpoint tensors as graph initializers, checked against the config up front.
+
+A `WeightSource` validates names and shapes from safetensors headers only, so a
+missing or mis-shaped tensor is reported before anything is written. The bytes
+are produced later, one tensor at a time, when the weight writer asks.
+"""
+
+from __future__ import annotations
+
+from ..checkpoint.reader import Checkpoint, TensorRef
+from ..errors import ExportError
+from ..onnx_graph.builder import FLOAT16, GraphBuilder
+
+FP16_MAX = 65504.0
+
+
+_CHUNK_BYTES = 32 << 20  # convert big tensors in slices so source pages never pile up
+
+
+def to_fp16(ref: TensorRef, transpose: bool = False):
+    """Read one tensor from the mapping into a new contiguous fp16 torch tensor.
+
+    Works in row blocks and drops each block's mapped pages right after use, so
+    the resident cost is the fp16 result plus one block, not result + source.
+    """
+    import torch
+
+    src = ref.view()
+    shape = tuple(src.shape)
+    out = torch.empty(shape[::-1] if transpose else shape, dtype=torch.float16)
+    rows = shape[0] if shape else 1
+    row_bytes = max(1, ref.nbytes // max(rows, 1))
+    step = max(1, _CHUNK_BYTES // row_bytes)
+    for r0 in range(0, rows, step):
+        block = src[r0 : r0 + step] if shape else src
+        if transpose:
+            out[:, r0 : r0 + step].copy_(block.t())
+        else:
+            out[r0 : r0 + step].copy_(block) if shape else out.copy_(block)
+        if block.dtype != torch.float16 and block.is_floating_point():
+            _check_range(ref, block, out[:, r0 : r0 + step] if transpose else out[r0 : r0 + step])
+        ref.release_rows(r0, min(rows, r0 + step))
+    return out
+
+
+def _check_range(ref: TensorRef, src, converted) -> None:
+    import torch
+
+    # bf16/fp32 values beyond fp16's range would silently become inf.
+    if not torch.isfinite(converted).all() and torch.isfinite(src).all():
+        big = float(src.abs().max())
+        raise ExportError(
+            f"tensor {ref.key!r} holds values up to {big:g}, beyond fp16's range "
+            f"(+-{FP16_MAX:g}); the Edge-LLM runtime needs fp16 weights and a plain cast "
+            "would turn them into inf",
+            ref.file.path,
+        )
+
+
+class WeightSource:
+    def __init__(self, ckpt: Checkpoint, g: GraphBuilder):
+        self.ckpt = ckpt
+        self.g = g
+
+    def ref(self, name: str, shape: tuple[int, ...]) -> TensorRef:
+        ref = self.ckpt.ref(name)
+        if tuple(ref.shape) != tuple(shape):
+            raise ExportError(
+                f"tensor {ref.key!r} has shape {list(ref.shape)} but the config implies "
+                f"{list(shape)} for {name}",
+                ref.file.path,
+            )
+        if ref.dtype not in ("F16", "BF16", "F32"):
+            raise ExportError(
+                f"tensor {ref.key!r} has dtype {ref.dtype}; an unquantized export needs "
+                "F16, BF16 or F32 weights (is the checkpoint quantized without metadata?)",
+                ref.file.path,
+            )
+        return ref
+
+    def linear_weight(self, name: str, out_features: int, in_features: int) -> str:
+        """`[out, in]` checkpoint weight as a pre-transposed `[in, out]` fp16 initializer."""
+        ref = self.ref(name, (out_features, in_features))
+        return self.g.weight(f"{name}.T", FLOAT16, (in_features, out_features),
+                             lambda: to_fp16(ref, transpose=True), tag=ref.where())
+
+    def vector(self, name: str, size: int) -> str:
+        ref = self.ref(name, (size,))
+        return self.g.weight(name, FLOAT16, (size,), lambda: to_fp16(ref), tag=ref.where())

@@ -1,0 +1,1 @@
+"""Building ONNX graphs directly from model structure, weights streamed separately."""

@@ -1,0 +1,277 @@
+"""trt_edgellm::AttentionPlugin (Edge-LLM 0.7): RoPE, KV-cache write and attention in one op.
+
+Semantics are the C++ plugin's (contract text.md §3.3), not what seems natural:
+- the mode comes from runtime shapes: `kvcache_start_index` of length 0 is a
+  plain prefill (positions 0..S-1); length B with S > 1 is a chunked prefill
+  (positions start_b + t); length B with S == 1 is decode (position
+  context_lengths[b] - 1, whatever kvcache_start_index says);
+- RoPE is rotate-half on the first R channels of each head, R = table width,
+  the table row holding [cos(R/2) | sin(R/2)], computed in fp32;
+- the cache `[B, 2, Hkv, Cap, D]` is updated in place: K stored rotated, V as is,
+  every new token (padding included) written at its position;
+- query at position p sees cache slots 0..p of its own sequence, scale 1/sqrt(D).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..onnx_graph.builder import FLOAT, FLOAT16, INT64, GraphBuilder
+
+DOMAIN = "trt_edgellm"
+OP_TYPE = "AttentionPlugin"
+LOWERING_DOMAIN = "edgellm.lowering"
+INPUTS = ("q", "k", "v", "past_key_value", "context_lengths", "rope_rotary_cos_sin", "kvcache_start_index")
+OUTPUTS = ("attn_output", "present_key_value")
+INT_ATTRS = (
+    "num_q_heads",
+    "num_kv_heads",
+    "head_size",
+    "enable_tree_attention",
+    "enable_fp8_kv_cache",
+    "sliding_window_size",
+)
+
+
+# -- face 1: torch custom op with eager reference -----------------------------------------
+@functools.cache
+def register_torch_op():
+    """Define `torch.ops.trt_edgellm.attention_plugin` (once) and return it."""
+    import torch
+
+    schema = (
+        "(Tensor q, Tensor k, Tensor v, Tensor past_key_value, Tensor context_lengths, "
+        "Tensor rope_rotary_cos_sin, Tensor kvcache_start_index, int num_q_heads, "
+        "int num_kv_heads, int head_size, int enable_tree_attention, int enable_fp8_kv_cache, "
+        "int sliding_window_size, float[] qkv_scales) -> (Tensor, Tensor)"
+    )
+
+    # The schema is spelled out because this module uses postponed annotations.
+    @torch.library.custom_op("trt_edgellm::attention_plugin", mutates_args=(), schema=schema)
+    def attention_plugin(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        past_key_value: torch.Tensor,
+        context_lengths: torch.Tensor,
+        rope_rotary_cos_sin: torch.Tensor,
+        kvcache_start_index: torch.Tensor,
+        num_q_heads: int,
+        num_kv_heads: int,
+        head_size: int,
+        enable_tree_attention: int,
+        enable_fp8_kv_cache: int,
+        sliding_window_size: int,
+        qkv_scales: list[float],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _eager(q, k, v, past_key_value, context_lengths, rope_rotary_cos_sin,
+                      kvcache_start_index, num_q_heads, num_kv_heads, head_size)
+
+    @attention_plugin.register_fake
+    def _(q, k, v, past_key_value, *args, **kwargs):
+        num_q_heads, head_size = args[3], args[5]
+        b, s = q.shape[0], q.shape[1]
+        return q.new_empty((b, s, num_q_heads, head_size)), torch.empty_like(past_key_value)
+
+    return torch.ops.trt_edgellm.attention_plugin
+
+
+def _eager(q, k, v, past, context_lengths, table, start_index, hq, hkv, d):
+    """Reference implementation in plain torch, one sequence at a time for clarity."""
+    import torch
+
+    b, s = q.shape[0], q.shape[1]
+    cap = past.shape[3]
+    r = table.shape[-1]
+    present = past.clone()
+    out = torch.empty((b, s, hq, d), dtype=q.dtype)
+    for i in range(b):
+        if start_index.numel() == 0:
+            first = 0
+        elif s == 1:
+            first = int(context_lengths[i]) - 1
+        else:
+            first = int(start_index[i])
+        pos = torch.arange(first, first + s)
+        rows = table[0 if table.shape[0] == 1 else i, pos].float()  # [S, R]
+        cos, sin = rows[:, None, : r // 2], rows[:, None, r // 2 :]
+
+        def rotate(x, heads):
+            x = x[i].float().view(s, heads, d)
+            x1, x2, rest = x[..., : r // 2], x[..., r // 2 : r], x[..., r:]
+            return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+
+        qi = rotate(q, hq)
+        ki = rotate(k, hkv).to(past.dtype)
+        vi = v[i].view(s, hkv, d).to(past.dtype)
+        keep = pos < cap
+        present[i, 0, :, pos[keep]] = ki[keep].transpose(0, 1)
+        present[i, 1, :, pos[keep]] = vi[keep].transpose(0, 1)
+        keys = present[i, 0].float()  # [Hkv, Cap, D]
+        vals = present[i, 1].float()
+        group = hq // hkv
+        keys = keys.repeat_interleave(group, dim=0)
+        vals = vals.repeat_interleave(group, dim=0)
+        scores = torch.einsum("shd,hcd->hsc", qi, keys) / (d**0.5)
+        allowed = torch.arange(cap)[None, :] <= pos[:, None]  # [S, Cap]
+        scores = scores.masked_fill(~allowed[None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[i] = torch.einsum("hsc,hcd->shd", probs, vals).to(q.dtype)
+    return out, present
+
+
+# -- face 2: ONNX schema -------------------------------------------------------------------
+def _schema() -> onnx.defs.OpSchema:
+    fp = onnx.defs.OpSchema.FormalParameter
+    attr = onnx.defs.OpSchema.Attribute
+    A = onnx.defs.OpSchema.AttrType
+    return onnx.defs.OpSchema(
+        OP_TYPE,
+        DOMAIN,
+        1,
+        "Edge-LLM fused RoPE + KV-cache update + attention (0.7 contract, 7 inputs).",
+        inputs=[
+            fp("q", "T"), fp("k", "T"), fp("v", "T"), fp("past_key_value", "C"),
+            fp("context_lengths", "tensor(int32)"), fp("rope_rotary_cos_sin", "tensor(float)"),
+            fp("kvcache_start_index", "tensor(int32)"),
+        ],
+        outputs=[fp("attn_output", "T"), fp("present_key_value", "C")],
+        type_constraints=[
+            ("T", ["tensor(float16)"], "activations"),
+            ("C", ["tensor(float16)", "tensor(float8e4m3fn)"], "KV cache"),
+        ],
+        attributes=[attr(n, A.INT, "") for n in INT_ATTRS[:4]]
+        + [attr("enable_fp8_kv_cache", A.INT, ""), attr("sliding_window_size", A.INT, ""),
+           attr("qkv_scales", A.FLOATS, "")],
+    )
+
+
+@functools.cache
+def register_schema() -> None:
+    try:
+        onnx.defs.get_schema(OP_TYPE, 1, DOMAIN)
+    except onnx.defs.SchemaError:
+        onnx.defs.register_schema(_schema())
+
+
+# -- face 3: translation to the runtime node -----------------------------------------------
+def emit(g: GraphBuilder, inputs: list[str], *, num_q_heads: int, num_kv_heads: int,
+         head_size: int, enable_fp8_kv_cache: int = 0, sliding_window_size: int = -1,
+         qkv_scales: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> tuple[str, str]:
+    """Add one AttentionPlugin node with exactly the 7 inputs and the attribute set of 0.7."""
+    assert len(inputs) == len(INPUTS)
+    attn, present = g.node(
+        OP_TYPE, inputs,
+        {
+            "num_q_heads": num_q_heads, "num_kv_heads": num_kv_heads, "head_size": head_size,
+            "enable_tree_attention": 0, "enable_fp8_kv_cache": enable_fp8_kv_cache,
+            "sliding_window_size": sliding_window_size, "qkv_scales": [float(x) for x in qkv_scales],
+        },
+        n_out=2, domain=DOMAIN,
+    )
+    return attn, present
+
+
+# -- face 4: lowering to standard ONNX -----------------------------------------------------
+def lowering(node: onnx.NodeProto) -> onnx.FunctionProto:
+    """An ONNX function computing this node's semantics with standard ops only."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("enable_tree_attention", 0):
+        raise NotImplementedError("tree attention has no CPU lowering yet")
+    if attrs.get("enable_fp8_kv_cache", 0):
+        raise NotImplementedError("FP8 KV cache has no CPU lowering yet")
+    hq, hkv, d = attrs["num_q_heads"], attrs["num_kv_heads"], attrs["head_size"]
+    key = f"{hq}_{hkv}_{d}"
+    name = f"{OP_TYPE}_{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+    g = GraphBuilder(name)
+    g.function_mode = True
+    _lower_body(g, hq, hkv, d)
+    return helper.make_function(
+        LOWERING_DOMAIN, name, list(INPUTS), list(OUTPUTS), g.nodes,
+        [helper.make_opsetid("", 24)],
+    )
+
+
+def _lower_body(g: GraphBuilder, hq: int, hkv: int, d: int) -> None:
+    q, k, v, past, ctx, table, start_idx = INPUTS
+    n = g.node
+    i64 = g.i64
+    big = np.iinfo(np.int64).max
+    batch = n("Shape", [q], {"start": 0, "end": 1})  # [1]
+    seq = n("Shape", [q], {"start": 1, "end": 2})  # [1]
+    q4 = n("Reshape", [q, i64(0, 0, hq, d)])
+    k4 = n("Reshape", [k, i64(0, 0, hkv, d)])
+    v4 = n("Reshape", [v, i64(0, 0, hkv, d)])
+
+    # First position of each sequence's new tokens, by mode.
+    ctx64 = n("Cast", [ctx], {"to": INT64})
+    start64 = n("Cast", [start_idx], {"to": INT64})
+    zeros = n("ConstantOfShape", [batch], {"value": helper.make_tensor("z", INT64, [1], [0])})
+    start = n("Slice", [n("Concat", [start64, zeros], {"axis": 0}), i64(0), batch, i64(0)])
+    has_cache = n("Greater", [n("Shape", [start64]), i64(0)])
+    is_decode = n("And", [has_cache, n("Equal", [seq, i64(1)])])
+    first = n("Where", [is_decode, n("Sub", [ctx64, i64(1)]), start])  # [B]
+    zero, one = g.const(np.array(0, np.int64)), g.const(np.array(1, np.int64))
+    steps = n("Range", [zero, n("Squeeze", [seq, i64(0)]), one])
+    pos = n("Add", [n("Unsqueeze", [first, i64(1)]), n("Unsqueeze", [steps, i64(0)])])  # [B,S]
+
+    # RoPE rows for every (sequence, token); table dim 0 is 1 or B.
+    r = n("Shape", [table], {"start": 2, "end": 3})
+    half = n("Div", [r, i64(2)])
+    table_b = n("Expand", [table, n("Concat", [batch, i64(1, 1)], {"axis": 0})])
+    rows = n("GatherND", [table_b, n("Unsqueeze", [pos, i64(2)])], {"batch_dims": 1})  # [B,S,R]
+    cos = n("Unsqueeze", [n("Slice", [rows, i64(0), half, i64(2)]), i64(2)])
+    sin = n("Unsqueeze", [n("Slice", [rows, half, r, i64(2)]), i64(2)])
+
+    def rotate(x4):
+        xf = n("Cast", [x4], {"to": FLOAT})
+        x1 = n("Slice", [xf, i64(0), half, i64(3)])
+        x2 = n("Slice", [xf, half, r, i64(3)])
+        rest = n("Slice", [xf, r, i64(big), i64(3)])
+        o1 = n("Sub", [n("Mul", [x1, cos]), n("Mul", [x2, sin])])
+        o2 = n("Add", [n("Mul", [x2, cos]), n("Mul", [x1, sin])])
+        return n("Concat", [o1, o2, rest], {"axis": 3})
+
+    q_rot = rotate(q4)
+    k_rot16 = n("Cast", [rotate(k4)], {"to": FLOAT16})
+
+    # Cache update: slot j takes new token j - first[b] when that is in [0, S).
+    cap = n("Shape", [past], {"start": 3, "end": 4})
+    slots = n("Range", [zero, n("Squeeze", [cap, i64(0)]), one])
+    t_of_slot = n("Sub", [n("Unsqueeze", [slots, i64(0)]), n("Unsqueeze", [first, i64(1)])])
+    valid = n("And", [n("GreaterOrEqual", [t_of_slot, i64(0)]), n("Less", [t_of_slot, seq])])
+    t_clamped = n("Max", [n("Min", [t_of_slot, n("Sub", [seq, i64(1)])]), i64(0)])
+    t_idx = n("Unsqueeze", [t_clamped, i64(2)])
+    keep = n("Unsqueeze", [valid, i64(1, 3)])  # [B,1,Cap,1]
+
+    def updated(new4, which):
+        picked = n("Transpose", [n("GatherND", [new4, t_idx], {"batch_dims": 1})], {"perm": [0, 2, 1, 3]})
+        old = n("Squeeze", [n("Slice", [past, i64(which), i64(which + 1), i64(1)]), i64(1)])
+        return n("Where", [keep, picked, old])  # [B,Hkv,Cap,D]
+
+    new_k = updated(k_rot16, 0)
+    new_v = updated(v4, 1)
+    n("Concat", [n("Unsqueeze", [new_k, i64(1)]), n("Unsqueeze", [new_v, i64(1)])], {"axis": 1},
+      outputs=[OUTPUTS[1]])
+
+    # Attention in fp32; query head h reads KV head h // (hq / hkv).
+    group = hq // hkv
+    qg = n("Reshape", [n("Transpose", [q_rot], {"perm": [0, 2, 1, 3]}), i64(0, hkv, -1, d)])
+    kt = n("Transpose", [n("Cast", [new_k], {"to": FLOAT})], {"perm": [0, 1, 3, 2]})
+    scores = n("Mul", [n("MatMul", [qg, kt]), g.const(np.array(1.0 / np.sqrt(d), np.float32))])
+    shape5 = n("Concat", [batch, i64(hkv, group, -1), cap], {"axis": 0})
+    scores5 = n("Reshape", [scores, shape5])  # [B,Hkv,G,S,Cap]
+    allowed = n("LessOrEqual", [n("Unsqueeze", [slots, i64(0, 1)]), n("Unsqueeze", [pos, i64(2)])])
+    allowed5 = n("Unsqueeze", [allowed, i64(1, 2)])
+    masked = n("Where", [allowed5, scores5, g.const(np.array(-np.inf, np.float32))])
+    probs = n("Reshape", [n("Softmax", [masked], {"axis": -1}),
+                          n("Concat", [batch, i64(hkv, -1), cap], {"axis": 0})])
+    ctx_out = n("MatMul", [probs, n("Cast", [new_v], {"to": FLOAT})])  # [B,Hkv,G*S,D]
+    heads = n("Transpose", [n("Reshape", [ctx_out, i64(0, hq, -1, d)])], {"perm": [0, 2, 1, 3]})
+    n("Cast", [heads], {"to": FLOAT16}, outputs=[OUTPUTS[0]])
+

@@ -1,0 +1,40 @@
+"""Atomic output directories: build in a temporary sibling, rename into place at the end."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+
+from .errors import ExportError
+
+
+@contextlib.contextmanager
+def atomic_output_dir(final: Path):
+    """Yield a fresh temporary sibling of `final`; on success it replaces `final`.
+
+    On any error (or Ctrl-C) the temporary directory is removed and an existing
+    `final` is left untouched.
+    """
+    final = Path(final).absolute()
+    parent = final.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot create the output's parent directory ({e.strerror})", parent) from None
+    if final.exists() and not final.is_dir():
+        raise ExportError("the output path exists and is not a directory", final)
+    tmp = parent / f".{final.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)

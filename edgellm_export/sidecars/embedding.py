@@ -1,0 +1,70 @@
+"""embedding.safetensors: the token-embedding table the runtime looks tokens up in.
+
+fp16 `embedding [V, H]` by default; with fp8, `embedding` F8_E4M3 plus
+`embedding_scale` F32 `[V, H/128]`, one scale per row and block of 128
+channels: scale = max(amax, 1e-4) / 448, value = clamp(x / scale, +-448).
+Rows are converted and written in slices, never the whole table at once.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from ..checkpoint.reader import TensorRef
+from ..errors import ExportError
+from ..models.weights import _check_range
+
+FP8_MAX = 448.0
+FP8_BLOCK = 128
+_ROWS_PER_SLICE = 4096
+
+
+def _header(entries: list[tuple[str, str, list[int], int]]) -> bytes:
+    meta, offset = {}, 0
+    for name, dtype, shape, nbytes in entries:
+        meta[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(meta, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_embedding(ref: TensorRef, path: Path, *, fp8: bool = False) -> None:
+    import torch
+
+    vocab, hidden = ref.shape
+    src = ref.view()
+    with open(path, "wb") as f:
+        if not fp8:
+            f.write(_header([("embedding", "F16", [vocab, hidden], vocab * hidden * 2)]))
+            for r0 in range(0, vocab, _ROWS_PER_SLICE):
+                block = src[r0 : r0 + _ROWS_PER_SLICE]
+                half = block.to(torch.float16)
+                _check_range(ref, block, half)
+                f.write(half.numpy().tobytes())
+                ref.release_rows(r0, r0 + block.shape[0])
+            return
+        if hidden % FP8_BLOCK:
+            raise ExportError(
+                f"--fp8-embedding needs hidden_size divisible by {FP8_BLOCK} (the runtime's "
+                f"scale block); this model has {hidden}",
+                ref.file.path,
+            )
+        groups = hidden // FP8_BLOCK
+        f.write(_header([
+            ("embedding_scale", "F32", [vocab, groups], vocab * groups * 4),
+            ("embedding", "F8_E4M3", [vocab, hidden], vocab * hidden),
+        ]))
+        scale_pos = f.tell()
+        data_pos = scale_pos + vocab * groups * 4
+        for r0 in range(0, vocab, _ROWS_PER_SLICE):
+            block = src[r0 : r0 + _ROWS_PER_SLICE].float().view(-1, groups, FP8_BLOCK)
+            scale = block.abs().amax(dim=-1).clamp_min(1e-4) / FP8_MAX
+            q = (block / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+            f.seek(scale_pos + r0 * groups * 4)
+            f.write(scale.numpy().astype("<f4").tobytes())
+            f.seek(data_pos + r0 * hidden)
+            f.write(q.view(torch.uint8).numpy().tobytes())
+            ref.release_rows(r0, r0 + block.shape[0])

@@ -1,0 +1,68 @@
+"""The runtime twin: drives a backend through the golden scenarios the way llm_inference does.
+
+Per step it embeds tokens from embedding.safetensors, builds the RoPE table from
+config.json by the runtime's rules, feeds context_lengths / kvcache_start_index /
+last_token_ids with their per-phase meanings, and feeds the full-capacity KV
+buffers returned by the previous step back in (the runtime binds them in place).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .runtime_rules import EmbeddingTable, read_safetensors, rope_table
+
+BUNDLE = Path("golden") / "bundle.json"
+LOGITS = Path("golden") / "logits.safetensors"
+
+
+@dataclass
+class StepResult:
+    scenario: str
+    index: int
+    phase: str
+    logits: np.ndarray  # [B, V] from the backend
+    expected: np.ndarray  # [B, V] from the bundle
+
+
+@dataclass
+class TwinRun:
+    steps: list[StepResult] = field(default_factory=list)
+
+
+def load_bundle(llm_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    meta = json.loads((llm_dir / BUNDLE).read_text())
+    return meta, read_safetensors(llm_dir / LOGITS)
+
+
+def run_twin(llm_dir: Path, backend) -> TwinRun:
+    config = json.loads((llm_dir / "config.json").read_text())
+    meta, expected = load_bundle(llm_dir)
+    cap = int(meta["kv_capacity"])
+    table = rope_table(config, cap)
+    emb = EmbeddingTable(llm_dir / "embedding.safetensors")
+    n_layers, hkv, d = config["num_hidden_layers"], config["num_key_value_heads"], config["head_dim"]
+    run = TwinRun()
+    for sc in meta["scenarios"]:
+        batch = len(sc["steps"][0]["context_lengths"])
+        kv = [np.zeros((batch, 2, hkv, cap, d), np.float16) for _ in range(n_layers)]
+        for k, st in enumerate(sc["steps"]):
+            tokens = np.asarray(st["token_ids"], dtype=np.int64)
+            feeds = {
+                "inputs_embeds": emb.lookup(tokens),
+                "rope_rotary_cos_sin": table,
+                "context_lengths": np.asarray(st["context_lengths"], np.int32),
+                "kvcache_start_index": np.asarray(st["kvcache_start_index"], np.int32).reshape(-1),
+                "last_token_ids": np.asarray(st["last_token_ids"], np.int64).reshape(batch, 1),
+            }
+            for i in range(n_layers):
+                feeds[f"past_key_values_{i}"] = kv[i]
+            out = backend.run(feeds)
+            kv = [out[f"present_key_values_{i}"] for i in range(n_layers)]
+            run.steps.append(StepResult(sc["name"], k, st["phase"], out["logits"][:, 0, :].astype(np.float32),
+                                        np.asarray(expected[st["logits"]], np.float32)))
+    return run

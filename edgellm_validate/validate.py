@@ -1,0 +1,49 @@
+"""`edgellm validate OUT`: run a backend through the golden bundle and judge the result."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from edgellm_export.errors import ExportError
+
+from .compare import step_metrics, verdict
+from .runtime_rules import RuntimeRefusal
+from .twin import BUNDLE, load_bundle, run_twin
+
+RESULT_FILE = "validation.json"
+
+
+def find_llm_dir(out_dir: Path) -> Path:
+    for cand in (out_dir / "llm", out_dir):
+        if (cand / "model.onnx").is_file():
+            if not (cand / BUNDLE).is_file():
+                raise ExportError("the export has no golden bundle (exported with --no-golden?)", cand / BUNDLE)
+            return cand
+    raise ExportError("not an export directory: no llm/model.onnx inside", out_dir)
+
+
+def validate_export(out_dir: str | Path, *, backend: str = "cpu", result_path: Path | None = None) -> dict:
+    t0 = time.perf_counter()
+    llm = find_llm_dir(Path(out_dir))
+    meta, _ = load_bundle(llm)
+    if backend != "cpu":
+        raise ExportError(f"backend {backend!r} is not available in this build (try --backend cpu)")
+    from .cpu_backend import CpuBackend
+
+    be = CpuBackend(llm)
+    try:
+        run = run_twin(llm, be)
+    except RuntimeRefusal as e:
+        result = {"passed": False, "failures": [f"the runtime would refuse this export: {e}"], "steps": []}
+    else:
+        metrics = [step_metrics(s.scenario, s.index, s.phase, s.logits, s.expected) for s in run.steps]
+        result = verdict(metrics, meta.get("precision", "fp16"))
+    finally:
+        be.close()
+    result.update({"backend": be.name, "export": str(llm), "seconds": round(time.perf_counter() - t0, 3)})
+    path = result_path or (Path(out_dir) / RESULT_FILE)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    result["result_file"] = str(path)
+    return result
