@@ -12,6 +12,7 @@ import json
 import mmap
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,7 +126,10 @@ class SafetensorsFile:
         if info.numel == 0:
             return torch.empty(info.shape, dtype=dtype)
         mm = self._mapping()
-        t = torch.frombuffer(mm, dtype=dtype, count=info.numel, offset=info.start)
+        with warnings.catch_warnings():
+            # The mapping is read-only on purpose; we never write through the view.
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            t = torch.frombuffer(mm, dtype=dtype, count=info.numel, offset=info.start)
         return t.view(info.shape)
 
     def read_bytes(self, name: str) -> bytes:

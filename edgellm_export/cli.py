@@ -1,0 +1,172 @@
+"""`edgellm`: export, validate and demo commands."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import ExportError
+
+log = logging.getLogger("edgellm")
+
+
+class Progress:
+    """Progress lines on stderr for long steps, throttled; silent with --quiet."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self._last = 0.0
+
+    def __call__(self, msg: str, done: int | None = None, total: int | None = None) -> None:
+        if self.quiet:
+            return
+        now = time.monotonic()
+        if done is not None and total:
+            if done < total and now - self._last < 0.5:
+                return
+            msg = f"{msg}: {done / 2**20:,.1f} / {total / 2**20:,.1f} MiB ({100 * done / total:.0f}%)"
+        self._last = now
+        print(f"[edgellm] {msg}", file=sys.stderr, flush=True)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _print_summary(result, quiet: bool) -> None:
+    if quiet:
+        return
+    print(f"Exported to {result.out_dir} in {result.seconds:.1f} s:")
+    for name, size in result.files.items():
+        print(f"  {name:<40} {_size(size):>12}")
+    print(f"  {'total':<40} {_size(sum(result.files.values())):>12}")
+
+
+def _print_validation(res: dict, quiet: bool) -> None:
+    if quiet and res["passed"]:
+        return
+    status = "PASSED" if res["passed"] else "FAILED"
+    if "worst_cosine" in res:
+        print(f"Validation {status} ({res['backend']}, {len(res['steps'])} steps, {res['seconds']:.1f} s): "
+              f"worst cosine {res['worst_cosine']:.6f}, top-1 agreement {res['top1_agreement']:.3f}, "
+              f"max |diff| {res['max_abs']:.4g}")
+    else:
+        print(f"Validation {status}")
+    for f in res["failures"]:
+        print(f"  - {f}")
+    print(f"Result written to {res['result_file']}")
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="0.7", help="Edge-LLM release to target (default: 0.7, i.e. 0.7.x)")
+    p.add_argument("--fp8-embedding", "--fp8_embedding", action="store_true",
+                   help="write embedding.safetensors as FP8 E4M3 with per-row scales over blocks of 128")
+    p.add_argument("--no-golden", action="store_true",
+                   help="skip the golden bundle (validation will then be impossible)")
+    p.add_argument("--unsafe-rope-passthrough", action="store_true", help=argparse.SUPPRESS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edgellm",
+        description="Export HuggingFace checkpoints to TensorRT Edge-LLM ONNX + sidecars, and validate them.",
+    )
+    p.add_argument("--version", action="version", version=f"edgellm-export {__version__}")
+    verbosity = p.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="print only errors and failures")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="print debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    e = sub.add_parser("export", help="export a checkpoint directory to OUT/llm/",
+                       description="Export a HuggingFace checkpoint directory (config.json + safetensors) "
+                                   "to OUT/llm/: model.onnx, model.onnx.data, config.json, "
+                                   "embedding.safetensors, tokenizer files, processed_chat_template.json "
+                                   "and a golden bundle for `edgellm validate`.")
+    e.add_argument("checkpoint", type=Path, help="checkpoint directory (an HF cache snapshot works too)")
+    e.add_argument("out", type=Path, help="output directory (replaced atomically)")
+    _export_args(e)
+
+    v = sub.add_parser("validate", help="check an export against its golden bundle",
+                       description="Run the exported graph through the runtime twin and compare its logits "
+                                   "with the golden bundle stored at export time. Exit code 1 on failure.")
+    v.add_argument("out", type=Path, help="export directory (the OUT given to `edgellm export`)")
+    v.add_argument("--backend", default="cpu", choices=["cpu"], help="cpu: onnxruntime with lowered custom ops")
+    v.add_argument("--result", type=Path, help="where to write the JSON result (default OUT/validation.json)")
+
+    d = sub.add_parser("demo", help="export + validate the built-in demo checkpoint",
+                       description="Generate a small deterministic Llama checkpoint (with tokenizer and chat "
+                                   "template), export it and validate the export on the CPU.")
+    d.add_argument("out", type=Path, nargs="?", default=Path("edgellm-demo"),
+                   help="output directory (default: ./edgellm-demo)")
+    _export_args(d)
+    return p
+
+
+def _options(args):
+    from .export import ExportOptions
+
+    return ExportOptions(target=args.target, fp8_embedding=args.fp8_embedding, golden=not args.no_golden,
+                         unsafe_rope_passthrough=args.unsafe_rope_passthrough)
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.WARNING
+    logging.basicConfig(level=level, format="[edgellm] %(levelname)s: %(message)s", stream=sys.stderr)
+    progress = Progress(args.quiet)
+    if args.command == "export":
+        from .export import export_checkpoint
+
+        _print_summary(export_checkpoint(args.checkpoint, args.out, _options(args), progress), args.quiet)
+        return 0
+    if args.command == "validate":
+        from edgellm_validate.validate import validate_export
+
+        res = validate_export(args.out, backend=args.backend, result_path=args.result)
+        _print_validation(res, args.quiet)
+        return 0 if res["passed"] else 1
+    if args.command == "demo":
+        return _demo(args, progress)
+    return 2
+
+
+def _demo(args, progress) -> int:
+    from edgellm_validate.validate import validate_export
+
+    from .demo_checkpoint import write_demo_checkpoint
+    from .export import export_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="edgellm-demo-") as scratch:
+        out = args.out
+        ckpt = write_demo_checkpoint(Path(scratch) / "demo-checkpoint")
+        progress(f"demo checkpoint written to {ckpt}")
+        if args.no_golden:
+            raise ExportError("the demo validates its export, so it cannot run with --no-golden")
+        _print_summary(export_checkpoint(ckpt, out, _options(args), progress), args.quiet)
+        res = validate_export(out)
+        _print_validation(res, args.quiet)
+        return 0 if res["passed"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except ExportError as e:
+        print(f"edgellm: error: {e.paragraph()}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("edgellm: interrupted; no output was changed", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
