@@ -25,7 +25,8 @@ def rope(r, cap=CAP, theta=10000.0):
 def lowered_session():
     g = GraphBuilder("t")
     names = ["q", "k", "v", "past", "ctx", "rope", "start"]
-    ins = [g.input("q", TensorProto.FLOAT16, ["B", "S", HQ * D]), g.input("k", TensorProto.FLOAT16, ["B", "S", HKV * D]),
+    ins = [g.input("q", TensorProto.FLOAT16, ["B", "S", HQ * D]),
+           g.input("k", TensorProto.FLOAT16, ["B", "S", HKV * D]),
            g.input("v", TensorProto.FLOAT16, ["B", "S", HKV * D]),
            g.input("past", TensorProto.FLOAT16, ["B", 2, HKV, "C", D]), g.input("ctx", TensorProto.INT32, ["B"]),
            g.input("rope", TensorProto.FLOAT, ["rb", "M", "R"]), g.input("start", TensorProto.INT32, ["kb"])]

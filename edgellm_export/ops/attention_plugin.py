@@ -101,13 +101,8 @@ def _eager(q, k, v, past, context_lengths, table, start_index, hq, hkv, d):
         rows = table[0 if table.shape[0] == 1 else i, pos].float()  # [S, R]
         cos, sin = rows[:, None, : r // 2], rows[:, None, r // 2 :]
 
-        def rotate(x, heads):
-            x = x[i].float().view(s, heads, d)
-            x1, x2, rest = x[..., : r // 2], x[..., r // 2 : r], x[..., r:]
-            return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
-
-        qi = rotate(q, hq)
-        ki = rotate(k, hkv).to(past.dtype)
+        qi = _rotate(q[i].float().view(s, hq, d), cos, sin, r)
+        ki = _rotate(k[i].float().view(s, hkv, d), cos, sin, r).to(past.dtype)
         vi = v[i].view(s, hkv, d).to(past.dtype)
         keep = pos < cap
         present[i, 0, :, pos[keep]] = ki[keep].transpose(0, 1)
@@ -123,6 +118,14 @@ def _eager(q, k, v, past, context_lengths, table, start_index, hq, hkv, d):
         probs = torch.softmax(scores, dim=-1)
         out[i] = torch.einsum("hsc,hcd->shd", probs, vals).to(q.dtype)
     return out, present
+
+
+def _rotate(x, cos, sin, r):
+    """Rotate-half RoPE on the first r channels of each head; the rest pass through."""
+    import torch
+
+    x1, x2, rest = x[..., : r // 2], x[..., r // 2 : r], x[..., r:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
 
 
 # -- face 2: ONNX schema -------------------------------------------------------------------
