@@ -65,7 +65,9 @@ class ModelConfig:
 
 
 def _int(cfg: dict, key: str, path: Path, default: int | None = None) -> int:
-    v = cfg.get(key, default)
+    v = cfg.get(key)
+    if v is None:  # absent or null: HF writes null for "use the default"
+        v = default
     if v is None:
         raise ExportError(f"config.json lacks the required field {key!r}", path)
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -119,16 +121,19 @@ def build_model_config(raw: dict, tensor_names_have, path: Path) -> ModelConfig:
     hidden = _int(cfg, "hidden_size", path)
     heads = _int(cfg, "num_attention_heads", path)
     kv_heads = _int(cfg, "num_key_value_heads", path, heads)
-    head_dim = cfg.get("head_dim") or hidden // heads
+    head_dim = _int(cfg, "head_dim", path, hidden // heads)
     if heads % kv_heads:
         raise ExportError(
             f"num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})",
             path,
         )
     rope, prf = parse_rope(cfg, path)
+    # HF Mistral applies `sliding_window` whenever it is set; Qwen2 only with
+    # `use_sliding_window`. Other families: only when explicitly enabled.
     window = -1
-    if cfg.get("use_sliding_window") and cfg.get("sliding_window"):
-        window = int(cfg["sliding_window"])
+    use_window = cfg.get("use_sliding_window", model_type == "mistral")
+    if use_window and cfg.get("sliding_window"):
+        window = _int(cfg, "sliding_window", path)
     tie = cfg.get("tie_word_embeddings", raw.get("tie_word_embeddings", False))
     return ModelConfig(
         model_type=model_type,
@@ -138,7 +143,7 @@ def build_model_config(raw: dict, tensor_names_have, path: Path) -> ModelConfig:
         num_hidden_layers=_int(cfg, "num_hidden_layers", path),
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        head_dim=int(head_dim),
+        head_dim=head_dim,
         rms_norm_eps=_float(cfg, "rms_norm_eps", path, 1e-6),
         max_position_embeddings=_int(cfg, "max_position_embeddings", path, 4096),
         rope=rope,

@@ -6,6 +6,7 @@ a binding name, a dim name or a plugin attribute itself.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from ..config import ModelConfig
@@ -13,6 +14,7 @@ from ..onnx_graph.builder import FLOAT, FLOAT16, INT32, INT64, GraphBuilder
 from ..ops import attention_plugin
 from . import rope_v0_7
 
+log = logging.getLogger(__name__)
 RELEASE = "0.7.1"
 IR_VERSION = 10
 OPSETS = {"": 24, attention_plugin.DOMAIN: 1}
@@ -103,6 +105,11 @@ def check_supported(cfg: ModelConfig) -> None:
             f"head_dim {cfg.head_dim} is not supported by Edge-LLM 0.7's attention kernels "
             "(context FMHA and XQA decode together need 64 or 128)"
         )
+    if cfg.sliding_window > 0:
+        log.warning(
+            "sliding_window=%d is passed to the AttentionPlugin, but only Blackwell builds honour it; "
+            "on other GPUs (Orin included) contexts longer than %d tokens attend to the whole cache, "
+            "unlike the checkpoint", cfg.sliding_window, cfg.sliding_window)
     ratio = cfg.num_attention_heads // cfg.num_key_value_heads
     if ratio not in (1, 2, 3, 4, 5, 6, 7, 8, 16):
         raise UnsupportedError(
