@@ -100,8 +100,9 @@ class GoldenRun:
         self.layer_cls, self.head_cls = family.torch_modules()
         self.table = torch.from_numpy(reference_rope_table(cfg))
         emb = embed_ref.view()
-        self.hidden = [[emb[torch.from_numpy(s.token_ids)].float().half().float() for s in sc.steps]
-                       for sc in scenarios]
+        # Hidden states of every step of every scenario, in execution order.
+        self.hidden = [emb[torch.from_numpy(st.token_ids)].float().half().float()
+                       for sc in scenarios for st in sc.steps]
         self.pending: dict[str, object] = {}
         self.layer = 0
 
@@ -118,16 +119,18 @@ class GoldenRun:
         if name.endswith(".weight.T") and not in_layer:  # lm_head comes last
             self._run_head()
 
+    def _calls(self):
+        torch = self.torch
+        return [(i, torch.from_numpy(st.context_lengths), torch.from_numpy(st.kvcache_start_index))
+                for i, sc in enumerate(self.scenarios) for st in sc.steps]
+
     def _run_layer(self) -> None:
         torch = self.torch
-        layer = self.layer_cls(self.cfg, self.pending)
         c = self.cfg
-        for sc, hidden in zip(self.scenarios, self.hidden):
-            b = sc.steps[0].token_ids.shape[0]
-            kv = torch.zeros((b, 2, c.num_key_value_heads, KV_CAPACITY, c.head_dim), dtype=torch.float32)
-            for k, step in enumerate(sc.steps):
-                hidden[k], kv = layer(hidden[k], kv, self.table, torch.from_numpy(step.context_lengths),
-                                      torch.from_numpy(step.kvcache_start_index))
+        layer = self.layer_cls(self.cfg, self.pending)
+        caches = [torch.zeros((sc.steps[0].token_ids.shape[0], 2, c.num_key_value_heads, KV_CAPACITY,
+                               c.head_dim), dtype=torch.float32) for sc in self.scenarios]
+        self.hidden, _ = layer.forward_steps(self.hidden, caches, self.table, self._calls())
         self.pending = {}
         self.layer += 1
 
@@ -135,10 +138,10 @@ class GoldenRun:
         torch = self.torch
         lm_head = next(v for k, v in self.pending.items() if k.endswith(".weight.T"))
         head = self.head_cls(self.cfg, self.pending["norm.weight"], lm_head)
-        for sc, hidden in zip(self.scenarios, self.hidden):
-            for k, step in enumerate(sc.steps):
-                out = head(hidden[k], torch.from_numpy(step.last_token_ids))
-                step.logits = out[:, 0, :].numpy().astype(np.float32)
+        steps = [st for sc in self.scenarios for st in sc.steps]
+        logits = head.forward_steps(self.hidden, [torch.from_numpy(st.last_token_ids) for st in steps])
+        for st, out in zip(steps, logits):
+            st.logits = out[:, 0, :].numpy().astype(np.float32)
         self.pending = {}
 
 

@@ -35,7 +35,10 @@ def atomic_output_dir(final: Path):
         )
     tmp = parent / f".{final.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise ExportError(f"cannot create a directory next to the output ({e.strerror})", tmp) from None
     try:
         yield tmp
     except BaseException:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -308,3 +309,82 @@ def test_keyboard_interrupt_while_writing_weights(previous, ckpt, tmp_path, caps
         assert digests(out) == before
     else:
         assert not out.exists()
+
+
+def test_missing_checkpoint_directory(tmp_path, capsys):
+    code, _, err = cli(capsys, "-q", "export", tmp_path / "nope", tmp_path / "out")
+    assert code == 2
+    text = error_paragraph(err, quiet=True)
+    assert str(tmp_path / "nope") in text and "does not exist" in text
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "parent", "unrelated"])
+def test_never_replaces_a_directory_that_is_not_an_export(where, ckpt, tmp_path, capsys):
+    """OUT = the checkpoint (or a directory holding it) used to delete the checkpoint."""
+    out = {"checkpoint": ckpt, "parent": ckpt.parent, "unrelated": tmp_path / "docs"}[where]
+    if where == "unrelated":
+        out.mkdir()
+        (out / "notes.txt").write_text("keep me")
+    before = digests(out)
+    code, _, err = cli(capsys, "-q", "export", "--no-golden", ckpt, out)
+    assert code == 2
+    text = error_paragraph(err, quiet=True)
+    assert str(out) in text and "refusing to replace it" in text
+    assert digests(out) == before
+    assert leftovers(out) == []
+
+
+def test_replaces_an_empty_directory_and_an_earlier_export(ckpt, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    assert cli(capsys, "-q", "export", "--no-golden", ckpt, out)[0] == 0
+    first = digests(out)
+    (out / "validation.json").write_text("{}")  # what `edgellm validate` leaves behind
+    assert cli(capsys, "-q", "export", "--no-golden", ckpt, out)[0] == 0
+    assert digests(out) == first  # replaced as a whole, validation.json gone
+    assert leftovers(out) == []
+
+
+def test_failed_final_rename_restores_the_previous_export(ckpt, tmp_path, capsys, monkeypatch):
+    import edgellm_export.output_dir as output_dir_mod
+
+    out = tmp_path / "out"
+    assert cli(capsys, "-q", "export", "--no-golden", ckpt, out)[0] == 0
+    before = digests(out)
+    real_rename = output_dir_mod.os.rename
+    calls = []
+
+    def rename(src, dst):
+        calls.append((Path(src).name, Path(dst).name))
+        if Path(src).name.startswith(".out.partial-"):
+            raise OSError(28, "No space left on device")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(output_dir_mod.os, "rename", rename)
+    code, _, err = cli(capsys, "-q", "export", "--no-golden", ckpt, out)
+    monkeypatch.undo()
+    assert [c[0] for c in calls] == ["out", f".out.partial-{os.getpid()}", calls[0][1]]
+    assert code == 2
+    text = error_paragraph(err, quiet=True)
+    assert str(out) in text and "No space left on device" in text
+    assert digests(out) == before
+    assert leftovers(out) == []
+
+
+def test_unwritable_output_parent(ckpt, tmp_path, capsys, monkeypatch):
+    """(Simulated: tests may run as root, where chmod does not stop writes.)"""
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self.name.startswith(".out.partial-"):
+            raise PermissionError(13, "Permission denied")
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    code, _, err = cli(capsys, "-q", "export", "--no-golden", ckpt, tmp_path / "out")
+    monkeypatch.undo()
+    assert code == 2
+    text = error_paragraph(err, quiet=True)
+    assert str(tmp_path) in text and "Permission denied" in text
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path / "out") == []

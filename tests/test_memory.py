@@ -67,7 +67,8 @@ def peak_rss_mb(ckpt: Path, out: Path) -> float:
 def test_peak_rss_flat_in_layer_count(tmp_path):
     shallow = write_checkpoint(tmp_path / "l2", 2)
     deep = write_checkpoint(tmp_path / "l12", 12)
-    layer_mb = (deep / "model.safetensors").stat().st_size / 2**20 - (shallow / "model.safetensors").stat().st_size / 2**20
+    size_mb = [(d / "model.safetensors").stat().st_size / 2**20 for d in (shallow, deep)]
+    layer_mb = size_mb[1] - size_mb[0]
     assert layer_mb > 70  # the deep one really is ~72 MB bigger
     rss = [peak_rss_mb(shallow, tmp_path / "o2"), peak_rss_mb(deep, tmp_path / "o12")]
     growth = rss[1] - rss[0]

@@ -101,6 +101,8 @@ class SafetensorsFile:
             if dtype not in DTYPES:
                 raise self._fail(f"tensor {name!r} has unsupported dtype {dtype}")
             info = TensorInfo(name, dtype, shape, base + begin, base + end)
+            if begin < 0 or any(d < 0 for d in shape):  # would read the header, or break view()
+                raise self._fail(f"tensor {name!r} has a negative offset or dimension")
             if info.nbytes != info.numel * DTYPES[dtype][1] or begin > end:
                 raise self._fail(f"tensor {name!r}: byte range does not match shape {list(shape)}")
             if info.end > size:

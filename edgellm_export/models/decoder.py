@@ -157,26 +157,43 @@ def _torch_layers():
             return y + b.float() if b is not None else y
 
         def forward(self, x, past, rope_table, context_lengths, kvcache_start_index):
+            """One runtime call: `x [B, S, H]`; returns (x, present)."""
+            out, presents = self.forward_steps([x], [past], rope_table, [(0, context_lengths, kvcache_start_index)])
+            return out[0], presents[0]
+
+        def forward_steps(self, xs, caches, rope_table, calls):
+            """Many runtime calls at once: `calls` lists (cache index, context_lengths, start index)
+            per hidden state in `xs`, in execution order. Position-wise work (norms,
+            projections, MLP) runs on all tokens together, so each weight is widened
+            to fp32 once; only attention walks the calls in order, updating `caches`.
+            """
             c, t = self.cfg, self.t
-            b, s, _ = x.shape
+            sizes = [x.shape[1] for x in xs]
+            x = torch.cat(xs, dim=1)
+            b = x.shape[0]
             y = rms_norm(x, t["input_layernorm.weight"], c.rms_norm_eps)
             q = self._linear(y, "self_attn.q_proj")
             k = self._linear(y, "self_attn.k_proj")
             v = self._linear(y, "self_attn.v_proj")
             if c.has_qk_norm:
-                q = rms_norm(q.view(b, s, -1, c.head_dim), t["self_attn.q_norm.weight"], c.rms_norm_eps)
-                k = rms_norm(k.view(b, s, -1, c.head_dim), t["self_attn.k_norm.weight"], c.rms_norm_eps)
-                q, k = q.reshape(b, s, -1), k.reshape(b, s, -1)
-            attn, present = attention_plugin(
-                q, k, v, past, context_lengths, rope_table, kvcache_start_index,
-                c.num_attention_heads, c.num_key_value_heads, c.head_dim, 0, 0, -1, [1.0, 1.0, 1.0],
-            )
-            x = x + self._linear(attn.reshape(b, s, -1), "self_attn.o_proj")
+                q = rms_norm(q.view(b, -1, c.num_attention_heads, c.head_dim), t["self_attn.q_norm.weight"],
+                             c.rms_norm_eps).reshape(b, -1, c.q_dim)
+                k = rms_norm(k.view(b, -1, c.num_key_value_heads, c.head_dim), t["self_attn.k_norm.weight"],
+                             c.rms_norm_eps).reshape(b, -1, c.kv_dim)
+            attn = []
+            for qs, ks, vs, (cache, ctx, start) in zip(q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1),
+                                                        calls):
+                out, caches[cache] = attention_plugin(
+                    qs, ks, vs, caches[cache], ctx, rope_table, start,
+                    c.num_attention_heads, c.num_key_value_heads, c.head_dim, 0, 0, -1, [1.0, 1.0, 1.0],
+                )
+                attn.append(out.reshape(b, out.shape[1], -1))
+            x = x + self._linear(torch.cat(attn, dim=1), "self_attn.o_proj")
             y = rms_norm(x, t["post_attention_layernorm.weight"], c.rms_norm_eps)
             gate = self._linear(y, "mlp.gate_proj")
             x = x + self._linear(torch.nn.functional.silu(gate) * self._linear(y, "mlp.up_proj"),
                                  "mlp.down_proj")
-            return x, present
+            return list(x.split(sizes, 1)), caches
 
     class DecoderHead(nn.Module):
         """Final norm, token selection and lm_head (`[H, V]` fp16), widened in vocab slices."""
@@ -186,11 +203,17 @@ def _torch_layers():
             self.cfg, self.norm, self.lm_head_t = cfg, norm_weight, lm_head_t
 
         def forward(self, x, last_token_ids):
-            y = rms_norm(x, self.norm, self.cfg.rms_norm_eps)
-            sel = torch.gather(y, 1, last_token_ids[:, :, None].expand(-1, -1, y.shape[-1]))
+            return self.forward_steps([x], [last_token_ids])[0]
+
+        def forward_steps(self, xs, last_token_ids):
+            """Logits `[B, 1, V]` per call; the vocab is widened in slices, once for all calls."""
+            sel = torch.cat([torch.gather(x, 1, ids[:, :, None].expand(-1, -1, x.shape[-1]))
+                             for x, ids in zip(xs, last_token_ids)], dim=1)
+            y = rms_norm(sel, self.norm, self.cfg.rms_norm_eps)
             step = 16384
-            return torch.cat([sel @ self.lm_head_t[:, v0 : v0 + step].float()
-                              for v0 in range(0, self.lm_head_t.shape[1], step)], dim=-1)
+            logits = torch.cat([y @ self.lm_head_t[:, v0 : v0 + step].float()
+                                for v0 in range(0, self.lm_head_t.shape[1], step)], dim=-1)
+            return list(logits.split(1, dim=1))
 
     return DecoderLayer, DecoderHead
 

@@ -1,0 +1,108 @@
+"""Write a random-weight checkpoint with a real model's exact shapes, without holding it in memory.
+
+Each tensor is generated in slices and appended to its shard, so memory stays
+at one slice. Shapes: Llama-3.2-1B (2.47 GB bf16, tied embeddings, llama3 RoPE)
+and Llama-3.1-8B (16 GB bf16, sharded).
+
+    python -m benchmarks.make_checkpoint llama-3.2-1b /data/llama1b
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+SHAPES = {
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+                         rope_scaling={**LLAMA3_ROPE}, rope_theta=500000.0, max_position_embeddings=131072),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
+                         rope_scaling={**LLAMA3_ROPE, "factor": 8.0}, rope_theta=500000.0,
+                         max_position_embeddings=131072),
+}
+SHARD_BYTES = 5 * 2**30
+SLICE_ELEMS = 16 * 2**20
+
+
+def tensor_shapes(c: dict) -> list[tuple[str, tuple[int, ...]]]:
+    h, inter, d = c["hidden_size"], c["intermediate_size"], c["head_dim"]
+    q, kv = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
+    out = [("model.embed_tokens.weight", (c["vocab_size"], h))]
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        out += [(p + "input_layernorm.weight", (h,)), (p + "self_attn.q_proj.weight", (q, h)),
+                (p + "self_attn.k_proj.weight", (kv, h)), (p + "self_attn.v_proj.weight", (kv, h)),
+                (p + "self_attn.o_proj.weight", (h, q)), (p + "post_attention_layernorm.weight", (h,)),
+                (p + "mlp.gate_proj.weight", (inter, h)), (p + "mlp.up_proj.weight", (inter, h)),
+                (p + "mlp.down_proj.weight", (h, inter))]
+    out.append(("model.norm.weight", (h,)))
+    if not c["tie_word_embeddings"]:
+        out.append(("lm_head.weight", (c["vocab_size"], h)))
+    return out
+
+
+def _bf16_slice(rng: np.random.Generator, n: int, norm: bool) -> bytes:
+    x = rng.standard_normal(n, dtype=np.float32) * np.float32(0.02)
+    if norm:
+        x = x + np.float32(1.0)
+    return (x.view(np.uint32) >> 16).astype(np.uint16).tobytes()  # truncation is fine for random data
+
+
+def write_checkpoint(name: str, out: Path, seed: int = 0) -> Path:
+    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
+           "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16", "bos_token_id": 128000, "eos_token_id": 128001,
+           **SHAPES[name]}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for tname, shape in tensor_shapes(cfg):
+        nbytes = int(np.prod(shape)) * 2
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append((tname, shape))
+        size += nbytes
+    rng = np.random.default_rng(seed)
+    weight_map = {}
+    for k, shard in enumerate(shards):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        header, offset = {}, 0
+        for tname, shape in shard:
+            n = int(np.prod(shape)) * 2
+            header[tname] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+            weight_map[tname] = fname
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(out / fname, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            for tname, shape in shard:
+                total = int(np.prod(shape))
+                for start in range(0, total, SLICE_ELEMS):
+                    f.write(_bf16_slice(rng, min(SLICE_ELEMS, total - start), tname.endswith("norm.weight")))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(int(np.prod(s)) * 2 for _, s in tensor_shapes(cfg))},
+                 "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("shape", choices=sorted(SHAPES))
+    p.add_argument("out", type=Path)
+    args = p.parse_args()
+    write_checkpoint(args.shape, args.out)
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()
