@@ -163,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     except ExportError as e:
         print(f"edgellm: error: {e.paragraph()}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # disk full, permissions, I/O errors: no traceback, no partial output
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"edgellm: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("edgellm: interrupted; no output was changed", file=sys.stderr)
         return 130

@@ -52,12 +52,20 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, options: Expo
     report = progress or (lambda msg, done=None, total=None: None)
     contract = get_contract(opts.target)
     ckpt_path = Path(checkpoint)
+    out_path = Path(out_dir).resolve()
+    if out_path == ckpt_path.resolve() or out_path in ckpt_path.resolve().parents:
+        raise ExportError("the output directory would replace the checkpoint itself; choose another OUT", out_dir)
     with open_checkpoint(ckpt_path) as ckpt:
-        cfg = build_model_config(ckpt.config, ckpt.has_layer_tensor, ckpt.config_path)
-        family = family_for(cfg, ckpt.config_path)
-        contract.check_supported(cfg)
-        family.prepare(ckpt, cfg)
-        runtime_cfg = contract.runtime_config(cfg, allow_rope_passthrough=opts.unsafe_rope_passthrough)
+        try:
+            cfg = build_model_config(ckpt.config, ckpt.has_layer_tensor, ckpt.config_path)
+            family = family_for(cfg, ckpt.config_path)
+            contract.check_supported(cfg)
+            family.prepare(ckpt, cfg)
+            runtime_cfg = contract.runtime_config(cfg, allow_rope_passthrough=opts.unsafe_rope_passthrough)
+        except ExportError as e:
+            if e.path is None:  # a refusal about the config: say which file
+                raise type(e)(e.message, ckpt.config_path) from None
+            raise
         report(f"{cfg.model_type}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
                f"vocab {cfg.vocab_size}")
 

@@ -330,7 +330,8 @@ def test_never_replaces_a_directory_that_is_not_an_export(where, ckpt, tmp_path,
     code, _, err = cli(capsys, "-q", "export", "--no-golden", ckpt, out)
     assert code == 2
     text = error_paragraph(err, quiet=True)
-    assert str(out) in text and "refusing to replace it" in text
+    assert str(out) in text
+    assert ("replace the checkpoint" if where != "unrelated" else "refusing to replace it") in text
     assert digests(out) == before
     assert leftovers(out) == []
 
@@ -388,3 +389,38 @@ def test_unwritable_output_parent(ckpt, tmp_path, capsys, monkeypatch):
     text = error_paragraph(err, quiet=True)
     assert str(tmp_path) in text and "Permission denied" in text
     assert not (tmp_path / "out").exists() and leftovers(tmp_path / "out") == []
+
+
+def test_unsupported_head_dim_names_config(tmp_path, capsys):
+    import json as _json
+
+    from edgellm_export.cli import main as _main
+    from edgellm_export.demo_checkpoint import write_demo_checkpoint as _demo
+
+    ckpt = _demo(tmp_path / "ckpt")
+    cfg = _json.loads((ckpt / "config.json").read_text())
+    cfg["head_dim"] = 32
+    (ckpt / "config.json").write_text(_json.dumps(cfg))
+    assert _main(["export", str(ckpt), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "config.json" in err and "head_dim 32" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_disk_error_is_a_clean_message(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import edgellm_export.export as export_mod
+    from edgellm_export.cli import main as _main
+    from edgellm_export.demo_checkpoint import write_demo_checkpoint as _demo
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "llm" / "model.onnx.data"))
+
+    monkeypatch.setattr(export_mod, "_write_weights", full)
+    ckpt = _demo(tmp_path / "ckpt")
+    assert _main(["export", str(ckpt), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
