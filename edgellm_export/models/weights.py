@@ -15,6 +15,7 @@ FP16_MAX = 65504.0
 
 
 _CHUNK_BYTES = 32 << 20  # convert big tensors in slices so source pages never pile up
+_TRANSPOSE_ROWS = 256  # row blocks this small keep a transposing copy cache-friendly
 
 
 def to_fp16(ref: TensorRef, transpose: bool = False):
@@ -26,35 +27,43 @@ def to_fp16(ref: TensorRef, transpose: bool = False):
     import torch
 
     src = ref.view()
+    if src.dim() == 0:
+        src = src.reshape(1)
     shape = tuple(src.shape)
     out = torch.empty(shape[::-1] if transpose else shape, dtype=torch.float16)
-    rows = shape[0] if shape else 1
+    rows = shape[0]
     row_bytes = max(1, ref.nbytes // max(rows, 1))
     step = max(1, _CHUNK_BYTES // row_bytes)
     for r0 in range(0, rows, step):
-        block = src[r0 : r0 + step] if shape else src
+        r1 = min(rows, r0 + step)
         if transpose:
-            out[:, r0 : r0 + step].copy_(block.t())
+            for b0 in range(r0, r1, _TRANSPOSE_ROWS):
+                out[:, b0 : b0 + _TRANSPOSE_ROWS].copy_(src[b0 : min(r1, b0 + _TRANSPOSE_ROWS)].t())
         else:
-            out[r0 : r0 + step].copy_(block) if shape else out.copy_(block)
-        if block.dtype != torch.float16 and block.is_floating_point():
-            _check_range(ref, block, out[:, r0 : r0 + step] if transpose else out[r0 : r0 + step])
-        ref.release_rows(r0, min(rows, r0 + step))
-    return out
+            out[r0:r1].copy_(src[r0:r1])
+        if src.dtype != torch.float16 and src.is_floating_point():
+            _check_range(ref, src[r0:r1], out[:, r0:r1] if transpose else out[r0:r1])
+        ref.release_rows(r0, r1)
+    return out.reshape(ref.shape[::-1] if transpose else ref.shape)
 
 
 def _check_range(ref: TensorRef, src, converted) -> None:
     import torch
 
-    # bf16/fp32 values beyond fp16's range would silently become inf.
-    if not torch.isfinite(converted).all() and torch.isfinite(src).all():
-        big = float(src.abs().max())
-        raise ExportError(
-            f"tensor {ref.key!r} holds values up to {big:g}, beyond fp16's range "
-            f"(+-{FP16_MAX:g}); the Edge-LLM runtime needs fp16 weights and a plain cast "
-            "would turn them into inf",
-            ref.file.path,
-        )
+    # min/max is one fast pass; inf or nan in either means the cast went wrong
+    # (bf16/fp32 beyond fp16's range become inf) or the checkpoint holds them.
+    lo, hi = torch.aminmax(converted)
+    if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+        return
+    if not bool(torch.isfinite(src).all()):
+        raise ExportError(f"tensor {ref.key!r} contains inf or NaN values", ref.file.path)
+    big = float(src.float().abs().max())
+    raise ExportError(
+        f"tensor {ref.key!r} holds values up to {big:g}, beyond fp16's range "
+        f"(+-{FP16_MAX:g}); the Edge-LLM runtime needs fp16 weights and a plain cast "
+        "would turn them into inf",
+        ref.file.path,
+    )
 
 
 class WeightSource:

@@ -39,45 +39,38 @@ INT_ATTRS = (
 
 
 # -- face 1: torch custom op with eager reference -----------------------------------------
+_TORCH_LIBRARY = None  # keeps the op registered for the life of the process
+
+
 @functools.cache
 def register_torch_op():
-    """Define `torch.ops.trt_edgellm.attention_plugin` (once) and return it."""
+    """Define `torch.ops.trt_edgellm.attention_plugin` (once) and return it.
+
+    Registered through `torch.library.Library` rather than `custom_op`, which
+    would import torch's compiler stack (seconds) for an op we only run eagerly.
+    """
+    global _TORCH_LIBRARY
     import torch
 
-    schema = (
-        "(Tensor q, Tensor k, Tensor v, Tensor past_key_value, Tensor context_lengths, "
-        "Tensor rope_rotary_cos_sin, Tensor kvcache_start_index, int num_q_heads, "
-        "int num_kv_heads, int head_size, int enable_tree_attention, int enable_fp8_kv_cache, "
-        "int sliding_window_size, float[] qkv_scales) -> (Tensor, Tensor)"
+    lib = torch.library.Library("trt_edgellm", "DEF")
+    lib.define(
+        "attention_plugin(Tensor q, Tensor k, Tensor v, Tensor past_key_value, Tensor context_lengths, "
+        "Tensor rope_rotary_cos_sin, Tensor kvcache_start_index, int num_q_heads, int num_kv_heads, "
+        "int head_size, int enable_tree_attention, int enable_fp8_kv_cache, int sliding_window_size, "
+        "float[] qkv_scales) -> (Tensor, Tensor)"
     )
 
-    # The schema is spelled out because this module uses postponed annotations.
-    @torch.library.custom_op("trt_edgellm::attention_plugin", mutates_args=(), schema=schema)
-    def attention_plugin(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        past_key_value: torch.Tensor,
-        context_lengths: torch.Tensor,
-        rope_rotary_cos_sin: torch.Tensor,
-        kvcache_start_index: torch.Tensor,
-        num_q_heads: int,
-        num_kv_heads: int,
-        head_size: int,
-        enable_tree_attention: int,
-        enable_fp8_kv_cache: int,
-        sliding_window_size: int,
-        qkv_scales: list[float],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return _eager(q, k, v, past_key_value, context_lengths, rope_rotary_cos_sin,
-                      kvcache_start_index, num_q_heads, num_kv_heads, head_size)
+    def impl(q, k, v, past, ctx, table, start, hq, hkv, d, tree, fp8_kv, window, scales):
+        if tree or fp8_kv:
+            raise NotImplementedError("tree attention and FP8 KV cache have no eager reference yet")
+        return _eager(q, k, v, past, ctx, table, start, hq, hkv, d)
 
-    @attention_plugin.register_fake
-    def _(q, k, v, past_key_value, *args, **kwargs):
-        num_q_heads, head_size = args[3], args[5]
-        b, s = q.shape[0], q.shape[1]
-        return q.new_empty((b, s, num_q_heads, head_size)), torch.empty_like(past_key_value)
+    def fake(q, k, v, past, ctx, table, start, hq, hkv, d, *rest):
+        return q.new_empty((q.shape[0], q.shape[1], hq, d)), torch.empty_like(past)
 
+    lib.impl("attention_plugin", impl, "CompositeExplicitAutograd")
+    lib.impl("attention_plugin", fake, "Meta")
+    _TORCH_LIBRARY = lib
     return torch.ops.trt_edgellm.attention_plugin
 
 
