@@ -24,26 +24,34 @@ from pathlib import Path
 from .make_checkpoint import write_checkpoint
 
 
-def tools(ckpt: Path, out: Path) -> dict[str, list[str] | None]:
+def tools(ckpt: Path, out: Path, nvidia_python: str, genai_python: str) -> dict[str, list[str] | None]:
     py = sys.executable
     peers: dict[str, list[str] | None] = {
         "floor (read, fp16, write one file)": [py, "-m", "benchmarks.floor", str(ckpt), str(out / "floor.bin")],
         "edgellm export": [py, "-m", "edgellm_export", "-q", "export", str(ckpt), str(out / "edgellm")],
         "edgellm export --no-golden": [py, "-m", "edgellm_export", "-q", "export", "--no-golden", str(ckpt),
-                                       str(out / "edgellm-nogolden")],
+                                       str(out / "edgellm")],
     }
-    nvidia = shutil.which("tensorrt-edgellm-export")
-    peers["NVIDIA tensorrt-edgellm-export"] = [nvidia, str(ckpt), str(out / "nvidia")] if nvidia else None
-    probe = subprocess.run([py, "-c", "import onnxruntime_genai.models.builder"], capture_output=True)
-    has_genai = probe.returncode == 0
-    peers["onnxruntime-genai builder"] = ([py, "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt), "-o",
-                                           str(out / "genai"), "-p", "fp16", "-e", "cpu"] if has_genai else None)
+    # Peers usually live in their own virtualenvs (their pins clash with ours).
+    nv_script = Path(nvidia_python).parent / "tensorrt-edgellm-export"
+    peers["NVIDIA tensorrt-edgellm exporter"] = (
+        [str(nv_script), str(ckpt), str(out / "nvidia")] if nv_script.exists() else None)
+    peers["onnxruntime-genai model builder"] = (
+        [genai_python, "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt), "-o", str(out / "genai"),
+         "-p", "fp16", "-e", "cpu", "-c", str(out / "genai-cache")]
+        if _importable(genai_python, "import onnxruntime_genai.models.builder") else None)
     return peers
 
 
-def output_bytes(out: Path, name: str) -> int:
-    paths = [p for p in out.iterdir() if p.name.startswith(name.split()[0].split("(")[0])] if out.exists() else []
-    return sum(f.stat().st_size for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+def _importable(python: str, statement: str) -> bool:
+    try:
+        return subprocess.run([python, "-c", statement], capture_output=True, timeout=300).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def output_bytes(out: Path) -> int:
+    return sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and "genai-cache" not in f.parts)
 
 
 def measure(cmd: list[str], cwd: Path) -> dict:
@@ -58,19 +66,20 @@ def measure(cmd: list[str], cwd: Path) -> dict:
     return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_gb": usage.ru_maxrss / 2**20}
 
 
-def run(ckpt: Path, work: Path, runs: int) -> dict:
+def run(ckpt: Path, work: Path, runs: int, nvidia_python: str, genai_python: str) -> dict:
     out = work / "outputs"
     root = Path(__file__).resolve().parents[1]
     results: dict[str, dict] = {}
+    commands = tools(ckpt, out, nvidia_python, genai_python)
     for r in range(runs):
-        for name, cmd in tools(ckpt, out).items():
+        for name, cmd in commands.items():
             if cmd is None:
                 results.setdefault(name, {"available": False})
                 continue
             shutil.rmtree(out, ignore_errors=True)
             out.mkdir(parents=True)
             m = measure(cmd, root)
-            m["output_gb"] = output_bytes(out, cmd[-1].rsplit("/", 1)[-1]) / 2**30
+            m["output_gb"] = output_bytes(out) / 2**30
             results.setdefault(name, {"available": True, "runs": []})["runs"].append(m)
             print(f"run {r + 1}/{runs} {name}: {m['wall_s']:.1f} s, {m['peak_rss_gb']:.2f} GB", file=sys.stderr)
     shutil.rmtree(out, ignore_errors=True)
@@ -111,6 +120,10 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("bench-work"), help="scratch directory")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--json", type=Path, help="write all figures here")
+    p.add_argument("--nvidia-python", default=sys.executable,
+                   help="python of a virtualenv with tensorrt-edgellm[export] installed")
+    p.add_argument("--genai-python", default=sys.executable,
+                   help="python of a virtualenv with onnxruntime-genai installed")
     args = p.parse_args()
     ckpt = args.checkpoint
     if ckpt is None:
@@ -118,7 +131,7 @@ def main() -> None:
         if not (ckpt / "config.json").exists():
             print(f"generating {args.shape} checkpoint in {ckpt}", file=sys.stderr)
             write_checkpoint(args.shape, ckpt)
-    results = run(ckpt, args.work, args.runs)
+    results = run(ckpt, args.work, args.runs, args.nvidia_python, args.genai_python)
     floor = results["floor (read, fp16, write one file)"]["wall_s"]["median"]
     ours = results["edgellm export"]
     summary = {
