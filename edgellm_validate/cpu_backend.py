@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .cpu_memory import split_large_matmuls
 from .lowering import lower_custom_ops
 
 
@@ -18,10 +19,19 @@ class CpuBackend:
 
         model = onnx.load(str(llm_dir / "model.onnx"), load_external_data=False)
         lower_custom_ops(model)
+        split_large_matmuls(model)
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
+        # One copy of the weights: no constant folding (on x86 it would fold the
+        # fp16->fp32 casts onnxruntime inserts into a second, fp32 copy of every
+        # weight) and no pre-packed duplicates.
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+        # Transient fp32 casts are freed right after use instead of pooling in an arena.
+        opts.enable_cpu_mem_arena = False
+        opts.enable_mem_pattern = False
         # The lowered graph is handed over in memory; its external weights are
         # read from the export directory, which is never modified.
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path",

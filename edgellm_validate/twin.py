@@ -40,16 +40,24 @@ def load_bundle(llm_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def run_twin(llm_dir: Path, backend) -> TwinRun:
-    config = json.loads((llm_dir / "config.json").read_text())
+    """Replay the golden bundle's scenarios through `backend`, paired with expected logits."""
     meta, expected = load_bundle(llm_dir)
-    cap = int(meta["kv_capacity"])
-    table = rope_table(config, cap)
+    run = TwinRun()
+    for sc, k, step, logits in drive(llm_dir, backend, meta["scenarios"], int(meta["kv_capacity"])):
+        run.steps.append(StepResult(sc, k, step["phase"], logits, np.asarray(expected[step["logits"]], np.float32)))
+    return run
+
+
+def drive(llm_dir: Path, backend, scenarios: list[dict], capacity: int):
+    """Run scenarios (bundle format) like llm_inference; yields (scenario, index, step, logits [B, V])."""
+    config = json.loads((llm_dir / "config.json").read_text())
+    table = rope_table(config, capacity)
     emb = EmbeddingTable(llm_dir / "embedding.safetensors")
     n_layers, hkv, d = config["num_hidden_layers"], config["num_key_value_heads"], config["head_dim"]
-    run = TwinRun()
-    for sc in meta["scenarios"]:
+    for sc in scenarios:
         batch = len(sc["steps"][0]["context_lengths"])
-        kv = [np.zeros((batch, 2, hkv, cap, d), np.float16) for _ in range(n_layers)]
+        # Full-capacity buffers, fed back in place as the runtime binds them.
+        kv = [np.zeros((batch, 2, hkv, capacity, d), np.float16) for _ in range(n_layers)]
         for k, st in enumerate(sc["steps"]):
             tokens = np.asarray(st["token_ids"], dtype=np.int64)
             feeds = {
@@ -63,6 +71,4 @@ def run_twin(llm_dir: Path, backend) -> TwinRun:
                 feeds[f"past_key_values_{i}"] = kv[i]
             out = backend.run(feeds)
             kv = [out[f"present_key_values_{i}"] for i in range(n_layers)]
-            run.steps.append(StepResult(sc["name"], k, st["phase"], out["logits"][:, 0, :].astype(np.float32),
-                                        np.asarray(expected[st["logits"]], np.float32)))
-    return run
+            yield sc["name"], k, st, out["logits"][:, 0, :].astype(np.float32)
