@@ -38,7 +38,8 @@ def to_fp16(ref: TensorRef, transpose: bool = False):
         r1 = min(rows, r0 + step)
         if transpose:
             for b0 in range(r0, r1, _TRANSPOSE_ROWS):
-                out[:, b0 : b0 + _TRANSPOSE_ROWS].copy_(src[b0 : min(r1, b0 + _TRANSPOSE_ROWS)].t())
+                b1 = min(r1, b0 + _TRANSPOSE_ROWS)
+                out[:, b0:b1].copy_(src[b0:b1].t())
         else:
             out[r0:r1].copy_(src[r0:r1])
         if src.dtype != torch.float16 and src.is_floating_point():

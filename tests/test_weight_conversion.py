@@ -1,0 +1,40 @@
+"""Streaming fp16 conversion: exact at every block boundary, loud on values fp16 cannot hold."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from edgellm_export.checkpoint.safetensors_file import SafetensorsFile
+from edgellm_export.checkpoint.reader import TensorRef
+from edgellm_export.errors import ExportError
+from edgellm_export.models import weights
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("chunk_bytes", [1 << 10, 3000, 1 << 20])
+@pytest.mark.parametrize("shape", [(777, 33), (300, 257), (5,)])
+def test_to_fp16_matches_torch(tmp_path, monkeypatch, dtype, chunk_bytes, shape):
+    monkeypatch.setattr(weights, "_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(weights, "_TRANSPOSE_ROWS", 64)
+    t = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
+    save_file({"w": t}, str(tmp_path / "m.safetensors"))
+    ref = TensorRef(SafetensorsFile(tmp_path / "m.safetensors"), "w")
+    assert torch.equal(weights.to_fp16(ref), t.to(torch.float16))
+    if len(shape) == 2:
+        assert torch.equal(weights.to_fp16(ref, transpose=True), t.t().to(torch.float16))
+    # A row slice of a fused tensor converts the same way.
+    sliced = TensorRef(ref.file, "w", (2, shape[0] - 1))
+    assert torch.equal(weights.to_fp16(sliced), t[2 : shape[0] - 1].to(torch.float16))
+
+
+@pytest.mark.parametrize("value,phrase", [(1e6, "beyond fp16's range"), (float("nan"), "inf or NaN")])
+def test_values_fp16_cannot_hold_are_refused(tmp_path, value, phrase):
+    t = torch.zeros(4, 8, dtype=torch.bfloat16)
+    t[2, 3] = value
+    save_file({"w": t}, str(tmp_path / "m.safetensors"))
+    ref = TensorRef(SafetensorsFile(tmp_path / "m.safetensors"), "w")
+    with pytest.raises(ExportError, match=phrase) as e:
+        weights.to_fp16(ref, transpose=True)
+    assert "m.safetensors" in str(e.value)
