@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from edgellm_export.checkpoint.safetensors_file import SafetensorsFile
 from edgellm_export.checkpoint.reader import TensorRef
+from edgellm_export.checkpoint.safetensors_file import SafetensorsFile
 from edgellm_export.errors import ExportError
 from edgellm_export.models import weights
 
