@@ -88,11 +88,25 @@ def write_checkpoint(name: str, out: Path, seed: int = 0) -> Path:
                 total = int(np.prod(shape))
                 for start in range(0, total, SLICE_ELEMS):
                     f.write(_bf16_slice(rng, min(SLICE_ELEMS, total - start), tname.endswith("norm.weight")))
+    _copy_demo_tokenizer(out)
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(int(np.prod(s)) * 2 for _, s in tensor_shapes(cfg))},
                  "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return out
+
+
+def _copy_demo_tokenizer(out: Path) -> None:
+    """Tokenizer and chat template from the built-in demo (exporters need one; the ids are not used)."""
+    import shutil
+    import tempfile
+
+    from edgellm_export.demo_checkpoint import write_demo_checkpoint
+
+    with tempfile.TemporaryDirectory() as d:
+        demo = write_demo_checkpoint(Path(d) / "demo")
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            shutil.copyfile(demo / name, out / name)
 
 
 def main() -> None:

@@ -78,7 +78,12 @@ def run(ckpt: Path, work: Path, runs: int, nvidia_python: str, genai_python: str
                 continue
             shutil.rmtree(out, ignore_errors=True)
             out.mkdir(parents=True)
-            m = measure(cmd, root)
+            try:
+                m = measure(cmd, root)
+            except RuntimeError as e:  # a peer that cannot export this checkpoint is reported, not fatal
+                results.setdefault(name, {"available": True, "runs": []}).setdefault("failed", str(e)[-400:])
+                print(f"run {r + 1}/{runs} {name}: FAILED", file=sys.stderr)
+                continue
             m["output_gb"] = output_bytes(out) / 2**30
             results.setdefault(name, {"available": True, "runs": []})["runs"].append(m)
             print(f"run {r + 1}/{runs} {name}: {m['wall_s']:.1f} s, {m['peak_rss_gb']:.2f} GB", file=sys.stderr)
@@ -103,6 +108,9 @@ def table(results: dict) -> str:
     for name, res in results.items():
         if not res.get("available"):
             lines.append(f"| {name} | not installed | | | |")
+            continue
+        if not res.get("runs"):
+            lines.append(f"| {name} | failed (see JSON) | | | |")
             continue
         m = {k: res[k] for k in ("wall_s", "cpu_s", "peak_rss_gb", "output_gb")}
         wall = m["wall_s"]
