@@ -55,10 +55,12 @@ def _bf16_slice(rng: np.random.Generator, n: int, norm: bool) -> bytes:
     return (x.view(np.uint32) >> 16).astype(np.uint16).tobytes()  # truncation is fine for random data
 
 
-def write_checkpoint(name: str, out: Path, seed: int = 0) -> Path:
+def write_checkpoint(name: str, out: Path, seed: int = 0, layers: int | None = None) -> Path:
     cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
            "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16", "bos_token_id": 128000, "eos_token_id": 128001,
            **SHAPES[name]}
+    if layers is not None:
+        cfg["num_hidden_layers"] = layers
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
@@ -113,8 +115,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("shape", choices=sorted(SHAPES))
     p.add_argument("out", type=Path)
+    p.add_argument("--layers", type=int, help="override num_hidden_layers")
     args = p.parse_args()
-    write_checkpoint(args.shape, args.out)
+    write_checkpoint(args.shape, args.out, layers=args.layers)
     print(args.out)
 
 
