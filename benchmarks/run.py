@@ -132,6 +132,7 @@ def main() -> None:
                    help="python of a virtualenv with tensorrt-edgellm[export] installed")
     p.add_argument("--genai-python", default=sys.executable,
                    help="python of a virtualenv with onnxruntime-genai installed")
+    p.add_argument("--no-peers", action="store_true", help="only the floor and edgellm export")
     args = p.parse_args()
     ckpt = args.checkpoint
     if ckpt is None:
@@ -139,7 +140,8 @@ def main() -> None:
         if not (ckpt / "config.json").exists():
             print(f"generating {args.shape} checkpoint in {ckpt}", file=sys.stderr)
             write_checkpoint(args.shape, ckpt)
-    results = run(ckpt, args.work, args.runs, args.nvidia_python, args.genai_python)
+    peers = "/nonexistent/python" if args.no_peers else None
+    results = run(ckpt, args.work, args.runs, peers or args.nvidia_python, peers or args.genai_python)
     floor = results["floor (read, fp16, write one file)"]["wall_s"]["median"]
     ours = results["edgellm export"]
     summary = {

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import __version__
 from . import golden as golden_mod
 from .checkpoint import open_checkpoint
 from .config import build_model_config
@@ -77,20 +81,21 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, options: Expo
         embed_ref = weights.ref("embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
         data_size = g.layout_weights()
         model = g.to_model(contract.DATA_FILE, contract.OPSETS, contract.IR_VERSION,
-                           producer=("edgellm-export", __import__("edgellm_export").__version__))
+                           producer=("edgellm-export", __version__))
 
         with atomic_output_dir(Path(out_dir)) as tmp:
             llm = tmp / contract.SUBDIR
             llm.mkdir()
             (llm / contract.GRAPH_FILE).write_bytes(model.SerializeToString())
+            # Small sidecars first: a broken tokenizer config fails in milliseconds.
+            _write_json(llm / "config.json", runtime_cfg)
+            copy_tokenizer_files(ckpt.path, llm)
+            write_processed_chat_template(ckpt.path, llm, str(ckpt_path))
             scenarios = golden_mod.make_scenarios(cfg.vocab_size) if opts.golden else []
             run = golden_mod.GoldenRun(cfg, family, embed_ref, scenarios) if opts.golden else None
             report("writing embedding.safetensors")
             write_embedding(embed_ref, llm / "embedding.safetensors", fp8=opts.fp8_embedding)
             _write_weights(g, llm / contract.DATA_FILE, data_size, run, report)
-            _write_json(llm / "config.json", runtime_cfg)
-            copy_tokenizer_files(ckpt.path, llm)
-            write_processed_chat_template(ckpt.path, llm, str(ckpt_path))
             if run is not None:
                 golden_mod.write_bundle(llm, scenarios, precision="fp8_embedding" if opts.fp8_embedding
                                         else "fp16")
@@ -99,19 +104,54 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, options: Expo
 
 
 def _write_weights(g: GraphBuilder, path: Path, total: int, golden_run, report) -> None:
-    """Stream every external initializer into one data file, in graph order."""
-    written = 0
-    with open(path, "wb") as f:
+    """Stream every external initializer into one data file, in graph order.
+
+    Conversion (and the golden pass) run here while a writer thread copies the
+    previous tensors into the file; the queue holds at most two tensors, so
+    memory stays at the largest tensor plus one more.
+    """
+    pending: queue.Queue = queue.Queue(maxsize=2)
+    failure: list[BaseException] = []
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def writer() -> None:
+        while (item := pending.get()) is not None:
+            if failure:
+                continue  # drain after an error so the producer never blocks
+            offset, tensor = item
+            try:
+                view = memoryview(tensor.numpy()).cast("B")
+                while view:
+                    n = os.pwrite(fd, view, offset)
+                    view, offset = view[n:], offset + n
+            except BaseException as e:  # noqa: BLE001  (re-raised in the producer)
+                failure.append(e)
+
+    thread = threading.Thread(target=writer, name="edgellm-weight-writer", daemon=True)
+    thread.start()
+    try:
         for i, w in enumerate(g.weights):
+            if failure:
+                break
             t = w.produce()
             if tuple(t.shape) != w.shape:
                 raise ExportError(f"internal: produced shape {tuple(t.shape)} for {w.name}, expected {w.shape}")
-            f.seek(w.offset)
-            f.write(t.numpy().data)
-            written = w.offset + w.nbytes
+            pending.put((w.offset, t))
             if golden_run is not None:
                 golden_run.consume(w.name, t)
             del t
             if i % 16 == 0 or i == len(g.weights) - 1:
-                report("writing model.onnx.data", written, total)
-        f.truncate(total)
+                report("writing model.onnx.data", w.offset + w.nbytes, total)
+    finally:
+        pending.put(None)
+        thread.join()
+        try:
+            if not failure:
+                os.ftruncate(fd, total)
+        finally:
+            os.close(fd)
+    if failure:
+        e = failure[0]
+        if isinstance(e, OSError) and not e.filename:
+            raise OSError(e.errno, e.strerror, str(path)) from e  # say which file
+        raise e

@@ -104,19 +104,19 @@ class GoldenRun:
         self.hidden = [emb[torch.from_numpy(st.token_ids)].float().half().float()
                        for sc in scenarios for st in sc.steps]
         self.pending: dict[str, object] = {}
-        self.layer = 0
+        self.pending_layer: int | None = None
 
     def consume(self, name: str, tensor) -> None:
         """Called by the weight writer with each fp16 initializer as it is written.
 
         Layer tensors arrive grouped by layer, then `norm.weight`, then the lm_head.
         """
-        in_layer = name.startswith("layers.")
-        if self.pending and (not in_layer or not name.startswith(f"layers.{self.layer}.")):
-            if any(k.startswith("layers.") for k in self.pending):
-                self._run_layer()
+        layer = int(name.split(".", 2)[1]) if name.startswith("layers.") else None
+        if self.pending and self.pending_layer is not None and layer != self.pending_layer:
+            self._run_layer()  # the previous layer is complete
+        self.pending_layer = layer
         self.pending[name] = tensor
-        if name.endswith(".weight.T") and not in_layer:  # lm_head comes last
+        if layer is None and name.endswith(".weight.T"):  # the lm_head comes last
             self._run_head()
 
     def _calls(self):
@@ -132,7 +132,6 @@ class GoldenRun:
                                c.head_dim), dtype=torch.float32) for sc in self.scenarios]
         self.hidden, _ = layer.forward_steps(self.hidden, caches, self.table, self._calls())
         self.pending = {}
-        self.layer += 1
 
     def _run_head(self) -> None:
         torch = self.torch

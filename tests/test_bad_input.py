@@ -424,3 +424,28 @@ def test_disk_error_is_a_clean_message(tmp_path, capsys, monkeypatch):
     assert "No space left on device" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_write_error_in_writer_thread_propagates(tmp_path, capsys, monkeypatch):
+    """The weight writer runs on a thread; its disk-full error still ends the export cleanly."""
+    import errno
+
+    import edgellm_export.export as export_mod
+    from edgellm_export.cli import main as _main
+    from edgellm_export.demo_checkpoint import write_demo_checkpoint as _demo
+
+    calls = []
+
+    def pwrite(fd, data, offset):
+        calls.append(offset)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return len(data)
+
+    monkeypatch.setattr(export_mod.os, "pwrite", pwrite)
+    ckpt = _demo(tmp_path / "ckpt")
+    assert _main(["-q", "export", str(ckpt), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "model.onnx.data" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]

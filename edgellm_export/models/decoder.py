@@ -135,6 +135,23 @@ def _torch_layers():
 
     attention_plugin = register_torch_op()
 
+    def matmul_fp16(x, w):
+        """x (fp32, [..., K]) @ w (fp16, [K, N]) in fp32, widening w in cache-sized blocks.
+
+        Widening a whole weight to fp32 first costs a full extra pass through
+        memory; blocks of 64 rows by 8192 columns stay in cache (about 2x faster).
+        """
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)
+        n = w.shape[1]
+        y = x2.new_zeros((x2.shape[0], n))
+        for n0 in range(0, n, 8192):
+            cols = w[:, n0 : n0 + 8192]
+            out = y[:, n0 : n0 + 8192]
+            for k0 in range(0, k, 64):
+                out.addmm_(x2[:, k0 : k0 + 64], cols[k0 : k0 + 64].float())
+        return y.reshape(*lead, n)
+
     def rms_norm(x, weight, eps):
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)) * weight.float()
@@ -143,7 +160,7 @@ def _torch_layers():
         """One decoder layer in fp32, over the graph's initializers of that layer.
 
         `tensors` maps initializer names (`layers.{i}.self_attn.q_proj.weight.T`,
-        `[in, out]` fp16) to tensors; each is widened to fp32 only when used.
+        `[in, out]` fp16) to tensors; they are widened to fp32 block by block as used.
         """
 
         def __init__(self, cfg: ModelConfig, tensors: dict):
@@ -152,7 +169,7 @@ def _torch_layers():
             self.t = {k.split(".", 2)[2]: v for k, v in tensors.items()}
 
         def _linear(self, x, name):
-            y = x @ self.t[name + ".weight.T"].float()
+            y = matmul_fp16(x, self.t[name + ".weight.T"])
             b = self.t.get(name + ".bias")
             return y + b.float() if b is not None else y
 
@@ -196,7 +213,7 @@ def _torch_layers():
             return list(x.split(sizes, 1)), caches
 
     class DecoderHead(nn.Module):
-        """Final norm, token selection and lm_head (`[H, V]` fp16), widened in vocab slices."""
+        """Final norm, token selection and lm_head (`[H, V]` fp16)."""
 
         def __init__(self, cfg: ModelConfig, norm_weight, lm_head_t):
             super().__init__()
@@ -210,10 +227,7 @@ def _torch_layers():
             sel = torch.cat([torch.gather(x, 1, ids[:, :, None].expand(-1, -1, x.shape[-1]))
                              for x, ids in zip(xs, last_token_ids)], dim=1)
             y = rms_norm(sel, self.norm, self.cfg.rms_norm_eps)
-            step = 16384
-            logits = torch.cat([y @ self.lm_head_t[:, v0 : v0 + step].float()
-                                for v0 in range(0, self.lm_head_t.shape[1], step)], dim=-1)
-            return list(logits.split(1, dim=1))
+            return list(matmul_fp16(y, self.lm_head_t).split(1, dim=1))
 
     return DecoderLayer, DecoderHead
 
