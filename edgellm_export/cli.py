@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -13,6 +15,13 @@ from . import __version__
 from .errors import ExportError
 
 log = logging.getLogger("edgellm")
+EXIT_OK, EXIT_VALIDATION_FAILED, EXIT_BAD_INPUT, EXIT_ENVIRONMENT = 0, 1, 2, 3
+EXIT_CODES = """exit codes:
+  0  success
+  1  validation ran and failed (logits outside the thresholds)
+  2  bad input or usage: the checkpoint, the export directory or an option is wrong
+  3  environment problem: disk full, read-only or locked output, missing backend or plugin
+  130 / 143  interrupted (SIGINT / SIGTERM); no output was changed"""
 
 
 class Progress:
@@ -70,6 +79,10 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="0.7", help="Edge-LLM release to target (default: 0.7, i.e. 0.7.x)")
     p.add_argument("--fp8-embedding", "--fp8_embedding", action="store_true",
                    help="write embedding.safetensors as FP8 E4M3 with per-row scales over blocks of 128")
+    p.add_argument("--clamp-fp16", action="store_true",
+                   help="clamp bf16/fp32 weights beyond fp16's range (with a warning) instead of refusing")
+    p.add_argument("--convert-pickle", action="store_true",
+                   help="accept pickled .bin/.pt weights, loaded only with torch's weights-only unpickler")
     p.add_argument("--no-golden", action="store_true",
                    help="skip the golden bundle (validation will then be impossible)")
     p.add_argument("--unsafe-rope-passthrough", action="store_true", help=argparse.SUPPRESS)
@@ -79,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edgellm",
         description="Export HuggingFace checkpoints to TensorRT Edge-LLM ONNX + sidecars, and validate them.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"edgellm-export {__version__}")
     verbosity = p.add_mutually_exclusive_group()
@@ -115,6 +130,7 @@ def _options(args):
     from .export import ExportOptions
 
     return ExportOptions(target=args.target, fp8_embedding=args.fp8_embedding, golden=not args.no_golden,
+                         clamp_fp16=args.clamp_fp16, convert_pickle=args.convert_pickle,
                          unsafe_rope_passthrough=args.unsafe_rope_passthrough)
 
 
@@ -127,16 +143,16 @@ def run(argv: list[str] | None = None) -> int:
         from .export import export_checkpoint
 
         _print_summary(export_checkpoint(args.checkpoint, args.out, _options(args), progress), args.quiet)
-        return 0
+        return EXIT_OK
     if args.command == "validate":
         from edgellm_validate.validate import validate_export
 
         res = validate_export(args.out, backend=args.backend, result_path=args.result)
         _print_validation(res, args.quiet)
-        return 0 if res["passed"] else 1
+        return EXIT_OK if res["passed"] else EXIT_VALIDATION_FAILED
     if args.command == "demo":
         return _demo(args, progress)
-    return 2
+    return EXIT_BAD_INPUT
 
 
 def _demo(args, progress) -> int:
@@ -157,19 +173,32 @@ def _demo(args, progress) -> int:
         return 0 if res["passed"] else 1
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so every cleanup handler runs as for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return run(argv)
     except ExportError as e:
         print(f"edgellm: error: {e.paragraph()}", file=sys.stderr)
         return e.exit_code
-    except OSError as e:  # disk full, permissions, I/O errors: no traceback, no partial output
+    except OSError as e:  # disk full, read-only, I/O errors: no traceback, no partial output
         where = f"{e.filename}: " if e.filename else ""
         print(f"edgellm: error: {where}{e.strerror or e}", file=sys.stderr)
-        return 1
+        return EXIT_ENVIRONMENT
     except KeyboardInterrupt:
         print("edgellm: interrupted; no output was changed", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("edgellm: terminated; no output was changed", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

@@ -64,6 +64,21 @@ class ModelConfig:
         return self.num_key_value_heads * self.head_dim
 
 
+# Upper bounds far above any real model: values beyond them are corrupt or
+# hostile, and are refused before anything is sized from them.
+LIMITS = {
+    "num_hidden_layers": 1024,
+    "hidden_size": 1 << 17,
+    "intermediate_size": 1 << 20,
+    "num_attention_heads": 1024,
+    "num_key_value_heads": 1024,
+    "head_dim": 1024,
+    "vocab_size": 1 << 23,
+    "max_position_embeddings": 1 << 24,
+    "sliding_window": 1 << 24,
+}
+
+
 def _int(cfg: dict, key: str, path: Path, default: int | None = None) -> int:
     v = cfg.get(key)
     if v is None:  # absent or null: HF writes null for "use the default"
@@ -72,6 +87,10 @@ def _int(cfg: dict, key: str, path: Path, default: int | None = None) -> int:
         raise ExportError(f"config.json lacks the required field {key!r}", path)
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
         raise ExportError(f"config.json field {key!r} must be a positive integer, got {v!r}", path)
+    limit = LIMITS.get(key)
+    if limit is not None and v > limit:
+        raise ExportError(f"config.json field {key!r} = {v} is beyond any real model (limit {limit}); "
+                          "the file is corrupt or crafted", path)
     return v
 
 

@@ -28,3 +28,9 @@ class ExportError(Exception):
 
 class UnsupportedError(ExportError):
     """The checkpoint is valid but asks for something the runtime cannot do exactly."""
+
+
+class EnvironmentProblem(ExportError):
+    """Not the input's fault: the machine or another process is in the way (exit code 3)."""
+
+    exit_code = 3

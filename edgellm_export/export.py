@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from .checkpoint import open_checkpoint
 from .config import build_model_config
 from .contract import DEFAULT_TARGET, get_contract
 from .errors import ExportError
+from .manifest import write_manifest
 from .models import family_for
 from .models.weights import WeightSource
 from .onnx_graph.builder import GraphBuilder
@@ -33,6 +35,10 @@ class ExportOptions:
     target: str = DEFAULT_TARGET
     fp8_embedding: bool = False
     golden: bool = True
+    # Clamp bf16/fp32 weights beyond fp16's range (with a warning) instead of refusing.
+    clamp_fp16: bool = False
+    # Convert pickled .bin/.pt weights with torch's weights-only unpickler.
+    convert_pickle: bool = False
     # Write rope_scaling verbatim, as the reference exporter does. Only for
     # demonstrating what the runtime would compute; never a user-facing default.
     unsafe_rope_passthrough: bool = False
@@ -59,7 +65,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, options: Expo
     out_path = Path(out_dir).resolve()
     if out_path == ckpt_path.resolve() or out_path in ckpt_path.resolve().parents:
         raise ExportError("the output directory would replace the checkpoint itself; choose another OUT", out_dir)
-    with open_checkpoint(ckpt_path) as ckpt:
+    with open_checkpoint(ckpt_path, allow_pickle=opts.convert_pickle) as ckpt:
         try:
             cfg = build_model_config(ckpt.config, ckpt.has_layer_tensor, ckpt.config_path)
             family = family_for(cfg, ckpt.config_path)
@@ -76,7 +82,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, options: Expo
         # Graph first, from the config alone; every tensor's name and shape is
         # checked here, from headers, before a single byte is written.
         g = GraphBuilder("edgellm_decoder")
-        weights = WeightSource(ckpt, g)
+        weights = WeightSource(ckpt, g, clamp=opts.clamp_fp16)
         family.emit_graph(g, weights, cfg, contract, ckpt.has("lm_head.weight"))
         embed_ref = weights.ref("embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
         data_size = g.layout_weights()
@@ -94,33 +100,42 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, options: Expo
             scenarios = golden_mod.make_scenarios(cfg.vocab_size) if opts.golden else []
             run = golden_mod.GoldenRun(cfg, family, embed_ref, scenarios) if opts.golden else None
             report("writing embedding.safetensors")
-            write_embedding(embed_ref, llm / "embedding.safetensors", fp8=opts.fp8_embedding)
-            _write_weights(g, llm / contract.DATA_FILE, data_size, run, report)
+            write_embedding(embed_ref, llm / "embedding.safetensors", fp8=opts.fp8_embedding,
+                            clamp=opts.clamp_fp16)
+            data_digest = _write_weights(g, llm / contract.DATA_FILE, data_size, run, report)
+            ckpt.check_unchanged()
             if run is not None:
                 golden_mod.write_bundle(llm, scenarios, precision="fp8_embedding" if opts.fp8_embedding
                                         else "fp16")
+            write_manifest(tmp, {f"{contract.SUBDIR}/{contract.DATA_FILE}": data_digest})
             files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
     return ExportResult(Path(out_dir), files, time.perf_counter() - t0)
 
 
-def _write_weights(g: GraphBuilder, path: Path, total: int, golden_run, report) -> None:
-    """Stream every external initializer into one data file, in graph order.
+def _write_weights(g: GraphBuilder, path: Path, total: int, golden_run, report) -> str:
+    """Stream every external initializer into one data file, in graph order; returns its sha256.
 
     Conversion (and the golden pass) run here while a writer thread copies the
-    previous tensors into the file; the queue holds at most two tensors, so
-    memory stays at the largest tensor plus one more.
+    previous tensors into the file and hashes them; the queue holds at most two
+    tensors, so memory stays at the largest tensor plus one more.
     """
+    digest = hashlib.sha256()
+    hashed = 0  # bytes of the file hashed so far (tensors arrive in offset order)
     pending: queue.Queue = queue.Queue(maxsize=2)
     failure: list[BaseException] = []
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 
     def writer() -> None:
+        nonlocal hashed
         while (item := pending.get()) is not None:
             if failure:
                 continue  # drain after an error so the producer never blocks
             offset, tensor = item
             try:
                 view = memoryview(tensor.numpy()).cast("B")
+                digest.update(bytes(offset - hashed))  # alignment gap: zeros in the file
+                digest.update(view)
+                hashed = offset + len(view)
                 while view:
                     n = os.pwrite(fd, view, offset)
                     view, offset = view[n:], offset + n
@@ -148,6 +163,7 @@ def _write_weights(g: GraphBuilder, path: Path, total: int, golden_run, report) 
         try:
             if not failure:
                 os.ftruncate(fd, total)
+                digest.update(bytes(total - hashed))
         finally:
             os.close(fd)
     if failure:
@@ -155,3 +171,4 @@ def _write_weights(g: GraphBuilder, path: Path, total: int, golden_run, report) 
         if isinstance(e, OSError) and not e.filename:
             raise OSError(e.errno, e.strerror, str(path)) from e  # say which file
         raise e
+    return digest.hexdigest()

@@ -3,11 +3,47 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 from pathlib import Path
 
-from .errors import ExportError
+from .errors import EnvironmentProblem, ExportError
+
+
+@contextlib.contextmanager
+def output_lock(final: Path):
+    """Hold an exclusive lock on `final` for the whole export; a second exporter fails clearly."""
+    lock_path = final.parent / f".{final.name}.lock"
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ExportError(f"cannot create the output lock file ({e.strerror})", lock_path) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+            raise EnvironmentProblem(
+                f"another export (pid {holder}) is writing to this output right now; wait for it to "
+                "finish or choose another directory", final) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _clean_stale(final: Path) -> None:
+    """Remove what a killed export left behind (called under the lock, so nothing is live)."""
+    parent = final.parent
+    for p in parent.glob(f".{final.name}.old-*"):
+        if not final.exists():  # killed between the two renames: the old export is the output
+            os.rename(p, final)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in parent.glob(f".{final.name}.partial-*"):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -33,17 +69,23 @@ def atomic_output_dir(final: Path):
             "(no llm/ inside); refusing to replace it. Choose a new or empty directory.",
             final,
         )
-    tmp = parent / f".{final.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-    except OSError as e:
-        raise ExportError(f"cannot create a directory next to the output ({e.strerror})", tmp) from None
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with output_lock(final):
+        _clean_stale(final)
+        tmp = parent / f".{final.name}.partial-{os.getpid()}"
+        try:
+            tmp.mkdir()
+        except OSError as e:
+            raise EnvironmentProblem(f"cannot create a directory next to the output ({e.strerror})", tmp) from None
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _swap_into_place(tmp, final)
+
+
+def _swap_into_place(tmp: Path, final: Path) -> None:
+    parent = final.parent
     old = parent / f".{final.name}.old-{os.getpid()}"
     moved = False
     try:
@@ -55,5 +97,5 @@ def atomic_output_dir(final: Path):
         if moved:
             os.rename(old, final)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ExportError(f"cannot move the finished export into place ({e.strerror})", final) from None
+        raise EnvironmentProblem(f"cannot move the finished export into place ({e.strerror})", final) from None
     shutil.rmtree(old, ignore_errors=True)

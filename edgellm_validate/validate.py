@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from edgellm_export.errors import ExportError
+from edgellm_export.manifest import verify_manifest
 
 from .compare import step_metrics, verdict
 from .runtime_rules import RuntimeRefusal
@@ -27,6 +28,7 @@ def find_llm_dir(out_dir: Path) -> Path:
 def validate_export(out_dir: str | Path, *, backend: str = "cpu", result_path: Path | None = None) -> dict:
     t0 = time.perf_counter()
     llm = find_llm_dir(Path(out_dir))
+    verify_manifest(llm.parent)  # never validate (or trust) files altered after export
     meta, _ = load_bundle(llm)
     if backend != "cpu":
         raise ExportError(f"backend {backend!r} is not available in this build (try --backend cpu)")

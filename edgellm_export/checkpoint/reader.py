@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ExportError
+from .pickled import convert_pickled
 from .safetensors_file import SafetensorsFile, TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -90,8 +92,10 @@ def canonical_name(raw: str) -> str:
 class Checkpoint:
     """Config and lazily read tensors of one HuggingFace checkpoint directory."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, allow_pickle: bool = False):
         self.path = Path(path)
+        self.allow_pickle = allow_pickle
+        self._scratch: tempfile.TemporaryDirectory | None = None
         if not self.path.is_dir():
             raise ExportError("checkpoint directory does not exist or is not a directory", path)
         self.config_path = self.path / "config.json"
@@ -149,20 +153,29 @@ class Checkpoint:
             paths = {"model.safetensors": self.path / "model.safetensors"}
         else:
             found = sorted(p.name for p in self.path.glob("*.safetensors"))
+            paths = {}
             if not found:
                 pickled = sorted(p.name for p in self.path.glob("*.bin")) + sorted(
                     p.name for p in self.path.glob("*.pt")
                 )
+                pickled = [n for n in pickled if n != "training_args.bin"]  # trainer state, not weights
+                if pickled and self.allow_pickle:
+                    self._scratch = tempfile.TemporaryDirectory(prefix="edgellm-unpickled-")
+                    paths = convert_pickled([self.path / n for n in pickled], Path(self._scratch.name))
+                    pickled = []
                 if pickled:
                     raise ExportError(
                         f"the checkpoint has only pickled weights ({', '.join(pickled[:3])}); "
-                        "edgellm-export never unpickles checkpoint files because that can run "
-                        "arbitrary code. Convert them to safetensors first (for example with "
-                        "transformers' save_pretrained(safe_serialization=True)).",
+                        "edgellm-export does not unpickle checkpoint files by default because that can "
+                        "run arbitrary code. Convert them to safetensors first (for example with "
+                        "transformers' save_pretrained(safe_serialization=True)), or pass "
+                        "--convert-pickle to load them with torch's weights-only unpickler.",
                         self.path,
                     )
-                raise ExportError("no *.safetensors weight files in the checkpoint directory", self.path)
-            paths = {n: self.path / n for n in found}
+                if not paths:
+                    raise ExportError("no *.safetensors weight files in the checkpoint directory", self.path)
+            else:
+                paths = {n: self.path / n for n in found}
         for name, p in paths.items():
             self.files[name] = SafetensorsFile(p)
         raw_to_file: dict[str, str] = {}
@@ -229,9 +242,16 @@ class Checkpoint:
             start += rows
         self._fused.add(fused)
 
+    def check_unchanged(self) -> None:
+        """Refuse if any shard changed while it was being read (the output would mix versions)."""
+        for sf in self.files.values():
+            sf.check_unchanged()
+
     def close(self) -> None:
         for sf in self.files.values():
             sf.close()
+        if self._scratch is not None:
+            self._scratch.cleanup()
 
     def __enter__(self):
         return self
@@ -240,5 +260,5 @@ class Checkpoint:
         self.close()
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    return Checkpoint(Path(path))
+def open_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Checkpoint:
+    return Checkpoint(Path(path), allow_pickle=allow_pickle)

@@ -64,7 +64,21 @@ class SafetensorsFile:
         self.path = Path(path)
         self._fd: int | None = None
         self._map: mmap.mmap | None = None
+        self._stat = self._identity()
         self.tensors = self._read_header()
+
+    def _identity(self):
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None  # reported by _read_header with a proper message
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def check_unchanged(self) -> None:
+        if self._identity() != self._stat:
+            raise ExportError("changed while it was being read (modified, replaced or truncated); "
+                              "the export would mix two versions of the weights, so it was discarded",
+                              self.path)
 
     def _fail(self, problem: str) -> ExportError:
         return ExportError(f"is not a valid safetensors file: {problem}", self.path)
@@ -111,6 +125,11 @@ class SafetensorsFile:
                     "(truncated download?)"
                 )
             out[name] = info
+        # Tensors may not share bytes: an overlap means a crafted or corrupt header.
+        spans = sorted((t.start, t.end, t.name) for t in out.values() if t.nbytes)
+        for (_, e0, n0), (s1, _, n1) in zip(spans, spans[1:]):
+            if s1 < e0:
+                raise self._fail(f"tensors {n0!r} and {n1!r} overlap (bytes {s1}..{e0})")
         return out
 
     def _mapping(self) -> mmap.mmap:
@@ -128,6 +147,9 @@ class SafetensorsFile:
         if info.numel == 0:
             return torch.empty(info.shape, dtype=dtype)
         mm = self._mapping()
+        # A file shrunk under us would turn reads of the mapping into SIGBUS.
+        if os.fstat(self._fd).st_size < info.end:
+            raise ExportError("was truncated while it was being read", self.path)
         with warnings.catch_warnings():
             # The mapping is read-only on purpose; we never write through the view.
             warnings.filterwarnings("ignore", message="The given buffer is not writable")

@@ -7,10 +7,13 @@ are produced later, one tensor at a time, when the weight writer asks.
 
 from __future__ import annotations
 
+import logging
+
 from ..checkpoint.reader import Checkpoint, TensorRef
 from ..errors import ExportError
 from ..onnx_graph.builder import FLOAT16, GraphBuilder
 
+log = logging.getLogger(__name__)
 FP16_MAX = 65504.0
 
 
@@ -18,7 +21,7 @@ _CHUNK_BYTES = 32 << 20  # convert big tensors in slices so source pages never p
 _TRANSPOSE_ROWS = 256  # row blocks this small keep a transposing copy cache-friendly
 
 
-def to_fp16(ref: TensorRef, transpose: bool = False):
+def to_fp16(ref: TensorRef, transpose: bool = False, clamp: bool = False):
     """Read one tensor from the mapping into a new contiguous fp16 torch tensor.
 
     Works in row blocks and drops each block's mapped pages right after use, so
@@ -43,12 +46,12 @@ def to_fp16(ref: TensorRef, transpose: bool = False):
         else:
             out[r0:r1].copy_(src[r0:r1])
         if src.dtype != torch.float16 and src.is_floating_point():
-            _check_range(ref, src[r0:r1], out[:, r0:r1] if transpose else out[r0:r1])
+            _check_range(ref, src[r0:r1], out[:, r0:r1] if transpose else out[r0:r1], clamp)
         ref.release_rows(r0, r1)
     return out.reshape(ref.shape[::-1] if transpose else ref.shape)
 
 
-def _check_range(ref: TensorRef, src, converted) -> None:
+def _check_range(ref: TensorRef, src, converted, clamp: bool = False) -> None:
     import torch
 
     # min/max is one fast pass; inf or nan in either means the cast went wrong
@@ -59,18 +62,24 @@ def _check_range(ref: TensorRef, src, converted) -> None:
     if not bool(torch.isfinite(src).all()):
         raise ExportError(f"tensor {ref.key!r} contains inf or NaN values", ref.file.path)
     big = float(src.float().abs().max())
+    if clamp:
+        converted.clamp_(-FP16_MAX, FP16_MAX)
+        log.warning("%s: tensor %r holds values up to %g; clamped to +-%g (--clamp-fp16)",
+                    ref.file.path, ref.key, big, FP16_MAX)
+        return
     raise ExportError(
         f"tensor {ref.key!r} holds values up to {big:g}, beyond fp16's range "
         f"(+-{FP16_MAX:g}); the Edge-LLM runtime needs fp16 weights and a plain cast "
-        "would turn them into inf",
+        "would turn them into inf (pass --clamp-fp16 to clamp them with a warning)",
         ref.file.path,
     )
 
 
 class WeightSource:
-    def __init__(self, ckpt: Checkpoint, g: GraphBuilder):
+    def __init__(self, ckpt: Checkpoint, g: GraphBuilder, clamp: bool = False):
         self.ckpt = ckpt
         self.g = g
+        self.clamp = clamp
 
     def ref(self, name: str, shape: tuple[int, ...]) -> TensorRef:
         ref = self.ckpt.ref(name)
@@ -92,8 +101,8 @@ class WeightSource:
         """`[out, in]` checkpoint weight as a pre-transposed `[in, out]` fp16 initializer."""
         ref = self.ref(name, (out_features, in_features))
         return self.g.weight(f"{name}.T", FLOAT16, (in_features, out_features),
-                             lambda: to_fp16(ref, transpose=True), tag=ref.where())
+                             lambda: to_fp16(ref, transpose=True, clamp=self.clamp), tag=ref.where())
 
     def vector(self, name: str, size: int) -> str:
         ref = self.ref(name, (size,))
-        return self.g.weight(name, FLOAT16, (size,), lambda: to_fp16(ref), tag=ref.where())
+        return self.g.weight(name, FLOAT16, (size,), lambda: to_fp16(ref, clamp=self.clamp), tag=ref.where())

@@ -31,7 +31,7 @@ def _header(entries: list[tuple[str, str, list[int], int]]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write_embedding(ref: TensorRef, path: Path, *, fp8: bool = False) -> None:
+def write_embedding(ref: TensorRef, path: Path, *, fp8: bool = False, clamp: bool = False) -> None:
     import torch
 
     vocab, hidden = ref.shape
@@ -42,7 +42,7 @@ def write_embedding(ref: TensorRef, path: Path, *, fp8: bool = False) -> None:
             for r0 in range(0, vocab, _ROWS_PER_SLICE):
                 block = src[r0 : r0 + _ROWS_PER_SLICE]
                 half = block.to(torch.float16)
-                _check_range(ref, block, half)
+                _check_range(ref, block, half, clamp)
                 f.write(half.numpy().tobytes())
                 ref.release_rows(r0, r0 + block.shape[0])
             return
