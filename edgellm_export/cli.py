@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
+import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from . import __version__
+from . import __version__, interrupts
 from .errors import ExportError
 
 log = logging.getLogger("edgellm")
@@ -173,17 +172,8 @@ def _demo(args, progress) -> int:
         return 0 if res["passed"] else 1
 
 
-class _Terminated(BaseException):
-    """SIGTERM, raised in the main thread so every cleanup handler runs as for Ctrl-C."""
-
-
-def _on_sigterm(signum, frame):
-    raise _Terminated()
-
-
 def main(argv: list[str] | None = None) -> int:
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = interrupts.install()
     try:
         return run(argv)
     except ExportError as e:
@@ -193,13 +183,27 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"edgellm: error: {where}{e.strerror or e}", file=sys.stderr)
         return EXIT_ENVIRONMENT
-    except KeyboardInterrupt:
-        print("edgellm: interrupted; no output was changed", file=sys.stderr)
-        return 130
-    except _Terminated:
-        print("edgellm: terminated; no output was changed", file=sys.stderr)
-        return 143
+    except (KeyboardInterrupt, interrupts.Terminated) as e:
+        interrupts.ignore_further()
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated"
+        print(f"edgellm: {what}; no partial output was left (OUT holds the previous or the complete "
+              "new export)", file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else 143
+    finally:
+        interrupts.restore(previous)
+
+
+def entry() -> None:
+    """Console entry point. After an interrupt everything is already cleaned up;
+    leave at once so a signal landing during interpreter shutdown cannot turn
+    the exit status into a kill by signal."""
+    code = main()
+    if code in (130, 143):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

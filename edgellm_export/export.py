@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__
+from . import __version__, interrupts
 from . import golden as golden_mod
 from .checkpoint import open_checkpoint
 from .config import build_model_config
@@ -107,6 +107,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, options: Expo
             if run is not None:
                 golden_mod.write_bundle(llm, scenarios, precision="fp8_embedding" if opts.fp8_embedding
                                         else "fp16")
+            interrupts.check()
             write_manifest(tmp, {f"{contract.SUBDIR}/{contract.DATA_FILE}": data_digest})
             files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
     return ExportResult(Path(out_dir), files, time.perf_counter() - t0)
@@ -146,6 +147,7 @@ def _write_weights(g: GraphBuilder, path: Path, total: int, golden_run, report) 
     thread.start()
     try:
         for i, w in enumerate(g.weights):
+            interrupts.check()
             if failure:
                 break
             t = w.produce()

@@ -12,6 +12,7 @@ import json
 import struct
 from pathlib import Path
 
+from .. import interrupts
 from ..checkpoint.reader import TensorRef
 from ..errors import ExportError
 from ..models.weights import _check_range
@@ -40,6 +41,7 @@ def write_embedding(ref: TensorRef, path: Path, *, fp8: bool = False, clamp: boo
         if not fp8:
             f.write(_header([("embedding", "F16", [vocab, hidden], vocab * hidden * 2)]))
             for r0 in range(0, vocab, _ROWS_PER_SLICE):
+                interrupts.check()
                 block = src[r0 : r0 + _ROWS_PER_SLICE]
                 half = block.to(torch.float16)
                 _check_range(ref, block, half, clamp)
@@ -60,6 +62,7 @@ def write_embedding(ref: TensorRef, path: Path, *, fp8: bool = False, clamp: boo
         scale_pos = f.tell()
         data_pos = scale_pos + vocab * groups * 4
         for r0 in range(0, vocab, _ROWS_PER_SLICE):
+            interrupts.check()
             block = src[r0 : r0 + _ROWS_PER_SLICE].float().view(-1, groups, FP8_BLOCK)
             scale = block.abs().amax(dim=-1).clamp_min(1e-4) / FP8_MAX
             q = (block / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)

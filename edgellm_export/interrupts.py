@@ -1,0 +1,62 @@
+"""Ctrl-C and SIGTERM handled at safe points.
+
+An exception raised asynchronously inside torch or onnxruntime C++ code can
+abort the process ("terminate called after throwing ...") before any cleanup
+runs. The CLI therefore installs handlers that only record the signal; the
+export loops call `check()` between tensors, where raising is safe. A second
+signal raises at once.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+
+class Terminated(BaseException):
+    """SIGTERM, surfaced like KeyboardInterrupt so every cleanup handler runs."""
+
+
+_pending: int | None = None
+
+
+def _exception_for(signum: int) -> BaseException:
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+
+def _record(signum, frame) -> None:
+    global _pending
+    if _pending is not None:  # asked twice: stop now
+        raise _exception_for(signum)
+    _pending = signum
+
+
+def install() -> dict:
+    """Record SIGINT/SIGTERM from now on; returns the previous handlers for `restore`."""
+    global _pending
+    _pending = None
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, _record) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def restore(previous: dict) -> None:
+    global _pending
+    _pending = None
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def check() -> None:
+    """Raise KeyboardInterrupt / Terminated if a signal arrived since the last check."""
+    global _pending
+    if _pending is not None:
+        signum, _pending = _pending, None
+        raise _exception_for(signum)
+
+
+def ignore_further() -> None:
+    """Cleanup is done; a late signal must not turn the exit into a traceback."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
