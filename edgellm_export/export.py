@@ -15,7 +15,7 @@ from pathlib import Path
 from . import __version__, interrupts
 from . import golden as golden_mod
 from .checkpoint import open_checkpoint
-from .config import build_model_config
+from .config import build_model_config, refuse_quantized
 from .contract import DEFAULT_TARGET, get_contract
 from .errors import ExportError
 from .manifest import write_manifest
@@ -67,6 +67,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, options: Expo
         raise ExportError("the output directory would replace the checkpoint itself; choose another OUT", out_dir)
     with open_checkpoint(ckpt_path, allow_pickle=opts.convert_pickle) as ckpt:
         try:
+            refuse_quantized(ckpt.path, ckpt.config)
             cfg = build_model_config(ckpt.config, ckpt.has_layer_tensor, ckpt.config_path)
             family = family_for(cfg, ckpt.config_path)
             contract.check_supported(cfg)

@@ -83,16 +83,16 @@ class WeightSource:
 
     def ref(self, name: str, shape: tuple[int, ...]) -> TensorRef:
         ref = self.ckpt.ref(name)
-        if tuple(ref.shape) != tuple(shape):
-            raise ExportError(
-                f"tensor {ref.key!r} has shape {list(ref.shape)} but the config implies "
-                f"{list(shape)} for {name}",
-                ref.file.path,
-            )
         if ref.dtype not in ("F16", "BF16", "F32"):
             raise ExportError(
                 f"tensor {ref.key!r} has dtype {ref.dtype}; an unquantized export needs "
                 "F16, BF16 or F32 weights (is the checkpoint quantized without metadata?)",
+                ref.file.path,
+            )
+        if tuple(ref.shape) != tuple(shape):
+            raise ExportError(
+                f"tensor {ref.key!r} has shape {list(ref.shape)} but the config implies "
+                f"{list(shape)} for {name}",
                 ref.file.path,
             )
         return ref
