@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from edgellm_export.errors import ExportError
+from edgellm_export.errors import EnvironmentProblem, ExportError
 from edgellm_export.manifest import verify_manifest
 
 from .compare import step_metrics, verdict
@@ -32,9 +32,13 @@ def validate_export(out_dir: str | Path, *, backend: str = "cpu", result_path: P
     meta, _ = load_bundle(llm)
     if backend != "cpu":
         raise ExportError(f"backend {backend!r} is not available in this build (try --backend cpu)")
-    from .cpu_backend import CpuBackend
+    try:
+        from .cpu_backend import CpuBackend
 
-    be = CpuBackend(llm)
+        be = CpuBackend(llm)
+    except ImportError as e:  # e.g. onnxruntime missing on a device image
+        raise EnvironmentProblem(f"the CPU backend needs onnxruntime, which cannot be imported ({e}); "
+                                 "install it with `pip install onnxruntime`") from None
     try:
         run = run_twin(llm, be)
     except RuntimeRefusal as e:

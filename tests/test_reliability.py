@@ -277,3 +277,12 @@ def test_exit_codes_are_documented():
                        cwd=ROOT)
     for code in ("0", "1", "2", "3"):
         assert f"  {code}  " in r.stdout
+
+
+def test_missing_backend_is_an_environment_problem(demo, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    assert main(["-q", "export", str(demo), str(out)]) == 0
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    monkeypatch.delitem(sys.modules, "edgellm_validate.cpu_backend", raising=False)
+    assert main(["validate", str(out)]) == 3
+    assert "onnxruntime" in capsys.readouterr().err
