@@ -167,3 +167,4 @@ def write_bundle(out_dir: Path, scenarios: list[Scenario], *, precision: str) ->
         meta["scenarios"].append({"name": sc.name, "steps": steps})
     (d / BUNDLE_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     save_file(arrays, str(d / LOGITS_FILE))
+    (d / LOGITS_FILE).chmod(0o644)  # save_file creates it private; the bundle ships to devices

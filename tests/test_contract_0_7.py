@@ -206,3 +206,16 @@ def test_export_is_deterministic(tmp_path):
     assert files_a == files_b and len(files_a) >= 9
     for rel in files_a:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+
+
+def test_every_exported_file_is_readable_by_others(tmp_path):
+    """The artifact is copied to devices and into containers running as other users."""
+    import stat
+
+    from edgellm_export.demo_checkpoint import write_demo_checkpoint
+
+    export_checkpoint(write_demo_checkpoint(tmp_path / "ckpt"), tmp_path / "out")
+    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert len(files) >= 10
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) & 0o044 == 0o044, p
