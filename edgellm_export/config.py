@@ -8,12 +8,11 @@ inferred from which tensors exist, as the runtime's reference exporter does.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ExportError, UnsupportedError
+from .errors import ExportError
 
 
 @dataclass(frozen=True)
@@ -130,29 +129,6 @@ def parse_rope(cfg: dict, path: Path) -> tuple[RopeSpec, float]:
     if not isinstance(prf, (int, float)) or not 0 < prf <= 1:
         raise ExportError(f"partial_rotary_factor must be in (0, 1], got {prf!r}", path)
     return RopeSpec(str(rope_type), float(theta), scaling), float(prf)
-
-
-def refuse_quantized(checkpoint_dir: Path, raw: dict) -> None:
-    """Quantized checkpoints need their own linear layers (not implemented yet): never
-    export their packed tensors as if they were plain weights."""
-    qpath = checkpoint_dir / "hf_quant_config.json"
-    if qpath.exists():
-        try:
-            meta = json.loads(qpath.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ExportError(f"is not valid JSON ({e})", qpath) from None
-        if not isinstance(meta, dict):
-            raise ExportError("must hold a JSON object", qpath)
-        section = meta.get("quantization") if isinstance(meta.get("quantization"), dict) else meta
-        algo = section.get("quant_algo")
-        raise UnsupportedError(f"the checkpoint is quantized ({algo or 'unknown algorithm'}); pre-quantized "
-                               "checkpoints are not supported by this version yet", qpath)
-    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}
-    q = raw.get("quantization_config") or text.get("quantization_config")
-    if q:
-        method = q.get("quant_method") if isinstance(q, dict) else q
-        raise UnsupportedError(f"the checkpoint is quantized (quantization_config: {method!r}); pre-quantized "
-                               "checkpoints are not supported by this version yet", checkpoint_dir / "config.json")
 
 
 def build_model_config(raw: dict, tensor_names_have, path: Path) -> ModelConfig:

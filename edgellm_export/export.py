@@ -15,14 +15,15 @@ from pathlib import Path
 from . import __version__, interrupts
 from . import golden as golden_mod
 from .checkpoint import open_checkpoint
-from .config import build_model_config, refuse_quantized
+from .config import build_model_config
 from .contract import DEFAULT_TARGET, get_contract
-from .errors import ExportError
+from .errors import ExportError, UnsupportedError
 from .manifest import write_manifest
 from .models import family_for
 from .models.weights import WeightSource
 from .onnx_graph.builder import GraphBuilder
 from .output_dir import atomic_output_dir
+from .quant.plan import FP16, parse_quant_plan, resolve
 from .sidecars.chat_template import write_processed_chat_template
 from .sidecars.embedding import write_embedding
 from .sidecars.tokenizer_files import copy_tokenizer_files
@@ -67,11 +68,13 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, options: Expo
         raise ExportError("the output directory would replace the checkpoint itself; choose another OUT", out_dir)
     with open_checkpoint(ckpt_path, allow_pickle=opts.convert_pickle) as ckpt:
         try:
-            refuse_quantized(ckpt.path, ckpt.config)
+            plan = parse_quant_plan(ckpt.path, ckpt.config)
             cfg = build_model_config(ckpt.config, ckpt.has_layer_tensor, ckpt.config_path)
             family = family_for(cfg, ckpt.config_path)
             contract.check_supported(cfg)
             family.prepare(ckpt, cfg)
+            if plan is not None:
+                _refuse_quantized(plan, resolve(plan, ckpt, family.linear_names(cfg, ckpt.has("lm_head.weight"))))
             runtime_cfg = contract.runtime_config(cfg, allow_rope_passthrough=opts.unsafe_rope_passthrough)
         except ExportError as e:
             if e.path is None:  # a refusal about the config: say which file
@@ -112,6 +115,15 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, options: Expo
             write_manifest(tmp, {f"{contract.SUBDIR}/{contract.DATA_FILE}": data_digest})
             files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
     return ExportResult(Path(out_dir), files, time.perf_counter() - t0)
+
+
+def _refuse_quantized(plan, decisions) -> None:
+    """The plan is read and checked against the tensors; exporting the formats comes next."""
+    formats = sorted({d.format for d in decisions.values()} - {FP16})
+    parts = formats + (["FP8 KV cache"] if plan.kv_cache else [])
+    raise UnsupportedError(
+        f"the checkpoint is quantized ({', '.join(parts)}); its metadata and tensors agree, but this "
+        "version does not export quantized formats yet", plan.source)
 
 
 def _write_weights(g: GraphBuilder, path: Path, total: int, golden_run, report) -> str:

@@ -44,6 +44,14 @@ def layer_tensor_shapes(cfg: ModelConfig, i: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def linear_names(cfg: ModelConfig, has_lm_head: bool) -> list[str]:
+    """Every linear layer, by canonical module name (what quantization metadata refers to)."""
+    names = [f"layers.{i}.{m}" for i in range(cfg.num_hidden_layers)
+             for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                       "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    return names + (["lm_head"] if has_lm_head and not cfg.tie_word_embeddings else [])
+
+
 def split_fused_tensors(ckpt, cfg: ModelConfig) -> None:
     """Expose fused `qkv_proj` / `gate_up_proj` (Phi-3 and others) as their parts' names."""
     for i in range(cfg.num_hidden_layers):

@@ -20,6 +20,7 @@ class Family:
     prepare: Callable[[Checkpoint, ModelConfig], None] = decoder.split_fused_tensors
     emit_graph: Callable = decoder.emit_graph
     layer_tensor_shapes: Callable = decoder.layer_tensor_shapes
+    linear_names: Callable = decoder.linear_names
     torch_modules: Callable = decoder.torch_modules
 
 

@@ -1,0 +1,1 @@
+"""Pre-quantized checkpoints: metadata -> per-linear plan, cross-checked against the tensors."""
