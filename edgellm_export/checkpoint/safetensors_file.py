@@ -156,12 +156,6 @@ class SafetensorsFile:
             t = torch.frombuffer(mm, dtype=dtype, count=info.numel, offset=info.start)
         return t.view(info.shape)
 
-    def read_bytes(self, name: str) -> bytes:
-        info = self.tensors[name]
-        with open(self.path, "rb") as f:
-            f.seek(info.start)
-            return f.read(info.nbytes)
-
     def release(self, name: str) -> None:
         """Drop the mapped pages of one tensor from our resident set."""
         info = self.tensors[name]

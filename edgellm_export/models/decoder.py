@@ -16,34 +16,6 @@ from ..onnx_graph.builder import FLOAT, FLOAT16, GraphBuilder
 from .weights import WeightSource
 
 
-def layer_tensor_shapes(cfg: ModelConfig, i: int) -> dict[str, tuple[int, ...]]:
-    """Every tensor layer `i` reads, with the shape the config implies."""
-    h, inter, p = cfg.hidden_size, cfg.intermediate_size, f"layers.{i}."
-    shapes = {
-        p + "input_layernorm.weight": (h,),
-        p + "post_attention_layernorm.weight": (h,),
-        p + "self_attn.q_proj.weight": (cfg.q_dim, h),
-        p + "self_attn.k_proj.weight": (cfg.kv_dim, h),
-        p + "self_attn.v_proj.weight": (cfg.kv_dim, h),
-        p + "self_attn.o_proj.weight": (h, cfg.q_dim),
-        p + "mlp.gate_proj.weight": (inter, h),
-        p + "mlp.up_proj.weight": (inter, h),
-        p + "mlp.down_proj.weight": (h, inter),
-    }
-    if cfg.qkv_bias:
-        shapes.update({p + "self_attn.q_proj.bias": (cfg.q_dim,), p + "self_attn.k_proj.bias": (cfg.kv_dim,),
-                       p + "self_attn.v_proj.bias": (cfg.kv_dim,)})
-    if cfg.o_bias:
-        shapes[p + "self_attn.o_proj.bias"] = (h,)
-    if cfg.mlp_bias:
-        shapes.update({p + "mlp.gate_proj.bias": (inter,), p + "mlp.up_proj.bias": (inter,),
-                       p + "mlp.down_proj.bias": (h,)})
-    if cfg.has_qk_norm:
-        shapes.update({p + "self_attn.q_norm.weight": (cfg.head_dim,),
-                       p + "self_attn.k_norm.weight": (cfg.head_dim,)})
-    return shapes
-
-
 def linear_names(cfg: ModelConfig, has_lm_head: bool) -> list[str]:
     """Every linear layer, by canonical module name (what quantization metadata refers to)."""
     names = [f"layers.{i}.{m}" for i in range(cfg.num_hidden_layers)

@@ -19,7 +19,6 @@ class Family:
     # Adjusts the checkpoint view (e.g. splits fused tensors) once the config is known.
     prepare: Callable[[Checkpoint, ModelConfig], None] = decoder.split_fused_tensors
     emit_graph: Callable = decoder.emit_graph
-    layer_tensor_shapes: Callable = decoder.layer_tensor_shapes
     linear_names: Callable = decoder.linear_names
     torch_modules: Callable = decoder.torch_modules
 
