@@ -40,19 +40,12 @@ def sparse_checkpoint(path: Path, layers: int) -> Path:
 
 def build_seconds(ckpt: Path) -> tuple[float, int]:
     from edgellm_export.checkpoint import open_checkpoint
-    from edgellm_export.config import build_model_config
     from edgellm_export.contract import v0_7
-    from edgellm_export.models import family_for
-    from edgellm_export.models.weights import WeightSource
-    from edgellm_export.onnx_graph.builder import GraphBuilder
+    from edgellm_export.export import ExportOptions, plan_export
 
     t0 = time.perf_counter()
     with open_checkpoint(ckpt) as c:
-        cfg = build_model_config(c.config, c.has_layer_tensor, c.config_path)
-        fam = family_for(cfg, c.config_path)
-        fam.prepare(c, cfg)
-        g = GraphBuilder("g")
-        fam.emit_graph(g, WeightSource(c, g), cfg, v0_7, c.has("lm_head.weight"))
+        g = plan_export(c, v0_7, ExportOptions()).graph
         g.layout_weights()
         g.to_model(v0_7.DATA_FILE, v0_7.OPSETS, v0_7.IR_VERSION).SerializeToString()
     return time.perf_counter() - t0, len(g.nodes)

@@ -23,10 +23,6 @@ class RopeSpec:
     theta: float
     params: dict[str, Any] = field(default_factory=dict)  # the rest of the HF dict
 
-    @property
-    def is_default(self) -> bool:
-        return self.rope_type == "default"
-
 
 @dataclass(frozen=True)
 class ModelConfig:

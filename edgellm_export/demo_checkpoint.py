@@ -80,10 +80,6 @@ def _bf16_bits(x: np.ndarray) -> np.ndarray:
     return (bits >> 16).astype("<u2")
 
 
-def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
 def _write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     # safetensors.numpy cannot store bfloat16, so write the format directly:
     # u64 header size, JSON header (sorted names, space padded to 8), raw data.

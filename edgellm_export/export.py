@@ -15,11 +15,13 @@ from pathlib import Path
 from . import __version__, interrupts
 from . import golden as golden_mod
 from .checkpoint import open_checkpoint
-from .config import build_model_config
+from .checkpoint.reader import TensorRef
+from .config import ModelConfig, build_model_config
 from .contract import DEFAULT_TARGET, get_contract
 from .errors import ExportError, UnsupportedError
 from .manifest import write_manifest
 from .models import family_for
+from .models.registry import Family
 from .models.weights import WeightSource
 from .onnx_graph.builder import GraphBuilder
 from .output_dir import atomic_output_dir
@@ -67,28 +69,10 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, options: Expo
     if out_path == ckpt_path.resolve() or out_path in ckpt_path.resolve().parents:
         raise ExportError("the output directory would replace the checkpoint itself; choose another OUT", out_dir)
     with open_checkpoint(ckpt_path, allow_pickle=opts.convert_pickle) as ckpt:
-        try:
-            plan = parse_quant_plan(ckpt.path, ckpt.config)
-            cfg = build_model_config(ckpt.config, ckpt.has_layer_tensor, ckpt.config_path)
-            family = family_for(cfg, ckpt.config_path)
-            contract.check_supported(cfg)
-            family.prepare(ckpt, cfg)
-            if plan is not None:
-                _refuse_quantized(plan, resolve(plan, ckpt, family.linear_names(cfg, ckpt.has("lm_head.weight"))))
-            runtime_cfg = contract.runtime_config(cfg, allow_rope_passthrough=opts.unsafe_rope_passthrough)
-        except ExportError as e:
-            if e.path is None:  # a refusal about the config: say which file
-                raise type(e)(e.message, ckpt.config_path) from None
-            raise
+        planned = plan_export(ckpt, contract, opts)
+        cfg, family, g, embed_ref = planned.cfg, planned.family, planned.graph, planned.embed_ref
         report(f"{cfg.model_type}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
                f"vocab {cfg.vocab_size}")
-
-        # Graph first, from the config alone; every tensor's name and shape is
-        # checked here, from headers, before a single byte is written.
-        g = GraphBuilder("edgellm_decoder")
-        weights = WeightSource(ckpt, g, clamp=opts.clamp_fp16)
-        family.emit_graph(g, weights, cfg, contract, ckpt.has("lm_head.weight"))
-        embed_ref = weights.ref("embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
         data_size = g.layout_weights()
         model = g.to_model(contract.DATA_FILE, contract.OPSETS, contract.IR_VERSION,
                            producer=("edgellm-export", __version__))
@@ -98,7 +82,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, options: Expo
             llm.mkdir()
             (llm / contract.GRAPH_FILE).write_bytes(model.SerializeToString())
             # Small sidecars first: a broken tokenizer config fails in milliseconds.
-            _write_json(llm / "config.json", runtime_cfg)
+            _write_json(llm / "config.json", planned.runtime_config)
             copy_tokenizer_files(ckpt.path, llm)
             write_processed_chat_template(ckpt.path, llm, str(ckpt_path))
             scenarios = golden_mod.make_scenarios(cfg.vocab_size) if opts.golden else []
@@ -115,6 +99,40 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, options: Expo
             write_manifest(tmp, {f"{contract.SUBDIR}/{contract.DATA_FILE}": data_digest})
             files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
     return ExportResult(Path(out_dir), files, time.perf_counter() - t0)
+
+
+@dataclass
+class PlannedExport:
+    cfg: ModelConfig
+    family: Family
+    graph: GraphBuilder
+    embed_ref: TensorRef
+    runtime_config: dict
+
+
+def plan_export(ckpt, contract, opts: ExportOptions) -> PlannedExport:
+    """Everything decided before a byte is written: config, family, runtime config, and the
+    graph with every weight declared. Reads only metadata and safetensors headers."""
+    has_lm_head = ckpt.has("lm_head.weight")
+    try:
+        plan = parse_quant_plan(ckpt.path, ckpt.config)
+        cfg = build_model_config(ckpt.config, ckpt.has_layer_tensor, ckpt.config_path)
+        family = family_for(cfg, ckpt.config_path)
+        contract.check_supported(cfg)
+        family.prepare(ckpt, cfg)
+        if plan is not None:
+            _refuse_quantized(plan, resolve(plan, ckpt, family.linear_names(cfg, has_lm_head)))
+        runtime_cfg = contract.runtime_config(cfg, allow_rope_passthrough=opts.unsafe_rope_passthrough)
+    except ExportError as e:
+        if e.path is None:  # a refusal about the config: say which file
+            raise type(e)(e.message, ckpt.config_path) from None
+        raise
+    # Every tensor's name and shape is checked here, from headers.
+    g = GraphBuilder("edgellm_decoder")
+    weights = WeightSource(ckpt, g, clamp=opts.clamp_fp16)
+    family.emit_graph(g, weights, cfg, contract, has_lm_head)
+    embed_ref = weights.ref("embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
+    return PlannedExport(cfg, family, g, embed_ref, runtime_cfg)
 
 
 def _refuse_quantized(plan, decisions) -> None:

@@ -9,6 +9,7 @@ signal raises at once.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 
@@ -60,3 +61,27 @@ def ignore_further() -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def deferred():
+    """A block that SIGINT/SIGTERM cannot interrupt (e.g. the two renames that
+    publish an export): signals are noted and acted on right after it. Python
+    runs handlers in the main thread only, so recording handlers suffice."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    saved = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+             for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    for signum in caught[:1]:
+        handler = saved[signum]
+        if callable(handler):
+            handler(signum, None)  # e.g. _record under the CLI, default_int_handler otherwise
+        elif handler == signal.SIG_DFL:
+            signal.raise_signal(signum)

@@ -6,8 +6,6 @@ import contextlib
 import fcntl
 import os
 import shutil
-import signal
-import threading
 from pathlib import Path
 
 from . import interrupts
@@ -95,7 +93,7 @@ def atomic_output_dir(final: Path):
 def _swap_into_place(tmp: Path, final: Path) -> None:
     parent = final.parent
     old = parent / f".{final.name}.old-{os.getpid()}"
-    with _deferred_signals():
+    with interrupts.deferred():
         _rename_pair(tmp, final, old)
     shutil.rmtree(old, ignore_errors=True)
 
@@ -112,27 +110,3 @@ def _rename_pair(tmp: Path, final: Path, old: Path) -> None:
             os.rename(old, final)
         shutil.rmtree(tmp, ignore_errors=True)
         raise EnvironmentProblem(f"cannot move the finished export into place ({e.strerror})", final) from None
-
-
-@contextlib.contextmanager
-def _deferred_signals():
-    """Ctrl-C / SIGTERM between the two renames would leave OUT missing: note them
-    during the swap and act on them right after (Python runs handlers in the
-    main thread only, so recording handlers make the swap uninterruptible)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    saved = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
-             for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-    for signum in caught[:1]:
-        handler = saved[signum]
-        if callable(handler):
-            handler(signum, None)
-        elif handler == signal.SIG_DFL:
-            signal.raise_signal(signum)  # now that OUT is whole, take the default action

@@ -31,7 +31,16 @@ def test_model_level_facts(qwen3_export):
     assert m.ir_version == 10
     assert {o.domain: o.version for o in m.opset_import} == {"": 24, "trt_edgellm": 1}
     assert len(m.functions) == 0
+    # With our schemas registered the checker also type-checks the AttentionPlugin nodes.
+    from edgellm_export.ops import register_schemas
+
+    register_schemas()
     onnx.checker.check_model(str(llm / "model.onnx"), full_check=True)
+    broken = onnx.load(str(llm / "model.onnx"), load_external_data=False)
+    plugin = next(nd for nd in broken.graph.node if nd.op_type == "AttentionPlugin")
+    plugin.input[5] = "context_lengths"  # an int32 tensor where the fp32 RoPE table belongs
+    with pytest.raises(onnx.shape_inference.InferenceError):
+        onnx.shape_inference.infer_shapes(broken, check_type=True, strict_mode=True)
 
 
 def test_graph_inputs_and_outputs(qwen3_export):

@@ -104,7 +104,6 @@ class Checkpoint:
             raise ExportError("config.json must hold a JSON object", self.config_path)
         self.files: dict[str, SafetensorsFile] = {}
         self._refs: dict[str, TensorRef] = {}
-        self._fused: set[str] = set()
         self._open_shards()
 
     # -- loading ---------------------------------------------------------------------------
@@ -240,7 +239,6 @@ class Checkpoint:
         for name, rows in parts:
             self._refs[name] = TensorRef(base.file, base.key, (start, start + rows))
             start += rows
-        self._fused.add(fused)
 
     def check_unchanged(self) -> None:
         """Refuse if any shard changed while it was being read (the output would mix versions)."""

@@ -9,6 +9,8 @@ o and MLP biases. Two faces of the same structure live side by side here:
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from ..config import ModelConfig
@@ -107,7 +109,9 @@ def emit_graph(g: GraphBuilder, w: WeightSource, cfg: ModelConfig, contract, has
 
 
 # -- eager torch reference -------------------------------------------------------------------
-def _torch_layers():
+@functools.cache
+def torch_modules():
+    """(DecoderLayer, DecoderHead) eager classes, defined once; imports torch on first use."""
     import torch
     from torch import nn
 
@@ -210,8 +214,3 @@ def _torch_layers():
             return list(matmul_fp16(y, self.lm_head_t).split(1, dim=1))
 
     return DecoderLayer, DecoderHead
-
-
-def torch_modules():
-    """(DecoderLayer, DecoderHead) eager classes; imports torch on first use."""
-    return _torch_layers()

@@ -46,12 +46,12 @@ def to_fp16(ref: TensorRef, transpose: bool = False, clamp: bool = False):
         else:
             out[r0:r1].copy_(src[r0:r1])
         if src.dtype != torch.float16 and src.is_floating_point():
-            _check_range(ref, src[r0:r1], out[:, r0:r1] if transpose else out[r0:r1], clamp)
+            check_fp16_range(ref, src[r0:r1], out[:, r0:r1] if transpose else out[r0:r1], clamp)
         ref.release_rows(r0, r1)
     return out.reshape(ref.shape[::-1] if transpose else ref.shape)
 
 
-def _check_range(ref: TensorRef, src, converted, clamp: bool = False) -> None:
+def check_fp16_range(ref: TensorRef, src, converted, clamp: bool = False) -> None:
     import torch
 
     # min/max is one fast pass; inf or nan in either means the cast went wrong

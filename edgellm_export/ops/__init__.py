@@ -1,7 +1,7 @@
 """Edge-LLM custom ops. Each module holds the four faces of one op:
 
 1. the torch custom op and its eager reference implementation (`register_torch_op`),
-2. its ONNX schema (`SCHEMA`, registered with onnx on import of `register_schemas`),
+2. its ONNX schema (`register_schema`, so onnx's checker can type-check exported nodes),
 3. the translation to the node the runtime expects (`emit`),
 4. a lowering to standard ONNX ops as an ONNX function (`lowering`), so that
    onnxruntime can run an exported graph on a CPU.

@@ -15,7 +15,7 @@ from pathlib import Path
 from .. import interrupts
 from ..checkpoint.reader import TensorRef
 from ..errors import ExportError
-from ..models.weights import _check_range
+from ..models.weights import check_fp16_range
 
 FP8_MAX = 448.0
 FP8_BLOCK = 128
@@ -44,7 +44,7 @@ def write_embedding(ref: TensorRef, path: Path, *, fp8: bool = False, clamp: boo
                 interrupts.check()
                 block = src[r0 : r0 + _ROWS_PER_SLICE]
                 half = block.to(torch.float16)
-                _check_range(ref, block, half, clamp)
+                check_fp16_range(ref, block, half, clamp)
                 f.write(half.numpy().tobytes())
                 ref.release_rows(r0, r0 + block.shape[0])
             return
