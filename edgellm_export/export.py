@@ -25,7 +25,7 @@ from .models.registry import Family
 from .models.weights import WeightSource
 from .onnx_graph.builder import GraphBuilder
 from .output_dir import atomic_output_dir
-from .quant.plan import FP16, parse_quant_plan, resolve
+from .quant.plan import FP8, QuantDecisions, parse_quant_plan, resolve
 from .sidecars.chat_template import write_processed_chat_template
 from .sidecars.embedding import write_embedding
 from .sidecars.tokenizer_files import copy_tokenizer_files
@@ -74,7 +74,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, options: Expo
         report(f"{cfg.model_type}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
                f"vocab {cfg.vocab_size}")
         data_size = g.layout_weights()
-        model = g.to_model(contract.DATA_FILE, contract.OPSETS, contract.IR_VERSION,
+        model = g.to_model(contract.DATA_FILE, contract.opsets(g), contract.IR_VERSION,
                            producer=("edgellm-export", __version__))
 
         with atomic_output_dir(Path(out_dir)) as tmp:
@@ -86,19 +86,26 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, options: Expo
             copy_tokenizer_files(ckpt.path, llm)
             write_processed_chat_template(ckpt.path, llm, str(ckpt_path))
             scenarios = golden_mod.make_scenarios(cfg.vocab_size) if opts.golden else []
-            run = golden_mod.GoldenRun(cfg, family, embed_ref, scenarios) if opts.golden else None
+            run = golden_mod.GoldenRun(cfg, family, embed_ref, scenarios, planned.quant) if opts.golden else None
             report("writing embedding.safetensors")
             write_embedding(embed_ref, llm / "embedding.safetensors", fp8=opts.fp8_embedding,
                             clamp=opts.clamp_fp16)
             data_digest = _write_weights(g, llm / contract.DATA_FILE, data_size, run, report)
             ckpt.check_unchanged()
             if run is not None:
-                golden_mod.write_bundle(llm, scenarios, precision="fp8_embedding" if opts.fp8_embedding
-                                        else "fp16")
+                run.finish()
+                golden_mod.write_bundle(llm, scenarios, precision=_precision(planned.quant, opts))
             interrupts.check()
             write_manifest(tmp, {f"{contract.SUBDIR}/{contract.DATA_FILE}": data_digest})
             files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
     return ExportResult(Path(out_dir), files, time.perf_counter() - t0)
+
+
+def _precision(quant: QuantDecisions, opts: ExportOptions) -> str:
+    """`+`-joined precision parts (fp16 only when alone); validation thresholds come from them."""
+    parts = quant.formats() + (["fp8_kv"] if quant.kv_scales is not None else [])
+    parts += ["fp8_embedding"] if opts.fp8_embedding else []
+    return "+".join(parts) or "fp16"
 
 
 @dataclass
@@ -108,6 +115,7 @@ class PlannedExport:
     graph: GraphBuilder
     embed_ref: TensorRef
     runtime_config: dict
+    quant: QuantDecisions = field(default_factory=QuantDecisions)
 
 
 def plan_export(ckpt, contract, opts: ExportOptions) -> PlannedExport:
@@ -120,8 +128,11 @@ def plan_export(ckpt, contract, opts: ExportOptions) -> PlannedExport:
         family = family_for(cfg, ckpt.config_path)
         contract.check_supported(cfg)
         family.prepare(ckpt, cfg)
+        quant = QuantDecisions()
         if plan is not None:
-            _refuse_quantized(plan, resolve(plan, ckpt, family.linear_names(cfg, has_lm_head)))
+            quant.linears = resolve(plan, ckpt, family.linear_names(cfg, has_lm_head))
+            if plan.kv_cache == FP8:
+                quant.kv_scales = _kv_scales(ckpt, cfg, plan.source)
         runtime_cfg = contract.runtime_config(cfg, allow_rope_passthrough=opts.unsafe_rope_passthrough)
     except ExportError as e:
         if e.path is None:  # a refusal about the config: say which file
@@ -130,18 +141,45 @@ def plan_export(ckpt, contract, opts: ExportOptions) -> PlannedExport:
     # Every tensor's name and shape is checked here, from headers.
     g = GraphBuilder("edgellm_decoder")
     weights = WeightSource(ckpt, g, clamp=opts.clamp_fp16)
-    family.emit_graph(g, weights, cfg, contract, has_lm_head)
+    family.emit_graph(g, weights, cfg, contract, has_lm_head, quant)
     embed_ref = weights.ref("embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
-    return PlannedExport(cfg, family, g, embed_ref, runtime_cfg)
+    return PlannedExport(cfg, family, g, embed_ref, runtime_cfg, quant)
 
 
-def _refuse_quantized(plan, decisions) -> None:
-    """The plan is read and checked against the tensors; exporting the formats comes next."""
-    formats = sorted({d.format for d in decisions.values()} - {FP16})
-    parts = formats + (["FP8 KV cache"] if plan.kv_cache else [])
-    raise UnsupportedError(
-        f"the checkpoint is quantized ({', '.join(parts)}); its metadata and tensors agree, but this "
-        "version does not export quantized formats yet", plan.source)
+def _kv_scales(ckpt, cfg: ModelConfig, source: Path) -> list[tuple[float, float]]:
+    """Per-layer FP8 KV cache scales. Missing ones are an error: the reference exporter's default
+    of 1.0 would quietly compute a different cache (quant.md §9.14)."""
+    out = []
+    for i in range(cfg.num_hidden_layers):
+        pair = []
+        for proj, kind in (("k_proj", "k_scale"), ("v_proj", "v_scale")):
+            names = [f"layers.{i}.self_attn.{proj}.{kind}", f"layers.{i}.self_attn.{kind}"]
+            name = next((n for n in names if ckpt.has(n)), None)
+            if name is None:
+                raise ExportError(f"the metadata asks for an FP8 KV cache but layer {i} has no {kind} tensor "
+                                  f"(looked for {' and '.join(names)})", source)
+            ref = ckpt.ref(name)
+            if ref.dtype not in ("F32", "F16", "BF16") or tuple(ref.shape) not in ((), (1,)):
+                raise ExportError(f"KV cache scale {ref.key!r} must be one float, not {ref.dtype} "
+                                  f"{list(ref.shape)}", ref.file.path)
+            value = float(ref.view().float().reshape(-1)[0])
+            if not (value > 0 and value < float("inf")):
+                raise ExportError(f"KV cache scale {ref.key!r} is {value}; it must be positive and finite",
+                                  ref.file.path)
+            pair.append(value)
+        out.append((pair[0], pair[1]))
+    return out
+
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+def _raw_bytes(t):
+    """The tensor's bytes as a flat uint8 array (fp8 and other dtypes numpy lacks included)."""
+    import torch
+
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def _write_weights(g: GraphBuilder, path: Path, total: int, golden_run, report) -> str:
@@ -164,7 +202,7 @@ def _write_weights(g: GraphBuilder, path: Path, total: int, golden_run, report) 
                 continue  # drain after an error so the producer never blocks
             offset, tensor = item
             try:
-                view = memoryview(tensor.numpy()).cast("B")
+                view = memoryview(_raw_bytes(tensor))
                 digest.update(bytes(offset - hashed))  # alignment gap: zeros in the file
                 digest.update(view)
                 hashed = offset + len(view)
@@ -182,8 +220,9 @@ def _write_weights(g: GraphBuilder, path: Path, total: int, golden_run, report) 
             if failure:
                 break
             t = w.produce()
-            if tuple(t.shape) != w.shape:
-                raise ExportError(f"internal: produced shape {tuple(t.shape)} for {w.name}, expected {w.shape}")
+            if _nbytes(t) != w.nbytes:
+                raise ExportError(f"internal: produced {_nbytes(t)} bytes ({tuple(t.shape)}) for {w.name}, "
+                                  f"expected {w.nbytes} ({w.shape})")
             pending.put((w.offset, t))
             if golden_run is not None:
                 golden_run.consume(w.name, t)

@@ -91,11 +91,12 @@ def reference_rope_table(cfg: ModelConfig, capacity: int = KV_CAPACITY) -> np.nd
 class GoldenRun:
     """Consumes the weight stream layer by layer and computes the expected logits."""
 
-    def __init__(self, cfg: ModelConfig, family, embed_ref, scenarios: list[Scenario]):
+    def __init__(self, cfg: ModelConfig, family, embed_ref, scenarios: list[Scenario], quant=None):
         import torch
 
         self.torch = torch
         self.cfg = cfg
+        self.quant = quant
         self.scenarios = scenarios
         self.layer_cls, self.head_cls = family.torch_modules()
         self.table = torch.from_numpy(reference_rope_table(cfg))
@@ -107,17 +108,21 @@ class GoldenRun:
         self.pending_layer: int | None = None
 
     def consume(self, name: str, tensor) -> None:
-        """Called by the weight writer with each fp16 initializer as it is written.
+        """Called by the weight writer with each initializer as it is written.
 
-        Layer tensors arrive grouped by layer, then `norm.weight`, then the lm_head.
+        Layer tensors arrive grouped by layer, then the head's (`norm.weight`, the lm_head);
+        `finish()` runs the head once everything has arrived.
         """
         layer = int(name.split(".", 2)[1]) if name.startswith("layers.") else None
         if self.pending and self.pending_layer is not None and layer != self.pending_layer:
             self._run_layer()  # the previous layer is complete
         self.pending_layer = layer
         self.pending[name] = tensor
-        if layer is None and name.endswith(".weight.T"):  # the lm_head comes last
-            self._run_head()
+
+    def finish(self) -> None:
+        if self.pending_layer is not None:
+            self._run_layer()
+        self._run_head()
 
     def _calls(self):
         torch = self.torch
@@ -127,7 +132,7 @@ class GoldenRun:
     def _run_layer(self) -> None:
         torch = self.torch
         c = self.cfg
-        layer = self.layer_cls(self.cfg, self.pending)
+        layer = self.layer_cls(self.cfg, self.pending, self.quant, self.pending_layer)
         caches = [torch.zeros((sc.steps[0].token_ids.shape[0], 2, c.num_key_value_heads, KV_CAPACITY,
                                c.head_dim), dtype=torch.float32) for sc in self.scenarios]
         self.hidden, _ = layer.forward_steps(self.hidden, caches, self.table, self._calls())
@@ -135,8 +140,7 @@ class GoldenRun:
 
     def _run_head(self) -> None:
         torch = self.torch
-        lm_head = next(v for k, v in self.pending.items() if k.endswith(".weight.T"))
-        head = self.head_cls(self.cfg, self.pending["norm.weight"], lm_head)
+        head = self.head_cls(self.cfg, self.pending, self.quant)
         steps = [st for sc in self.scenarios for st in sc.steps]
         logits = head.forward_steps(self.hidden, [torch.from_numpy(st.last_token_ids) for st in steps])
         for st, out in zip(steps, logits):

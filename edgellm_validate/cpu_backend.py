@@ -39,8 +39,18 @@ class CpuBackend:
         self.session = ort.InferenceSession(model.SerializeToString(), opts,
                                             providers=["CPUExecutionProvider"])
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.fp8_inputs = {i.name for i in self.session.get_inputs() if i.type == "tensor(float8e4m3fn)"}
+
+    def kv_cache_dtype(self):
+        """numpy dtype of the KV buffers the twin allocates: raw bytes for an FP8 cache."""
+        return np.uint8 if "past_key_values_0" in self.fp8_inputs else np.float16
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import onnxruntime as ort
+
+        # numpy has no float8: FP8 tensors travel as their raw bytes (uint8) both ways.
+        feeds = {k: ort.OrtValue.ortvalue_from_numpy_with_onnx_type(v.view(np.uint8), onnx.TensorProto.FLOAT8E4M3FN)
+                 if k in self.fp8_inputs else v for k, v in feeds.items()}
         outs = self.session.run(None, feeds)
         return dict(zip(self.output_names, outs))
 

@@ -54,10 +54,12 @@ def drive(llm_dir: Path, backend, scenarios: list[dict], capacity: int):
     table = rope_table(config, capacity)
     emb = EmbeddingTable(llm_dir / "embedding.safetensors")
     n_layers, hkv, d = config["num_hidden_layers"], config["num_key_value_heads"], config["head_dim"]
+    kv_dtype = backend.kv_cache_dtype() if hasattr(backend, "kv_cache_dtype") else np.float16
     for sc in scenarios:
         batch = len(sc["steps"][0]["context_lengths"])
-        # Full-capacity buffers, fed back in place as the runtime binds them.
-        kv = [np.zeros((batch, 2, hkv, capacity, d), np.float16) for _ in range(n_layers)]
+        # Full-capacity buffers, fed back in place as the runtime binds them (zero bytes are
+        # +0.0 in fp16 and in fp8 alike).
+        kv = [np.zeros((batch, 2, hkv, capacity, d), kv_dtype) for _ in range(n_layers)]
         for k, st in enumerate(sc["steps"]):
             tokens = np.asarray(st["token_ids"], dtype=np.int64)
             feeds = {

@@ -116,3 +116,51 @@ def test_schema_registration_and_node_shape():
 
     schema = onnx.defs.get_schema("AttentionPlugin", 1, "trt_edgellm")
     assert [i.name for i in schema.inputs] == list(ap.INPUTS)
+
+
+def test_fp8_kv_cache_eager_and_lowering_agree_and_quantize_the_cache():
+    """FP8 cache: slots hold fp8(x / scale) codes; attention reads codes * scale (quant.md §3.10)."""
+    import ml_dtypes
+
+    ks, vs = 0.05, 0.02
+    g = GraphBuilder("t8")
+    ins = [g.input("q", TensorProto.FLOAT16, ["B", "S", HQ * D]),
+           g.input("k", TensorProto.FLOAT16, ["B", "S", HKV * D]),
+           g.input("v", TensorProto.FLOAT16, ["B", "S", HKV * D]),
+           g.input("past", TensorProto.FLOAT8E4M3FN, ["B", 2, HKV, "C", D]), g.input("ctx", TensorProto.INT32, ["B"]),
+           g.input("rope", TensorProto.FLOAT, ["rb", "M", "R"]), g.input("start", TensorProto.INT32, ["kb"])]
+    a, p = ap.emit(g, ins, num_q_heads=HQ, num_kv_heads=HKV, head_size=D, enable_fp8_kv_cache=1,
+                   qkv_scales=(1.0, ks, vs))
+    g.output(a, "attn", TensorProto.FLOAT16, ["B", "S", HQ, D])
+    g.output(p, "present", TensorProto.FLOAT8E4M3FN, ["B", 2, HKV, "C", D])
+    sess = ort.InferenceSession(lower_custom_ops(g.to_model("u.data", {"": 24, "trt_edgellm": 1}, 10))
+                                .SerializeToString())
+    op = ap.register_torch_op()
+    rng = np.random.default_rng(3)
+    table = rope(64)
+    past8 = np.zeros((1, 2, HKV, CAP, D), np.uint8)  # raw e4m3 bytes; 0 is +0.0
+    toks = []
+    for s, ctx, start in [(6, [6], []), (1, [7], [6]), (1, [8], [7])]:
+        q = rng.standard_normal((1, s, HQ * D)).astype(np.float16)
+        k = (rng.standard_normal((1, s, HKV * D)) * 8).astype(np.float16)  # some beyond 448 * ks: saturate
+        v = rng.standard_normal((1, s, HKV * D)).astype(np.float16)
+        feeds = {"q": q, "k": k, "v": v, "ctx": np.array(ctx, np.int32), "rope": table,
+                 "start": np.array(start, np.int32),
+                 "past": ort.OrtValue.ortvalue_from_numpy_with_onnx_type(past8, TensorProto.FLOAT8E4M3FN)}
+        oa, present = sess.run(None, feeds)
+        ta, tp = op(*[torch.from_numpy(x) for x in (q, k, v)],
+                    torch.from_numpy(past8.view(ml_dtypes.float8_e4m3fn).astype(np.float32)).to(torch.float8_e4m3fn),
+                    torch.from_numpy(feeds["ctx"]), torch.from_numpy(table), torch.from_numpy(feeds["start"]),
+                    HQ, HKV, D, 0, 1, -1, [1.0, ks, vs])
+        assert tp.dtype == torch.float8_e4m3fn
+        assert np.array_equal(present.view(np.uint8), tp.view(torch.uint8).numpy())  # identical cache bytes
+        assert np.abs(oa.astype(np.float32) - ta.float().numpy()).max() < 2e-3
+        toks.extend((q[0, t], k[0, t], v[0, t]) for t in range(s))
+        past8 = present.view(np.uint8)
+    # Independent check of the last decode: textbook attention over fp8-rounded K (rotated) and V.
+    cached = past8.view(ml_dtypes.float8_e4m3fn).astype(np.float64)
+    n = len(toks)
+    v_true = np.stack([t[2] for t in toks]).reshape(n, HKV, D).astype(np.float64)
+    v_fp8 = np.clip(v_true / vs, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+    assert np.array_equal(cached[0, 1, :, :n].transpose(1, 0, 2), v_fp8)
+    assert np.abs(cached[0, 0]).max() == 448.0  # large K saturated instead of overflowing to NaN

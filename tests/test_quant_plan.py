@@ -95,15 +95,15 @@ def test_exclusions_with_wildcards_and_mixed_precision(tmp_path):
     assert plan.kv_cache == FP8
 
 
-def test_consistent_fp8_checkpoint_is_recognised(tmp_path, capsys):
+def test_consistent_fp8_checkpoint_is_recognised_and_exported(tmp_path, capsys):
     ckpt = fp8_checkpoint(tmp_path / "ckpt")
     with open_checkpoint(ckpt) as c:
         assert detect_format(c, "layers.0.self_attn.q_proj") == FP8
         assert detect_format(c, "lm_head") == FP16
-    assert main(["-q", "export", str(ckpt), str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err
-    assert "quantized (fp8)" in err and "agree" in err
-    assert not (tmp_path / "out").exists()
+    assert main(["-q", "export", str(ckpt), str(tmp_path / "out")]) == 0
+    assert main(["-q", "validate", str(tmp_path / "out")]) == 0
+    meta = json.loads((tmp_path / "out" / "llm" / "golden" / "bundle.json").read_text())
+    assert meta["precision"] == "fp8"
 
 
 def test_layer_contradicting_metadata_is_named(tmp_path, capsys):

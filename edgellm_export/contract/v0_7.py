@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 
 from ..config import ModelConfig
-from ..onnx_graph.builder import FLOAT, FLOAT16, INT32, INT64, GraphBuilder
+from ..onnx_graph.builder import FLOAT, FLOAT8E4M3FN, FLOAT16, INT32, INT64, GraphBuilder
 from ..ops import attention_plugin
 from . import rope_v0_7
 
@@ -18,6 +18,14 @@ log = logging.getLogger(__name__)
 RELEASE = "0.7.1"
 IR_VERSION = 10
 OPSETS = {"": 24, attention_plugin.DOMAIN: 1}
+TRT_DOMAIN = "trt"  # TensorRT's own custom ops (NVFP4 / MXFP8 activations); imported only when used
+
+
+def opsets(g: GraphBuilder) -> dict[str, int]:
+    out = dict(OPSETS)
+    if any(node.domain == TRT_DOMAIN for node in g.nodes):
+        out[TRT_DOMAIN] = 1
+    return out
 SUBDIR = "llm"
 GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -37,21 +45,28 @@ class GraphIO:
     kvcache_start_index: str
     last_token_ids: str
     presents: list[str | None]
+    kv_dtype: int = FLOAT16
 
 
-def declare_io(g: GraphBuilder, cfg: ModelConfig) -> GraphIO:
+def declare_io(g: GraphBuilder, cfg: ModelConfig, kv_fp8: bool = False) -> GraphIO:
+    """Graph inputs; an FP8 KV cache makes every past/present tensor float8e4m3fn (quant.md §3.10)."""
+    kv_dtype = FLOAT8E4M3FN if kv_fp8 else FLOAT16
     kv_shape = [BATCH, 2, cfg.num_key_value_heads, PAST, cfg.head_dim]
     emb = g.input("inputs_embeds", FLOAT16, [BATCH, SEQ, cfg.hidden_size])
-    past = [g.input(f"past_key_values_{i}", FLOAT16, kv_shape) for i in range(cfg.num_hidden_layers)]
+    past = [g.input(f"past_key_values_{i}", kv_dtype, kv_shape) for i in range(cfg.num_hidden_layers)]
     rope = g.input("rope_rotary_cos_sin", FLOAT, [ROPE_BATCH, MAX_POS, cfg.rotary_dim])
     ctx = g.input("context_lengths", INT32, [BATCH])
     start = g.input("kvcache_start_index", INT32, [KV_BATCH])
     last = g.input("last_token_ids", INT64, [BATCH, 1])
-    return GraphIO(emb, past, rope, ctx, start, last, [None] * cfg.num_hidden_layers)
+    return GraphIO(emb, past, rope, ctx, start, last, [None] * cfg.num_hidden_layers, kv_dtype)
 
 
-def attention(g: GraphBuilder, io: GraphIO, cfg: ModelConfig, layer: int, q: str, k: str, v: str) -> str:
-    """Emit the layer's AttentionPlugin; returns the `[B, S, Hq, D]` attention output."""
+def attention(g: GraphBuilder, io: GraphIO, cfg: ModelConfig, layer: int, q: str, k: str, v: str,
+              kv_scales: tuple[float, float] | None = None) -> str:
+    """Emit the layer's AttentionPlugin; returns the `[B, S, Hq, D]` attention output.
+
+    With an FP8 cache, qkv_scales is [1.0, k_scale, v_scale]: 0.7 has no query scale.
+    """
     attn, present = attention_plugin.emit(
         g,
         [q, k, v, io.past[layer], io.context_lengths, io.rope, io.kvcache_start_index],
@@ -59,6 +74,8 @@ def attention(g: GraphBuilder, io: GraphIO, cfg: ModelConfig, layer: int, q: str
         num_kv_heads=cfg.num_key_value_heads,
         head_size=cfg.head_dim,
         sliding_window_size=cfg.sliding_window,
+        enable_fp8_kv_cache=int(kv_scales is not None),
+        qkv_scales=(1.0, *kv_scales) if kv_scales is not None else (1.0, 1.0, 1.0),
     )
     io.presents[layer] = present
     return attn
@@ -68,7 +85,7 @@ def finish_outputs(g: GraphBuilder, io: GraphIO, cfg: ModelConfig, logits: str) 
     g.output(logits, "logits", FLOAT, [BATCH, 1, cfg.vocab_size])
     kv_out = [BATCH, 2, cfg.num_key_value_heads, "present_len", cfg.head_dim]
     for i, p in enumerate(io.presents):
-        g.output(p, f"present_key_values_{i}", FLOAT16, kv_out)
+        g.output(p, f"present_key_values_{i}", io.kv_dtype, kv_out)
 
 
 def runtime_config(cfg: ModelConfig, *, allow_rope_passthrough: bool = False) -> dict:

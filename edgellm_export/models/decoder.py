@@ -15,6 +15,8 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..onnx_graph.builder import FLOAT, FLOAT16, GraphBuilder
+from ..quant import linear as qlinear
+from ..quant.plan import FP16, QuantDecisions
 from .weights import WeightSource
 
 
@@ -49,8 +51,8 @@ def lm_head_name(cfg: ModelConfig, has_lm_head: bool) -> str:
 
 # -- ONNX graph -----------------------------------------------------------------------------
 class _Emitter:
-    def __init__(self, g: GraphBuilder, w: WeightSource, cfg: ModelConfig):
-        self.g, self.w, self.cfg = g, w, cfg
+    def __init__(self, g: GraphBuilder, w: WeightSource, cfg: ModelConfig, quant: QuantDecisions):
+        self.g, self.w, self.cfg, self.quant = g, w, cfg, quant
 
     def rms_norm(self, x: str, weight: str, eps: float) -> str:
         # fp32 statistics, cast back to fp16, then the fp16 weight (as HF Llama does).
@@ -62,7 +64,11 @@ class _Emitter:
         return n("Mul", [normed, weight])
 
     def linear(self, x: str, name: str, out_f: int, in_f: int, bias: bool) -> str:
-        y = self.g.node("MatMul", [x, self.w.linear_weight(f"{name}.weight", out_f, in_f)])
+        lq = self.quant.linears.get(name)
+        if lq is not None and lq.format != FP16:
+            y = qlinear.emit(qlinear.LinearContext(self.g, self.w, name, out_f, in_f, lq), x)
+        else:
+            y = self.g.node("MatMul", [x, self.w.linear_weight(f"{name}.weight", out_f, in_f)])
         if bias:
             y = self.g.node("Add", [y, self.w.vector(f"{name}.bias", out_f)])
         return y
@@ -74,9 +80,11 @@ class _Emitter:
         return self.g.node("Reshape", [y, self.g.i64(0, 0, heads * d)])
 
 
-def emit_graph(g: GraphBuilder, w: WeightSource, cfg: ModelConfig, contract, has_lm_head: bool) -> None:
-    e, n, c = _Emitter(g, w, cfg), g.node, cfg
-    io = contract.declare_io(g, cfg)
+def emit_graph(g: GraphBuilder, w: WeightSource, cfg: ModelConfig, contract, has_lm_head: bool,
+               quant: QuantDecisions | None = None) -> None:
+    quant = quant or QuantDecisions()
+    e, n, c = _Emitter(g, w, cfg, quant), g.node, cfg
+    io = contract.declare_io(g, cfg, kv_fp8=quant.kv_scales is not None)
     h = c.hidden_size
     x = io.inputs_embeds
     for i in range(c.num_hidden_layers):
@@ -89,7 +97,8 @@ def emit_graph(g: GraphBuilder, w: WeightSource, cfg: ModelConfig, contract, has
         if c.has_qk_norm:
             q = e.head_norm(q, p + "self_attn.q_norm.weight", c.num_attention_heads)
             k = e.head_norm(k, p + "self_attn.k_norm.weight", c.num_key_value_heads)
-        attn = contract.attention(g, io, c, i, q, k, v)
+        attn = contract.attention(g, io, c, i, q, k, v,
+                                  kv_scales=quant.kv_scales[i] if quant.kv_scales is not None else None)
         attn = n("Reshape", [attn, g.i64(0, 0, c.q_dim)])
         x = n("Add", [x, e.linear(attn, p + "self_attn.o_proj", h, c.q_dim, c.o_bias)])
         y = e.rms_norm(x, w.vector(p + "post_attention_layernorm.weight", h), c.rms_norm_eps)
@@ -102,8 +111,11 @@ def emit_graph(g: GraphBuilder, w: WeightSource, cfg: ModelConfig, contract, has
     # Logits only for the selected token of each sequence: GatherND(batch_dims=1).
     idx = n("Unsqueeze", [io.last_token_ids, g.i64(-1)])
     sel = n("GatherND", [y, idx], {"batch_dims": 1})
-    lm_head = w.linear_weight(lm_head_name(c, has_lm_head), c.vocab_size, h)
-    logits = n("Cast", [n("MatMul", [sel, lm_head])], {"to": FLOAT})
+    if lm_head_name(c, has_lm_head) == "lm_head.weight":
+        logits = e.linear(sel, "lm_head", c.vocab_size, h, False)
+    else:
+        logits = n("MatMul", [sel, w.linear_weight("embed_tokens.weight", c.vocab_size, h)])
+    logits = n("Cast", [logits], {"to": FLOAT})
     g.scope = ""
     contract.finish_outputs(g, io, c, logits)
 
@@ -118,6 +130,16 @@ def torch_modules():
     from ..ops.attention_plugin import register_torch_op
 
     attention_plugin = register_torch_op()
+
+    def linear(x, t, name, quant):
+        """fp32 x through the linear `name`, in its checkpoint's format, over initializers `t`."""
+        lq = quant.get(name)
+        if lq is not None and lq.format != FP16:
+            y = qlinear.eager(x, t, name, lq)
+        else:
+            y = matmul_fp16(x, t[name + ".weight.T"])
+        b = t.get(name + ".bias")
+        return y + b.float() if b is not None else y
 
     def matmul_fp16(x, w):
         """x (fp32, [..., K]) @ w (fp16, [K, N]) in fp32, widening w in cache-sized blocks.
@@ -147,15 +169,17 @@ def torch_modules():
         `[in, out]` fp16) to tensors; they are widened to fp32 block by block as used.
         """
 
-        def __init__(self, cfg: ModelConfig, tensors: dict):
+        def __init__(self, cfg: ModelConfig, tensors: dict, quant: QuantDecisions | None = None, layer: int = 0):
             super().__init__()
             self.cfg = cfg
             self.t = {k.split(".", 2)[2]: v for k, v in tensors.items()}
+            quant = quant or QuantDecisions()
+            prefix = f"layers.{layer}."
+            self.quant = {k[len(prefix):]: v for k, v in quant.linears.items() if k.startswith(prefix)}
+            self.kv_scales = quant.kv_scales[layer] if quant.kv_scales is not None else None
 
         def _linear(self, x, name):
-            y = matmul_fp16(x, self.t[name + ".weight.T"])
-            b = self.t.get(name + ".bias")
-            return y + b.float() if b is not None else y
+            return linear(x, self.t, name, self.quant)
 
         def forward(self, x, past, rope_table, context_lengths, kvcache_start_index):
             """One runtime call: `x [B, S, H]`; returns (x, present)."""
@@ -186,7 +210,8 @@ def torch_modules():
                                                         calls):
                 out, caches[cache] = attention_plugin(
                     qs, ks, vs, caches[cache], ctx, rope_table, start,
-                    c.num_attention_heads, c.num_key_value_heads, c.head_dim, 0, 0, -1, [1.0, 1.0, 1.0],
+                    c.num_attention_heads, c.num_key_value_heads, c.head_dim, 0, int(self.kv_scales is not None),
+                    -1, [1.0, *(self.kv_scales or (1.0, 1.0))],
                 )
                 attn.append(out.reshape(b, out.shape[1], -1))
             x = x + self._linear(torch.cat(attn, dim=1), "self_attn.o_proj")
@@ -197,11 +222,14 @@ def torch_modules():
             return list(x.split(sizes, 1)), caches
 
     class DecoderHead(nn.Module):
-        """Final norm, token selection and lm_head (`[H, V]` fp16)."""
+        """Final norm, token selection and lm_head (its own tensors, any format, or the tied embedding)."""
 
-        def __init__(self, cfg: ModelConfig, norm_weight, lm_head_t):
+        def __init__(self, cfg: ModelConfig, tensors: dict, quant: QuantDecisions | None = None):
             super().__init__()
-            self.cfg, self.norm, self.lm_head_t = cfg, norm_weight, lm_head_t
+            self.cfg, self.norm = cfg, tensors["norm.weight"]
+            self.t = {("lm_head" + k[len("embed_tokens"):] if k.startswith("embed_tokens.") else k): v
+                      for k, v in tensors.items()}
+            self.quant = (quant or QuantDecisions()).linears
 
         def forward(self, x, last_token_ids):
             return self.forward_steps([x], [last_token_ids])[0]
@@ -211,6 +239,6 @@ def torch_modules():
             sel = torch.cat([torch.gather(x, 1, ids[:, :, None].expand(-1, -1, x.shape[-1]))
                              for x, ids in zip(xs, last_token_ids)], dim=1)
             y = rms_norm(sel, self.norm, self.cfg.rms_norm_eps)
-            return list(matmul_fp16(y, self.lm_head_t).split(1, dim=1))
+            return list(linear(y, self.t, "lm_head", self.quant).split(1, dim=1))
 
     return DecoderLayer, DecoderHead

@@ -106,3 +106,35 @@ class WeightSource:
     def vector(self, name: str, size: int) -> str:
         ref = self.ref(name, (size,))
         return self.g.weight(name, FLOAT16, (size,), lambda: to_fp16(ref, clamp=self.clamp), tag=ref.where())
+
+    # -- quantized tensors: passed through or repacked, never silently reinterpreted -----------
+    def quant_ref(self, name: str, dtypes: tuple[str, ...], shape: tuple[int, ...] | None, what: str) -> TensorRef:
+        """A checkpoint tensor of a quantized layer, checked for dtype and shape from its header.
+
+        Scalars may be stored 0-D or with one element; `shape=()` accepts both.
+        """
+        if not self.ckpt.has(name):
+            raise ExportError(f"tensor {name!r} ({what}) is missing from the checkpoint", self.ckpt.path)
+        ref = self.ckpt.ref(name)
+        if ref.dtype not in dtypes:
+            raise ExportError(f"tensor {ref.key!r} ({what}) has dtype {ref.dtype}; expected "
+                              f"{' or '.join(dtypes)}", ref.file.path)
+        ok = tuple(ref.shape) in ((), (1,)) if shape == () else shape is None or tuple(ref.shape) == tuple(shape)
+        if not ok:
+            raise ExportError(f"tensor {ref.key!r} ({what}) has shape {list(ref.shape)}; expected "
+                              f"{list(shape)}", ref.file.path)
+        return ref
+
+    def passthrough(self, name: str, dtype: int, shape: tuple[int, ...], ref: TensorRef, transform=None) -> str:
+        """An initializer holding the checkpoint tensor's bytes (optionally transformed), read at write time."""
+        def produce():
+            t = ref.view().clone()
+            ref.release()
+            return transform(t) if transform else t
+        return self.g.weight(name, dtype, shape, produce, tag=ref.where())
+
+    def scalar_value(self, ref: TensorRef) -> float:
+        """Read a scalar now (for values the graph needs as attributes, e.g. KV cache scales)."""
+        value = float(ref.view().float().reshape(-1)[0])
+        ref.release()
+        return value

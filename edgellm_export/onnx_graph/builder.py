@@ -19,6 +19,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 FLOAT = TensorProto.FLOAT
 FLOAT16 = TensorProto.FLOAT16
+FLOAT8E4M3FN = TensorProto.FLOAT8E4M3FN
+FLOAT4E2M1 = TensorProto.FLOAT4E2M1
+INT8 = TensorProto.INT8
+UINT8 = TensorProto.UINT8
 INT32 = TensorProto.INT32
 INT64 = TensorProto.INT64
 
@@ -39,6 +43,8 @@ class ExternalWeight:
     @property
     def nbytes(self) -> int:
         n = int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        if self.dtype == FLOAT4E2M1:  # two codes per byte
+            return (n + 1) // 2
         return n * helper.tensor_dtype_to_np_dtype(self.dtype).itemsize
 
 

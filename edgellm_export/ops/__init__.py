@@ -10,14 +10,19 @@ Faces 2-4 need only `onnx`, so the validation side imports these modules on
 machines without torch; face 1 imports torch lazily.
 """
 
-from . import attention_plugin
+from . import attention_plugin, fp4, int4_gemm, mxfp8
 
 # (domain, op_type) -> module providing `lowering(node) -> FunctionProto`
 CUSTOM_OPS = {
     (attention_plugin.DOMAIN, attention_plugin.OP_TYPE): attention_plugin,
+    (int4_gemm.DOMAIN, int4_gemm.OP_TYPE): int4_gemm,
+    (fp4.DOMAIN, fp4.QUANTIZE): fp4,
+    (fp4.DOMAIN, fp4.DEQUANTIZE): fp4,
+    (mxfp8.DOMAIN, mxfp8.QUANTIZE): mxfp8,
+    (mxfp8.DOMAIN, mxfp8.DEQUANTIZE): mxfp8,
 }
 
 
 def register_schemas() -> None:
-    for mod in CUSTOM_OPS.values():
+    for mod in set(CUSTOM_OPS.values()):
         mod.register_schema()

@@ -9,7 +9,10 @@ Semantics are the C++ plugin's (contract text.md §3.3), not what seems natural:
   the table row holding [cos(R/2) | sin(R/2)], computed in fp32;
 - the cache `[B, 2, Hkv, Cap, D]` is updated in place: K stored rotated, V as is,
   every new token (padding included) written at its position;
-- query at position p sees cache slots 0..p of its own sequence, scale 1/sqrt(D).
+- query at position p sees cache slots 0..p of its own sequence, scale 1/sqrt(D);
+- with `enable_fp8_kv_cache`, the cache holds fp8 e4m3 codes: K/V are written as
+  fp8(value / scale) (saturating, as CUDA's fp8 conversion does) and read back as
+  fp8 * scale, the scales being qkv_scales[1] and qkv_scales[2] (quant.md §3.10).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..onnx_graph.builder import FLOAT, FLOAT16, INT64, GraphBuilder
+from ..onnx_graph.builder import FLOAT, FLOAT8E4M3FN, FLOAT16, INT64, GraphBuilder
 
 DOMAIN = "trt_edgellm"
 OP_TYPE = "AttentionPlugin"
@@ -61,9 +64,9 @@ def register_torch_op():
     )
 
     def impl(q, k, v, past, ctx, table, start, hq, hkv, d, tree, fp8_kv, window, scales):
-        if tree or fp8_kv:
-            raise NotImplementedError("tree attention and FP8 KV cache have no eager reference yet")
-        return _eager(q, k, v, past, ctx, table, start, hq, hkv, d)
+        if tree:
+            raise NotImplementedError("tree attention has no eager reference yet")
+        return _eager(q, k, v, past, ctx, table, start, hq, hkv, d, tuple(scales[1:]) if fp8_kv else None)
 
     def fake(q, k, v, past, ctx, table, start, hq, hkv, d, *rest):
         return q.new_empty((q.shape[0], q.shape[1], hq, d)), torch.empty_like(past)
@@ -74,14 +77,32 @@ def register_torch_op():
     return torch.ops.trt_edgellm.attention_plugin
 
 
-def _eager(q, k, v, past, context_lengths, table, start_index, hq, hkv, d):
-    """Reference implementation in plain torch, one sequence at a time for clarity."""
+FP8_MAX = 448.0
+
+
+def _eager(q, k, v, past, context_lengths, table, start_index, hq, hkv, d, kv_scales=None):
+    """Reference implementation in plain torch, one sequence at a time for clarity.
+
+    `kv_scales` (k, v) switches on the FP8 cache; `past` may then be float8_e4m3fn or any
+    wider dtype holding fp8 values.
+    """
     import torch
 
     b, s = q.shape[0], q.shape[1]
     cap = past.shape[3]
     r = table.shape[-1]
-    present = past.clone()
+    store_dtype = past.dtype
+    present = past.float() if kv_scales else past.clone()
+
+    def store(x, which):
+        if not kv_scales:
+            return x.to(store_dtype)
+        # Saturating fp8 conversion of value / scale, kept as fp32 holding fp8 values.
+        return (x.float() / kv_scales[which]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+
+    def load(i, which):
+        cached = present[i, which].float()
+        return cached * kv_scales[which] if kv_scales else cached
     out = torch.empty((b, s, hq, d), dtype=q.dtype)
     for i in range(b):
         if start_index.numel() == 0:
@@ -95,13 +116,13 @@ def _eager(q, k, v, past, context_lengths, table, start_index, hq, hkv, d):
         cos, sin = rows[:, None, : r // 2], rows[:, None, r // 2 :]
 
         qi = _rotate(q[i].float().view(s, hq, d), cos, sin, r)
-        ki = _rotate(k[i].float().view(s, hkv, d), cos, sin, r).to(past.dtype)
-        vi = v[i].view(s, hkv, d).to(past.dtype)
+        ki = store(_rotate(k[i].float().view(s, hkv, d), cos, sin, r), 0)
+        vi = store(v[i].view(s, hkv, d), 1)
         keep = pos < cap
         present[i, 0, :, pos[keep]] = ki[keep].transpose(0, 1)
         present[i, 1, :, pos[keep]] = vi[keep].transpose(0, 1)
-        keys = present[i, 0].float()  # [Hkv, Cap, D]
-        vals = present[i, 1].float()
+        keys = load(i, 0)  # [Hkv, Cap, D]
+        vals = load(i, 1)
         group = hq // hkv
         keys = keys.repeat_interleave(group, dim=0)
         vals = vals.repeat_interleave(group, dim=0)
@@ -110,7 +131,7 @@ def _eager(q, k, v, past, context_lengths, table, start_index, hq, hkv, d):
         scores = scores.masked_fill(~allowed[None], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[i] = torch.einsum("hsc,hcd->shd", probs, vals).to(q.dtype)
-    return out, present
+    return out, present.to(store_dtype) if kv_scales else present
 
 
 def _rotate(x, cos, sin, r):
@@ -179,21 +200,20 @@ def lowering(node: onnx.NodeProto) -> onnx.FunctionProto:
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     if attrs.get("enable_tree_attention", 0):
         raise NotImplementedError("tree attention has no CPU lowering yet")
-    if attrs.get("enable_fp8_kv_cache", 0):
-        raise NotImplementedError("FP8 KV cache has no CPU lowering yet")
     hq, hkv, d = attrs["num_q_heads"], attrs["num_kv_heads"], attrs["head_size"]
-    key = f"{hq}_{hkv}_{d}"
+    kv_scales = tuple(attrs["qkv_scales"][1:]) if attrs.get("enable_fp8_kv_cache", 0) else None
+    key = f"{hq}_{hkv}_{d}_{kv_scales}"
     name = f"{OP_TYPE}_{hashlib.sha1(key.encode()).hexdigest()[:8]}"
     g = GraphBuilder(name)
     g.function_mode = True
-    _lower_body(g, hq, hkv, d)
+    _lower_body(g, hq, hkv, d, kv_scales)
     return helper.make_function(
         LOWERING_DOMAIN, name, list(INPUTS), list(OUTPUTS), g.nodes,
         [helper.make_opsetid("", 24)],
     )
 
 
-def _lower_body(g: GraphBuilder, hq: int, hkv: int, d: int) -> None:
+def _lower_body(g: GraphBuilder, hq: int, hkv: int, d: int, kv_scales=None) -> None:
     q, k, v, past, ctx, table, start_idx = INPUTS
     n = g.node
     i64 = g.i64
@@ -234,7 +254,18 @@ def _lower_body(g: GraphBuilder, hq: int, hkv: int, d: int) -> None:
         return n("Concat", [o1, o2, rest], {"axis": 3})
 
     q_rot = rotate(q4)
-    k_rot16 = n("Cast", [rotate(k4)], {"to": FLOAT16})
+    if kv_scales:
+        # The cache holds fp8 codes. Work on their exact fp32 values: new K/V become
+        # fp8(x / scale) (Cast saturates), old slots are widened as they are.
+        def to_codes(x, scale):
+            scaled = n("Div", [n("Cast", [x], {"to": FLOAT}), g.const(np.array(scale, np.float32))])
+            return n("Cast", [n("Cast", [scaled], {"to": FLOAT8E4M3FN})], {"to": FLOAT})
+
+        k_new, v_new = to_codes(rotate(k4), kv_scales[0]), to_codes(v4, kv_scales[1])
+        past_values = n("Cast", [past], {"to": FLOAT})
+    else:
+        k_new, v_new = n("Cast", [rotate(k4)], {"to": FLOAT16}), v4
+        past_values = past
 
     # Cache update: slot j takes new token j - first[b] when that is in [0, S).
     cap = n("Shape", [past], {"start": 3, "end": 4})
@@ -247,13 +278,16 @@ def _lower_body(g: GraphBuilder, hq: int, hkv: int, d: int) -> None:
 
     def updated(new4, which):
         picked = n("Transpose", [n("GatherND", [new4, t_idx], {"batch_dims": 1})], {"perm": [0, 2, 1, 3]})
-        old = n("Squeeze", [n("Slice", [past, i64(which), i64(which + 1), i64(1)]), i64(1)])
+        old = n("Squeeze", [n("Slice", [past_values, i64(which), i64(which + 1), i64(1)]), i64(1)])
         return n("Where", [keep, picked, old])  # [B,Hkv,Cap,D]
 
-    new_k = updated(k_rot16, 0)
-    new_v = updated(v4, 1)
-    n("Concat", [n("Unsqueeze", [new_k, i64(1)]), n("Unsqueeze", [new_v, i64(1)])], {"axis": 1},
-      outputs=[OUTPUTS[1]])
+    new_k = updated(k_new, 0)
+    new_v = updated(v_new, 1)
+    present = n("Concat", [n("Unsqueeze", [new_k, i64(1)]), n("Unsqueeze", [new_v, i64(1)])], {"axis": 1})
+    n("Cast", [present], {"to": FLOAT8E4M3FN if kv_scales else FLOAT16}, outputs=[OUTPUTS[1]])
+    if kv_scales:  # attention reads fp8 * scale
+        new_k = n("Mul", [new_k, g.const(np.array(kv_scales[0], np.float32))])
+        new_v = n("Mul", [new_v, g.const(np.array(kv_scales[1], np.float32))])
 
     # Attention in fp32; query head h reads KV head h // (hq / hkv).
     group = hq // hkv

@@ -31,6 +31,18 @@ class LinearQuant:
     format: str = FP16
     group_size: int | None = None
     algo: str = ""  # the metadata's own spelling, for messages
+    zero_offset: int = 1  # GPTQ: v1 files store zero - 1 (add 1 back); gptq_v2 files store the zero itself
+
+
+@dataclass
+class QuantDecisions:
+    """What the export does per linear (canonical names) and for the KV cache."""
+
+    linears: dict[str, LinearQuant] = field(default_factory=dict)
+    kv_scales: list[tuple[float, float]] | None = None  # per layer (k, v) when the KV cache is FP8
+
+    def formats(self) -> list[str]:
+        return sorted({lq.format for lq in self.linears.values()} - {FP16})
 
 
 @dataclass
@@ -145,7 +157,8 @@ def parse_quant_plan(checkpoint_dir: Path, raw_config: dict) -> QuantPlan | None
             raise _refuse(f"awq {qc.get('version')}", where, "only AutoAWQ's GEMM layout is supported")
         group = _int4_group(qc.get("group_size", 128), method, where)
         fmt = INT4_AWQ_GEMM if method == "awq" else INT4_GPTQ
-        return QuantPlan(where, LinearQuant(fmt, group, method), None, excluded)
+        offset = 0 if str(qc.get("checkpoint_format", "gptq")).lower() == "gptq_v2" else 1
+        return QuantPlan(where, LinearQuant(fmt, group, method, offset), None, excluded)
     raise _refuse(method or "unnamed", where)
 
 

@@ -1,0 +1,148 @@
+"""MXFP8 ops (Edge-LLM 0.7, TensorRT's `trt` domain): TRT_MXFP8DynamicQuantize and
+TRT_MXFP8DequantizeLinear. Contract quant.md §3.3.
+
+A block of `block_size` (32) elements along the last axis shares one E8M0 scale, stored
+as a biased exponent byte e (scale 2^(e - 127)); elements are float8 e4m3.
+Dequantize: x_fp8 * 2^(e - 127). Dynamic quantize follows the OCP MX rule: the shared
+exponent is floor(log2(amax)) - 8 (8 = e4m3's largest exponent), clamped to [-127, 127],
+elements x / 2^exp converted to e4m3 with saturation. (TensorRT computes activation scales
+at run time; this is our CPU model of it, within the format's stated tolerance.)
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..onnx_graph.builder import FLOAT, FLOAT8E4M3FN, FLOAT16, GraphBuilder
+
+DOMAIN = "trt"
+QUANTIZE = "TRT_MXFP8DynamicQuantize"
+DEQUANTIZE = "TRT_MXFP8DequantizeLinear"
+LOWERING_DOMAIN = "edgellm.lowering"
+BLOCK = 32
+E4M3_EMAX = 8
+FP8_MAX = 448.0
+
+
+# -- face 1: torch ops with eager references ------------------------------------------------
+def quantize_eager(x, block_size: int = BLOCK):
+    import torch
+
+    xf = x.float().reshape(*x.shape[:-1], -1, block_size)
+    amax = xf.abs().amax(-1, keepdim=True)
+    _, e = torch.frexp(amax)  # amax = m * 2^e, m in [0.5, 1): floor(log2(amax)) = e - 1
+    exp = torch.where(amax > 0, e - 1 - E4M3_EMAX, torch.full_like(e, -127)).clamp(-127, 127)
+    q = (xf / torch.exp2(exp.float())).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.reshape(x.shape), (exp + 127).to(torch.uint8).reshape(*x.shape[:-1], -1)
+
+
+def dequantize_eager(x, scale, block_size: int = BLOCK):
+    import torch
+
+    s = torch.exp2(scale.float() - 127.0).repeat_interleave(block_size, dim=-1)
+    return (x.float() * s).to(torch.float16)
+
+
+_LIB = None
+
+
+@functools.cache
+def register_torch_op():
+    global _LIB
+    import torch
+
+    lib = torch.library.Library("trt", "FRAGMENT")
+    lib.define("mxfp8_dynamic_quantize(Tensor x, int block_size) -> (Tensor, Tensor)")
+    lib.define("mxfp8_dequantize_linear(Tensor x, Tensor scale, int block_size) -> Tensor")
+    lib.impl("mxfp8_dynamic_quantize", quantize_eager, "CompositeExplicitAutograd")
+    lib.impl("mxfp8_dequantize_linear", dequantize_eager, "CompositeExplicitAutograd")
+    _LIB = lib
+    return torch.ops.trt.mxfp8_dynamic_quantize, torch.ops.trt.mxfp8_dequantize_linear
+
+
+# -- face 2: schemas -------------------------------------------------------------------------
+def _schemas() -> list[onnx.defs.OpSchema]:
+    fp = onnx.defs.OpSchema.FormalParameter
+    A = onnx.defs.OpSchema.AttrType
+    attr = onnx.defs.OpSchema.Attribute
+    quant = onnx.defs.OpSchema(
+        QUANTIZE, DOMAIN, 1, "TensorRT dynamic MXFP8 quantization (E8M0 block scales).",
+        inputs=[fp("x", "T")], outputs=[fp("y", "tensor(float8e4m3fn)"), fp("scale", "tensor(uint8)")],
+        type_constraints=[("T", ["tensor(float16)", "tensor(float)"], "input")],
+        attributes=[attr("axis", A.INT, ""), attr("block_size", A.INT, ""), attr("output_dtype", A.INT, "")],
+    )
+    deq = onnx.defs.OpSchema(
+        DEQUANTIZE, DOMAIN, 1, "TensorRT MXFP8 dequantization (E8M0 block scales).",
+        inputs=[fp("x", "tensor(float8e4m3fn)"), fp("scale", "tensor(uint8)")], outputs=[fp("y", "T")],
+        type_constraints=[("T", ["tensor(float16)", "tensor(float)"], "output")],
+        attributes=[attr("axis", A.INT, ""), attr("block_size", A.INT, ""), attr("output_dtype", A.INT, "")],
+    )
+    return [quant, deq]
+
+
+@functools.cache
+def register_schema() -> None:
+    for s in _schemas():
+        try:
+            onnx.defs.get_schema(s.name, 1, DOMAIN)
+        except onnx.defs.SchemaError:
+            onnx.defs.register_schema(s)
+
+
+# -- face 3: translation ----------------------------------------------------------------------
+def emit_activation_qdq(g: GraphBuilder, x: str) -> str:
+    q, s = g.node(QUANTIZE, [x], {"axis": -1, "block_size": BLOCK, "output_dtype": FLOAT8E4M3FN},
+                  n_out=2, domain=DOMAIN)
+    return emit_dequantize(g, q, s, BLOCK)
+
+
+def emit_dequantize(g: GraphBuilder, x: str, scale: str, block_size: int) -> str:
+    return g.node(DEQUANTIZE, [x, scale], {"axis": -1, "block_size": block_size, "output_dtype": FLOAT16},
+                  domain=DOMAIN)
+
+
+# -- face 4: lowering --------------------------------------------------------------------------
+def lowering(node: onnx.NodeProto) -> onnx.FunctionProto:
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("axis", -1) != -1:
+        raise NotImplementedError(f"{node.op_type} along axis {attrs['axis']} has no CPU lowering")
+    block = int(attrs.get("block_size", BLOCK))
+    name = f"{node.op_type}_{hashlib.sha1(repr(sorted(attrs.items())).encode()).hexdigest()[:8]}"
+    g = GraphBuilder(name)
+    g.function_mode = True
+    n, i64 = g.node, g.i64
+    two = g.const(np.array(2.0, np.float32))
+    if node.op_type == QUANTIZE:
+        xf = n("Cast", ["x"], {"to": FLOAT})
+        blocks = n("Reshape", [xf, n("Concat", [n("Shape", [xf], {"end": -1}), i64(-1, block)], {"axis": 0})])
+        amax = n("ReduceMax", [n("Abs", [blocks]), i64(-1)], {"keepdims": 1})
+        # floor(log2(amax)) from Log, then corrected by one either way where rounding misled it.
+        tiny = g.const(np.array(np.finfo(np.float32).tiny, np.float32))
+        e = n("Floor", [n("Div", [n("Log", [n("Max", [amax, tiny])]), g.const(np.array(np.log(2.0), np.float32))])])
+        e = n("Add", [e, n("Cast", [n("LessOrEqual", [n("Pow", [two, n("Add", [e, g.const(np.array(1.0, np.float32))])]),
+                                                     amax])], {"to": FLOAT})])
+        e = n("Sub", [e, n("Cast", [n("Greater", [n("Pow", [two, e]), amax])], {"to": FLOAT})])
+        e = n("Sub", [e, g.const(np.array(float(E4M3_EMAX), np.float32))])
+        zero = n("Equal", [amax, g.const(np.array(0, np.float32))])
+        e = n("Clip", [n("Where", [zero, g.const(np.array(-127.0, np.float32)), e]),
+                       g.const(np.array(-127.0, np.float32)), g.const(np.array(127.0, np.float32))])
+        q = n("Cast", [n("Div", [blocks, n("Pow", [two, e])])], {"to": FLOAT8E4M3FN})  # saturating
+        n("Reshape", [q, n("Shape", ["x"])], outputs=["y"])
+        biased = n("Cast", [n("Add", [e, g.const(np.array(127.0, np.float32))])], {"to": onnx.TensorProto.UINT8})
+        n("Reshape", [biased, n("Shape", [biased], {"end": -1})], outputs=["scale"])
+        return helper.make_function(LOWERING_DOMAIN, name, ["x"], ["y", "scale"], g.nodes,
+                                    [helper.make_opsetid("", 24)])
+    if node.op_type == DEQUANTIZE:
+        out_type = int(attrs.get("output_dtype", FLOAT16))
+        s = n("Pow", [two, n("Sub", [n("Cast", ["scale"], {"to": FLOAT}), g.const(np.array(127.0, np.float32))])])
+        rep = n("Concat", [n("Shape", [s]), i64(block)], {"axis": 0})
+        s = n("Reshape", [n("Expand", [n("Unsqueeze", [s, i64(-1)]), rep]), n("Shape", ["x"])])
+        n("Cast", [n("Mul", [n("Cast", ["x"], {"to": FLOAT}), s])], {"to": out_type}, outputs=["y"])
+        return helper.make_function(LOWERING_DOMAIN, name, ["x", "scale"], ["y"], g.nodes,
+                                    [helper.make_opsetid("", 24)])
+    raise NotImplementedError(f"no lowering for trt::{node.op_type}")

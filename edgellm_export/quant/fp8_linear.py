@@ -1,0 +1,43 @@
+"""FP8 per-tensor W8A8 (ModelOpt `FP8`), quant.md §3.2.
+
+Checkpoint: weight e4m3 `[N, K]`, weight_scale and input_scale fp32 scalars.
+Graph: QuantizeLinear(x, s_x, FLOAT8E4M3FN) -> DequantizeLinear -> MatMul with
+DequantizeLinear(W, s_w) -> Transpose; both scales fp16 0-D, as the runtime carries them.
+"""
+
+from __future__ import annotations
+
+from ..onnx_graph.builder import FLOAT8E4M3FN, FLOAT16
+from .scales import to_fp16_scale
+
+FP8_MAX = 448.0
+
+
+def emit(ctx, x: str) -> str:
+    from .linear import transposed_matmul
+
+    g, ws, p = ctx.g, ctx.ws, ctx.name
+    w_ref = ws.quant_ref(f"{p}.weight", ("F8_E4M3",), (ctx.n, ctx.k), "FP8 weight")
+    sw_ref = ws.quant_ref(f"{p}.weight_scale", ("F32", "F16", "BF16"), (), "FP8 weight scale")
+    sx_ref = ws.quant_ref(f"{p}.input_scale", ("F32", "F16", "BF16"), (), "FP8 input scale")
+    w = ws.passthrough(f"{p}.weight", FLOAT8E4M3FN, (ctx.n, ctx.k), w_ref)
+    sw = g.weight(f"{p}.weight_scale", FLOAT16, (), lambda: to_fp16_scale(sw_ref, "weight_scale").reshape(()),
+                  tag=sw_ref.where())
+    sx = g.weight(f"{p}.input_scale", FLOAT16, (), lambda: to_fp16_scale(sx_ref, "input_scale").reshape(()),
+                  tag=sx_ref.where())
+    xq = g.node("QuantizeLinear", [x, sx], {"output_dtype": FLOAT8E4M3FN})
+    xdq = g.node("DequantizeLinear", [xq, sx])
+    return transposed_matmul(g, xdq, g.node("DequantizeLinear", [w, sw]))
+
+
+def fake_quant(x, scale):
+    """sat_e4m3(RNE(x / s)) * s."""
+    import torch
+
+    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale
+
+
+def eager(x, t: dict, p: str, lq):
+    sx = t[f"{p}.input_scale"].float()
+    w = t[f"{p}.weight"].float() * t[f"{p}.weight_scale"].float()
+    return fake_quant(x.half().float(), sx) @ w.t()  # the runtime quantizes fp16 activations
