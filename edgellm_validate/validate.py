@@ -25,20 +25,26 @@ def find_llm_dir(out_dir: Path) -> Path:
     raise ExportError("not an export directory: no llm/model.onnx inside", out_dir)
 
 
-def validate_export(out_dir: str | Path, *, backend: str = "cpu", result_path: Path | None = None) -> dict:
+def validate_export(out_dir: str | Path, *, backend: str = "cpu", result_path: Path | None = None,
+                    backend_options: dict | None = None) -> dict:
     t0 = time.perf_counter()
     llm = find_llm_dir(Path(out_dir))
     verify_manifest(llm.parent)  # never validate (or trust) files altered after export
     meta, _ = load_bundle(llm)
-    if backend != "cpu":
-        raise ExportError(f"backend {backend!r} is not available in this build (try --backend cpu)")
-    try:
-        from .cpu_backend import CpuBackend
+    if backend == "trt":  # TensorRT + Edge-LLM plugin; options: see edgellm_validate.trt.backend
+        from .trt.backend import open_trt_backend
 
-        be = CpuBackend(llm)
-    except ImportError as e:  # e.g. onnxruntime missing on a device image
-        raise EnvironmentProblem(f"the CPU backend needs onnxruntime, which cannot be imported ({e}); "
-                                 "install it with `pip install onnxruntime`") from None
+        be = open_trt_backend(llm, meta, **(backend_options or {}))
+    elif backend != "cpu":
+        raise ExportError(f"backend {backend!r} is not available in this build (try --backend cpu or trt)")
+    else:
+        try:
+            from .cpu_backend import CpuBackend
+
+            be = CpuBackend(llm)
+        except ImportError as e:  # e.g. onnxruntime missing on a device image
+            raise EnvironmentProblem(f"the CPU backend needs onnxruntime, which cannot be imported ({e}); "
+                                     "install it with `pip install onnxruntime`") from None
     try:
         run = run_twin(llm, be)
     except RuntimeRefusal as e:
@@ -49,6 +55,8 @@ def validate_export(out_dir: str | Path, *, backend: str = "cpu", result_path: P
     finally:
         be.close()
     result.update({"backend": be.name, "export": str(llm), "seconds": round(time.perf_counter() - t0, 3)})
+    if getattr(be, "details", None):  # e.g. the TensorRT backend's target check, device and build record
+        result["backend_details"] = be.details
     path = result_path or (Path(out_dir) / RESULT_FILE)
     path.write_text(json.dumps(result, indent=2) + "\n")
     result["result_file"] = str(path)

@@ -97,7 +97,7 @@ class DigestCache:
 
     def digest(self, path: str | Path, *, known: str | None = None) -> str:
         """The file's sha256. `known`: a digest computed while the file was written (e.g. manifest.json's),
-        taken instead of a read; the entry is racy anyway, so the next check reads the file once."""
+        taken instead of a read now; its entry is marked racy, so the next check reads the file once."""
         p = os.path.abspath(path)
         self.used.add(p)
         key = _stat_key(os.stat(p))
@@ -105,8 +105,8 @@ class DigestCache:
         if entry is not None and self._trusted(entry, key):
             return entry["sha256"]
         started = self.clock()
-        if known is not None:
-            digest = known
+        if known is not None:  # not read: mark the entry racy so that the next check reads the file once
+            digest, started = known, max(key["mtime_ns"], key["ctime_ns"])
         else:
             digest = sha256_file(Path(p))
             self.hashed.append(p)

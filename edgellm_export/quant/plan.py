@@ -158,6 +158,8 @@ def parse_quant_plan(checkpoint_dir: Path, raw_config: dict) -> QuantPlan | None
         group = _int4_group(qc.get("group_size", 128), method, where)
         fmt = INT4_AWQ_GEMM if method == "awq" else INT4_GPTQ
         offset = 0 if str(qc.get("checkpoint_format", "gptq")).lower() == "gptq_v2" else 1
+        if not qc.get("lm_head"):  # AutoAWQ and GPTQ leave lm_head alone unless told (GPTQModel's lm_head)
+            excluded.append("lm_head")
         return QuantPlan(where, LinearQuant(fmt, group, method, offset), None, excluded)
     raise _refuse(method or "unnamed", where)
 
