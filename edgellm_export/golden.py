@@ -134,7 +134,7 @@ class GoldenRun:
         c = self.cfg
         layer = self.layer_cls(self.cfg, self.pending, self.quant, self.pending_layer)
         caches = [torch.zeros((sc.steps[0].token_ids.shape[0], 2, c.num_key_value_heads, KV_CAPACITY,
-                               c.head_dim), dtype=torch.float32) for sc in self.scenarios]
+                               c.head_dim), dtype=torch.float16) for sc in self.scenarios]  # as the runtime's
         self.hidden, _ = layer.forward_steps(self.hidden, caches, self.table, self._calls())
         self.pending = {}
 

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 
 from .cpu_memory import split_large_matmuls
+from .cpu_precision import widen_fp16_arithmetic
 from .lowering import lower_custom_ops
 
 
@@ -20,6 +21,7 @@ class CpuBackend:
         model = onnx.load(str(llm_dir / "model.onnx"), load_external_data=False)
         lower_custom_ops(model)
         split_large_matmuls(model)
+        widen_fp16_arithmetic(model)  # after the split, which handles its MatMuls in fp32 itself
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads

@@ -136,8 +136,9 @@ def e2m1_codes_onnx(g: GraphBuilder, scaled: str) -> str:
     n = g.node
     m = n("Unsqueeze", [n("Abs", [scaled]), g.i64(-1)])
     bounds = g.const(_BOUNDS)
-    hits = n("Where", [g.const(_TIE_UP), n("GreaterOrEqual", [m, bounds]), n("Greater", [m, bounds])])
-    idx = n("ReduceSum", [n("Cast", [hits], {"to": INT32}), g.i64(-1)], {"keepdims": 0})
+    hits = n("Where", [g.const(_TIE_UP), n("Cast", [n("GreaterOrEqual", [m, bounds])], {"to": INT32}),
+                       n("Cast", [n("Greater", [m, bounds])], {"to": INT32})])
+    idx = n("ReduceSum", [hits, g.i64(-1)], {"keepdims": 0})
     neg = n("And", [n("Less", [scaled, g.const(np.array(0, np.float32))]),
                     n("Greater", [idx, g.const(np.array(0, np.int32))])])
     sign = n("Mul", [n("Cast", [neg], {"to": INT32}), g.const(np.array(8, np.int32))])

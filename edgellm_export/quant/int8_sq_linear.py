@@ -44,6 +44,6 @@ def fake_quant(x, scale):
 
 
 def eager(x, t: dict, p: str, lq):
-    xs = x.float() * t[f"{p}.pre_quant_scale"].float()
-    w = t[f"{p}.weight"].float() * t[f"{p}.weight_scale"].float()[:, None]
-    return fake_quant(xs, t[f"{p}.input_scale"].float()) @ w.t()
+    xs = (x.half() * t[f"{p}.pre_quant_scale"].half()).float()  # fp16 activations and Mul, as in the graph
+    w = (t[f"{p}.weight"].float() * t[f"{p}.weight_scale"].float()[:, None]).half().float()  # Cast to fp16
+    return fake_quant(xs, t[f"{p}.input_scale"].float()).half().float() @ w.t()
