@@ -142,8 +142,22 @@ def plan_export(ckpt, contract, opts: ExportOptions) -> PlannedExport:
     g = GraphBuilder("edgellm_decoder")
     weights = WeightSource(ckpt, g, clamp=opts.clamp_fp16)
     family.emit_graph(g, weights, cfg, contract, has_lm_head, quant)
+    _refuse_unread_tensors(ckpt, family.linear_names(cfg, has_lm_head), weights.used, quant)
     embed_ref = weights.ref("embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
     return PlannedExport(cfg, family, g, embed_ref, runtime_cfg, quant)
+
+
+def _refuse_unread_tensors(ckpt, linears: list[str], used: set[str], quant: QuantDecisions) -> None:
+    """A tensor under a linear that the export does not read would change the checkpoint's meaning
+    if honoured (a smoothing scale, a stray KV scale without KV metadata): refuse, naming it."""
+    kv = {"k_scale", "v_scale"} if quant.kv_scales is not None else set()
+    prefixes = tuple(f"{name}." for name in linears)
+    stray = sorted(n for n in ckpt.names()
+                   if n.startswith(prefixes) and n not in used and n.rsplit(".", 1)[1] not in kv)
+    if stray:
+        shown = ", ".join(stray[:4]) + (f" and {len(stray) - 4} more" if len(stray) > 4 else "")
+        raise ExportError(f"the checkpoint has tensors its quantization metadata does not account for ({shown}); "
+                          "exporting without them would compute something else", ckpt.path)
 
 
 def _kv_scales(ckpt, cfg: ModelConfig, source: Path) -> list[tuple[float, float]]:

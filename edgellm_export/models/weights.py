@@ -80,9 +80,11 @@ class WeightSource:
         self.ckpt = ckpt
         self.g = g
         self.clamp = clamp
+        self.used: set[str] = set()  # checkpoint tensor names the graph reads
 
     def ref(self, name: str, shape: tuple[int, ...]) -> TensorRef:
         ref = self.ckpt.ref(name)
+        self.used.add(name)
         if ref.dtype not in ("F16", "BF16", "F32"):
             raise ExportError(
                 f"tensor {ref.key!r} has dtype {ref.dtype}; an unquantized export needs "
@@ -116,6 +118,7 @@ class WeightSource:
         if not self.ckpt.has(name):
             raise ExportError(f"tensor {name!r} ({what}) is missing from the checkpoint", self.ckpt.path)
         ref = self.ckpt.ref(name)
+        self.used.add(name)
         if ref.dtype not in dtypes:
             raise ExportError(f"tensor {ref.key!r} ({what}) has dtype {ref.dtype}; expected "
                               f"{' or '.join(dtypes)}", ref.file.path)

@@ -78,8 +78,9 @@ def _schemas() -> list[onnx.defs.OpSchema]:
     )
     deq = onnx.defs.OpSchema(
         DEQUANTIZE, DOMAIN, 1, "TensorRT MXFP8 dequantization (E8M0 block scales).",
-        inputs=[fp("x", "tensor(float8e4m3fn)"), fp("scale", "tensor(uint8)")], outputs=[fp("y", "T")],
-        type_constraints=[("T", ["tensor(float16)", "tensor(float)"], "output")],
+        # The output type follows output_dtype; we only emit FLOAT16, and a fixed type lets the
+        # checker infer types past this node.
+        inputs=[fp("x", "tensor(float8e4m3fn)"), fp("scale", "tensor(uint8)")], outputs=[fp("y", "tensor(float16)")],
         attributes=[attr("axis", A.INT, ""), attr("block_size", A.INT, ""), attr("output_dtype", A.INT, "")],
     )
     return [quant, deq]

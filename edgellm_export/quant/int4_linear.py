@@ -70,6 +70,8 @@ def emit(ctx, x: str) -> str:
         g.weight(qweight, INT8, (n // 2, k), _packed(lambda: int4_pack.repack_modelopt_w4a16(_np(w_ref), name=p), w_ref),
                  tag=w_ref.where())
         g.weight(scales, FLOAT16, (k // group, n), lambda: _scales(s_ref, transpose=True), tag=s_ref.where())
+        if ws.ckpt.has(f"{p}.input_scale"):  # older ModelOpt writes one; weight-only INT4 has no use for it
+            ws.quant_ref(f"{p}.input_scale", SCALE_DTYPES, (), "unused activation scale of a weight-only layer")
         if ws.ckpt.has(f"{p}.pre_quant_scale"):
             pqs_ref = ws.quant_ref(f"{p}.pre_quant_scale", SCALE_DTYPES, (k,), "AWQ pre_quant_scale")
             pqs = g.weight(f"{p}.pre_quant_scale", FLOAT16, (k,), lambda: to_fp16(pqs_ref), tag=pqs_ref.where())
