@@ -280,3 +280,47 @@ def test_twin_reproduces_golden_and_stays_near_an_independent_reference(kind, qu
     print(f"\n{kind}: golden cos {res['worst_cosine']:.6f} top-1 {res['top1_agreement']:.3f}; "
           f"independent reference cos {worst:.5f} top-1 {top1:.3f}")
     assert worst >= thresholds(meta["precision"])[2]
+
+
+def _exported(out: Path, name: str) -> np.ndarray:
+    """An initializer's bytes, read from model.onnx.data by its external-data record."""
+    t = next(t for t in _graph(out).graph.initializer if t.name == name)
+    ext = {e.key: e.value for e in t.external_data}
+    raw = np.fromfile(out / "llm" / ext["location"], np.uint8, int(ext["length"]), offset=int(ext["offset"]))
+    return raw.view(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(list(t.dims))
+
+
+@pytest.mark.parametrize("kind", ["int4_awq", "awq_gemm", "gptq_desc_act", "mixed_nvfp4"])
+def test_exported_int4_buffers_decode_to_the_checkpoints_integers(kind, quant_export):
+    """Round trip through the file: the plugin buffers in model.onnx.data, unpacked, are exactly the
+    checkpoint's integer weights (q - zero; for GPTQ in the activation order the Gather applies)."""
+    from safetensors import safe_open
+
+    from edgellm_export.quant import int4_pack
+    from fixtures import dequant_reference as ref
+
+    ckpt, out = quant_export(kind)
+    f = safe_open(str(ckpt / "model.safetensors"), "np")
+    names = ["lm_head"] if kind == "mixed_nvfp4" else [f"layers.{i}.{n}" for i in range(LAYERS) for n in LINEARS]
+    for p in names:
+        key = p if p == "lm_head" else f"model.{p}"
+        n, k = (V, H) if p == "lm_head" else LINEARS[p.split(".", 2)[2]]
+        u = int4_pack.unpack_plugin(_exported(out, f"{p}.qweight").view(np.uint8), n, k).astype(np.int64) - 8
+        if kind in ("int4_awq", "mixed_nvfp4"):  # ModelOpt: two's complement pairs of rows
+            packed = f.get_tensor(f"{key}.weight")
+            lo, hi = (packed & 15).astype(np.int64), (packed >> 4).astype(np.int64)
+            want = np.empty((n, k), np.int64)
+            want[0::2], want[1::2] = np.where(lo >= 8, lo - 16, lo), np.where(hi >= 8, hi - 16, hi)
+        elif kind == "awq_gemm":
+            q = ref._nibbles_along_last(f.get_tensor(f"{key}.qweight"), ref.AWQ_ORDER)
+            z = ref._nibbles_along_last(f.get_tensor(f"{key}.qzeros"), ref.AWQ_ORDER)
+            want = (q - np.repeat(z, 128, 0)).T
+        else:
+            qw = f.get_tensor(f"{key}.qweight").view(np.uint32)
+            q = np.stack([(qw >> np.uint32(4 * j)) & 15 for j in range(8)], 1).reshape(k, n).astype(np.int64)
+            z = ref._nibbles_along_last(f.get_tensor(f"{key}.qzeros")) + 1
+            g_idx = f.get_tensor(f"{key}.g_idx").astype(np.int64)
+            perm = _exported(out, f"{p}.act_perm")
+            assert sorted(perm.tolist()) == list(range(k)) and np.all(np.diff(g_idx[perm]) >= 0)
+            want = (q - z[g_idx]).T[:, perm]
+        assert np.array_equal(u, want), p
