@@ -14,6 +14,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import hf_reference_logits
+from fixtures.dequant_reference import reference_model
+from fixtures.modelopt_checkpoints import modelopt_checkpoint_cache
+from fixtures.quant_layouts import make_layout_checkpoint
 from onnx import TensorProto, helper
 
 from edgellm_export.cli import main
@@ -21,11 +25,6 @@ from edgellm_validate.compare import cosine_rows, thresholds
 from edgellm_validate.cpu_backend import CpuBackend
 from edgellm_validate.twin import run_twin
 from edgellm_validate.validate import validate_export
-from fixtures.dequant_reference import reference_model
-from fixtures.modelopt_checkpoints import modelopt_checkpoint_cache
-from fixtures.quant_layouts import make_layout_checkpoint
-
-from conftest import hf_reference_logits
 
 # kind -> (maker, expected precision label)
 KINDS = {
@@ -40,9 +39,9 @@ KINDS = {
     "gptq_desc_act": ("layout", "int4_gptq"),
     "mxfp8": ("layout", "mxfp8"),
 }
-H, I, HKV, D, V, LAYERS = 256, 512, 2, 64, 512, 2
+H, FF, HKV, D, V, LAYERS = 256, 512, 2, 64, 512, 2
 LINEARS = {"self_attn.q_proj": (H, H), "self_attn.k_proj": (HKV * D, H), "self_attn.v_proj": (HKV * D, H),
-           "self_attn.o_proj": (H, H), "mlp.gate_proj": (I, H), "mlp.up_proj": (I, H), "mlp.down_proj": (H, I)}
+           "self_attn.o_proj": (H, H), "mlp.gate_proj": (FF, H), "mlp.up_proj": (FF, H), "mlp.down_proj": (H, FF)}
 REPORT: dict[str, dict] = {}
 
 
@@ -294,10 +293,10 @@ def _exported(out: Path, name: str) -> np.ndarray:
 def test_exported_int4_buffers_decode_to_the_checkpoints_integers(kind, quant_export):
     """Round trip through the file: the plugin buffers in model.onnx.data, unpacked, are exactly the
     checkpoint's integer weights (q - zero; for GPTQ in the activation order the Gather applies)."""
+    from fixtures import dequant_reference as ref
     from safetensors import safe_open
 
     from edgellm_export.quant import int4_pack
-    from fixtures import dequant_reference as ref
 
     ckpt, out = quant_export(kind)
     f = safe_open(str(ckpt / "model.safetensors"), "np")

@@ -125,8 +125,8 @@ def lowering(node: onnx.NodeProto) -> onnx.FunctionProto:
         # floor(log2(amax)) from Log, then corrected by one either way where rounding misled it.
         tiny = g.const(np.array(np.finfo(np.float32).tiny, np.float32))
         e = n("Floor", [n("Div", [n("Log", [n("Max", [amax, tiny])]), g.const(np.array(np.log(2.0), np.float32))])])
-        e = n("Add", [e, n("Cast", [n("LessOrEqual", [n("Pow", [two, n("Add", [e, g.const(np.array(1.0, np.float32))])]),
-                                                     amax])], {"to": FLOAT})])
+        one = g.const(np.array(1.0, np.float32))
+        e = n("Add", [e, n("Cast", [n("LessOrEqual", [n("Pow", [two, n("Add", [e, one])]), amax])], {"to": FLOAT})])
         e = n("Sub", [e, n("Cast", [n("Greater", [n("Pow", [two, e]), amax])], {"to": FLOAT})])
         e = n("Sub", [e, g.const(np.array(float(E4M3_EMAX), np.float32))])
         zero = n("Equal", [amax, g.const(np.array(0, np.float32))])

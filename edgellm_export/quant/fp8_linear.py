@@ -7,8 +7,8 @@ DequantizeLinear(W, s_w) -> Transpose; both scales fp16 0-D, as the runtime carr
 
 from __future__ import annotations
 
-from ..onnx_graph.builder import FLOAT8E4M3FN, FLOAT16
 from ..models.weights import to_fp16
+from ..onnx_graph.builder import FLOAT8E4M3FN, FLOAT16
 from .scales import to_fp16_scale
 
 FP8_MAX = 448.0

@@ -15,6 +15,7 @@ from ..errors import ExportError, UnsupportedError
 from ..models.weights import to_fp16
 from ..onnx_graph.builder import FLOAT16, INT8, INT64
 from ..ops import int4_gemm
+from . import int4_pack
 from .plan import INT4_AWQ_GEMM, INT4_AWQ_MODELOPT, INT4_GPTQ
 
 SCALE_DTYPES = ("F16", "BF16", "F32")
@@ -45,8 +46,6 @@ def _scales(ref, transpose: bool):
 def _packed(u_fn, ref):
     import torch
 
-    from . import int4_pack
-
     def produce():
         try:
             return torch.from_numpy(int4_pack.pack_plugin(u_fn()))
@@ -56,8 +55,6 @@ def _packed(u_fn, ref):
 
 
 def emit(ctx, x: str) -> str:
-    from . import int4_pack
-
     g, ws, p, n, k, lq = ctx.g, ctx.ws, ctx.name, ctx.n, ctx.k, ctx.lq
     group = lq.group_size
     why = int4_gemm.check_shape(n, k, group)
@@ -67,8 +64,8 @@ def emit(ctx, x: str) -> str:
     if lq.format == INT4_AWQ_MODELOPT:
         w_ref = ws.quant_ref(f"{p}.weight", ("U8", "I8"), (n // 2, k), "W4A16_AWQ packed weight")
         s_ref = ws.quant_ref(f"{p}.weight_scale", SCALE_DTYPES, (n, k // group), "W4A16_AWQ weight scale")
-        g.weight(qweight, INT8, (n // 2, k), _packed(lambda: int4_pack.repack_modelopt_w4a16(_np(w_ref), name=p), w_ref),
-                 tag=w_ref.where())
+        u_fn = lambda: int4_pack.repack_modelopt_w4a16(_np(w_ref), name=p)  # noqa: E731
+        g.weight(qweight, INT8, (n // 2, k), _packed(u_fn, w_ref), tag=w_ref.where())
         g.weight(scales, FLOAT16, (k // group, n), lambda: _scales(s_ref, transpose=True), tag=s_ref.where())
         if ws.ckpt.has(f"{p}.input_scale"):  # older ModelOpt writes one; weight-only INT4 has no use for it
             ws.quant_ref(f"{p}.input_scale", SCALE_DTYPES, (), "unused activation scale of a weight-only layer")
@@ -80,8 +77,8 @@ def emit(ctx, x: str) -> str:
         q_ref = ws.quant_ref(f"{p}.qweight", ("I32",), (k, n // 8), "AutoAWQ qweight")
         z_ref = ws.quant_ref(f"{p}.qzeros", ("I32",), (k // group, n // 8), "AutoAWQ qzeros")
         s_ref = ws.quant_ref(f"{p}.scales", SCALE_DTYPES, (k // group, n), "AutoAWQ scales")
-        g.weight(qweight, INT8, (n // 2, k),
-                 _packed(lambda: int4_pack.repack_autoawq(_np(q_ref), _np(z_ref), group, name=p), q_ref), tag=q_ref.where())
+        u_fn = lambda: int4_pack.repack_autoawq(_np(q_ref), _np(z_ref), group, name=p)  # noqa: E731
+        g.weight(qweight, INT8, (n // 2, k), _packed(u_fn, q_ref), tag=q_ref.where())
         g.weight(scales, FLOAT16, (k // group, n), lambda: _scales(s_ref, transpose=False), tag=s_ref.where())
     elif lq.format == INT4_GPTQ:
         q_ref = ws.quant_ref(f"{p}.qweight", ("I32",), (k // 8, n), "GPTQ qweight")

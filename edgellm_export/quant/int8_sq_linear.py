@@ -8,6 +8,7 @@ DequantizeLinear(W, s_w, axis=0) -> Cast(fp16) -> Transpose -> MatMul. Scales st
 
 from __future__ import annotations
 
+from ..errors import ExportError
 from ..models.weights import to_fp16
 from ..onnx_graph.builder import FLOAT, FLOAT16, INT8
 from .scales import checked_fp32
@@ -18,9 +19,10 @@ def emit(ctx, x: str) -> str:
 
     g, ws, p, n, k = ctx.g, ctx.ws, ctx.name, ctx.n, ctx.k
     w_ref = ws.quant_ref(f"{p}.weight", ("I8",), (n, k), "INT8 weight")
-    sw_ref = ws.quant_ref(f"{p}.weight_scale", ("F32", "F16", "BF16"), None, "INT8 weight scale")
+    sw_ref = ws.quant_ref(f"{p}.weight_scale", ("F32", "F16", "BF16"), None, "INT8 per-channel weight scale")
     if tuple(sw_ref.shape) not in ((n,), (n, 1)):
-        ws.quant_ref(f"{p}.weight_scale", ("F32",), (n,), "INT8 per-channel weight scale")  # raises
+        raise ExportError(f"tensor {sw_ref.key!r} (INT8 per-channel weight scale) has shape {list(sw_ref.shape)}; "
+                          f"expected [{n}]", sw_ref.file.path)
     sx_ref = ws.quant_ref(f"{p}.input_scale", ("F32", "F16", "BF16"), (), "INT8 input scale")
     pqs_ref = ws.quant_ref(f"{p}.pre_quant_scale", ("F16", "BF16", "F32"), (k,), "SmoothQuant pre_quant_scale")
     pqs = g.weight(f"{p}.pre_quant_scale", FLOAT16, (k,), lambda: to_fp16(pqs_ref), tag=pqs_ref.where())
