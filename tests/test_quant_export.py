@@ -323,3 +323,23 @@ def test_exported_int4_buffers_decode_to_the_checkpoints_integers(kind, quant_ex
             assert sorted(perm.tolist()) == list(range(k)) and np.all(np.diff(g_idx[perm]) >= 0)
             want = (q - z[g_idx]).T[:, perm]
         assert np.array_equal(u, want), p
+
+
+def test_per_linear_records_follow_the_tensors(quant_export):
+    """Format, group size, smoothing and activation order per linear, as the tensors show them."""
+    from edgellm_export.checkpoint import open_checkpoint
+    from edgellm_export.contract import get_contract
+    from edgellm_export.export import ExportOptions, plan_export
+
+    def records(kind):
+        with open_checkpoint(quant_export(kind)[0]) as ck:
+            return plan_export(ck, get_contract("0.7"), ExportOptions()).quant.linears
+
+    awq = records("int4_awq")  # ModelOpt folds q/k/v and gate/up smoothing into the norms
+    assert [awq[f"layers.0.{n}"].smoothing for n in LINEARS] == [False, False, False, True, False, False, True]
+    assert {(r.format, r.group_size) for r in awq.values()} == {("int4_awq_modelopt", 128), ("fp16", None)}
+    mixed = records("mixed_nvfp4")
+    assert (mixed["lm_head"].format, mixed["lm_head"].group_size) == ("int4_awq_modelopt", 128)
+    assert (mixed["layers.1.mlp.down_proj"].format, mixed["layers.1.mlp.down_proj"].group_size) == ("nvfp4", 16)
+    gptq = records("gptq_desc_act")
+    assert all(r.act_order for n, r in gptq.items() if n != "lm_head") and not gptq["lm_head"].act_order

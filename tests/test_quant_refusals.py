@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fixtures.quant_layouts import make_layout_checkpoint
 from safetensors.torch import load_file, save_file
+from test_quant_plan import fp8_checkpoint, quant_json
 
 from edgellm_export.cli import main
-from fixtures.quant_layouts import make_layout_checkpoint
-from test_quant_plan import fp8_checkpoint, quant_json
 
 
 @pytest.fixture(scope="module")

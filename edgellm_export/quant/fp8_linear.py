@@ -26,7 +26,7 @@ def emit(ctx, x: str) -> str:
                   tag=sw_ref.where())
     sx = g.weight(f"{p}.input_scale", FLOAT16, (), lambda: to_fp16_scale(sx_ref, "input_scale").reshape(()),
                   tag=sx_ref.where())
-    if ws.ckpt.has(f"{p}.pre_quant_scale"):
+    if ctx.lq.smoothing:
         # ModelOpt keeps an AWQ-style smoothing scale on FP8 layers it cannot fold (an FP8 lm_head
         # after an AWQ backbone); the reference exporter drops it, we apply it.
         pqs_ref = ws.quant_ref(f"{p}.pre_quant_scale", ("F16", "BF16", "F32"), (ctx.k,), "pre_quant_scale")

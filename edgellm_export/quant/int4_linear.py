@@ -69,7 +69,7 @@ def emit(ctx, x: str) -> str:
         g.weight(scales, FLOAT16, (k // group, n), lambda: _scales(s_ref, transpose=True), tag=s_ref.where())
         if ws.ckpt.has(f"{p}.input_scale"):  # older ModelOpt writes one; weight-only INT4 has no use for it
             ws.quant_ref(f"{p}.input_scale", SCALE_DTYPES, (), "unused activation scale of a weight-only layer")
-        if ws.ckpt.has(f"{p}.pre_quant_scale"):
+        if lq.smoothing:
             pqs_ref = ws.quant_ref(f"{p}.pre_quant_scale", SCALE_DTYPES, (k,), "AWQ pre_quant_scale")
             pqs = g.weight(f"{p}.pre_quant_scale", FLOAT16, (k,), lambda: to_fp16(pqs_ref), tag=pqs_ref.where())
             x = g.node("Mul", [x, pqs])
@@ -85,7 +85,7 @@ def emit(ctx, x: str) -> str:
         z_ref = ws.quant_ref(f"{p}.qzeros", ("I32",), (k // group, n // 8), "GPTQ qzeros")
         s_ref = ws.quant_ref(f"{p}.scales", SCALE_DTYPES, (k // group, n), "GPTQ scales")
         g_idx = None
-        if ws.ckpt.has(f"{p}.g_idx"):
+        if lq.act_order:
             gi_ref = ws.quant_ref(f"{p}.g_idx", ("I32", "I64"), (k,), "GPTQ g_idx")
             g_idx = _np(gi_ref)
         try:  # the permutation is tiny and decides the graph, so it is computed now

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import ExportError, UnsupportedError
@@ -32,6 +32,10 @@ class LinearQuant:
     group_size: int | None = None
     algo: str = ""  # the metadata's own spelling, for messages
     zero_offset: int = 1  # GPTQ: v1 files store zero - 1 (add 1 back); gptq_v2 files store the zero itself
+    # From the tensors present (resolve): an activation smoothing scale to multiply in, and a GPTQ
+    # activation order (g_idx) to gather by.
+    smoothing: bool = False
+    act_order: bool = False
 
 
 @dataclass
@@ -207,5 +211,6 @@ def resolve(plan: QuantPlan, ckpt, linears: list[str]) -> dict[str, LinearQuant]
             said = f"{want.algo or 'no quantization'} ({want.format})"
             raise ExportError(f"the metadata gives layer {name} {said}, but its tensors are {found}; "
                               "the checkpoint contradicts itself", plan.source)
-        out[name] = want
+        out[name] = replace(want, smoothing=ckpt.has(f"{name}.pre_quant_scale"),
+                            act_order=found == INT4_GPTQ and ckpt.has(f"{name}.g_idx"))
     return out
