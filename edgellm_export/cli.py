@@ -1,4 +1,4 @@
-"""`edgellm`: export, validate and demo commands."""
+"""`edgellm`: export, validate, make, qualify, container and demo commands."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ from .errors import ExportError
 log = logging.getLogger("edgellm")
 EXIT_OK, EXIT_VALIDATION_FAILED, EXIT_BAD_INPUT, EXIT_ENVIRONMENT = 0, 1, 2, 3
 EXIT_CODES = """exit codes:
-  0  success
-  1  validation ran and failed (logits outside the thresholds)
-  2  bad input or usage: the checkpoint, the export directory or an option is wrong
-  3  environment problem: disk full, read-only or locked output, missing backend or plugin
-  130 / 143  interrupted (SIGINT / SIGTERM); no output was changed"""
+  0  success (make, qualify: every case came out as expected)
+  1  validation ran and failed (logits outside the thresholds); with --fail-on-regression, a regression
+  2  bad input or usage: the checkpoint, the export directory, a suite, a target or an option is wrong
+  3  environment problem: disk full, read-only or locked output, missing backend, plugin, GPU or docker
+  130 / 143  interrupted (SIGINT / SIGTERM); no output was changed (qualify still writes its report)"""
 
 
 class Progress:
@@ -74,17 +74,42 @@ def _print_validation(res: dict, quiet: bool) -> None:
     print(f"Result written to {res['result_file']}")
 
 
-def _export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default="0.7", help="Edge-LLM release to target (default: 0.7, i.e. 0.7.x)")
+def _export_args(p: argparse.ArgumentParser, *, release_flag: str = "--target", golden: bool = True) -> None:
+    p.add_argument(release_flag, dest="release", default="0.7",
+                   help="Edge-LLM release to target (default: 0.7, i.e. 0.7.x)")
     p.add_argument("--fp8-embedding", "--fp8_embedding", action="store_true",
                    help="write embedding.safetensors as FP8 E4M3 with per-row scales over blocks of 128")
     p.add_argument("--clamp-fp16", action="store_true",
                    help="clamp bf16/fp32 weights beyond fp16's range (with a warning) instead of refusing")
     p.add_argument("--convert-pickle", action="store_true",
                    help="accept pickled .bin/.pt weights, loaded only with torch's weights-only unpickler")
-    p.add_argument("--no-golden", action="store_true",
-                   help="skip the golden bundle (validation will then be impossible)")
+    if golden:
+        p.add_argument("--no-golden", action="store_true",
+                       help="skip the golden bundle (validation will then be impossible)")
     p.add_argument("--unsafe-rope-passthrough", action="store_true", help=argparse.SUPPRESS)
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--previous", type=Path, metavar="PREV.json",
+                   help="qualification.json to compare with (default: the one the report directory holds)")
+    p.add_argument("--fail-on-regression", action="store_true",
+                   help="exit 1 when the comparison finds a regression, even if every case passed")
+
+
+def _pipeline_args(p: argparse.ArgumentParser, *, per_target: bool) -> None:
+    p.add_argument("--force", action="store_true", help="redo every stage, up to date or not")
+    p.add_argument("--no-container", "--on-host", dest="container", action="store_false",
+                   help="validate on this host instead of in the target's container (development)")
+    p.add_argument("--base-image", action="append", default=[],
+                   metavar="[TARGET=]IMAGE" if per_target else "IMAGE",
+                   help="base image of the validation image (required for drive-thor)"
+                        + ("; TARGET= limits it to one target; repeatable" if per_target else ""))
+    p.add_argument("--ca-bundle", type=Path, metavar="FILE",
+                   help="PEM CA bundle for image builds behind a TLS-intercepting proxy")
+    p.add_argument("--plugin", metavar="PATH", help="--no-container on TensorRT: the Edge-LLM plugin library "
+                                                    "(default $EDGELLM_PLUGIN_PATH)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="limit for one containerised validation")
+    _report_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,8 +138,45 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the exported graph through the runtime twin and compare its logits "
                                    "with the golden bundle stored at export time. Exit code 1 on failure.")
     v.add_argument("out", type=Path, help="export directory (the OUT given to `edgellm export`)")
-    v.add_argument("--backend", default="cpu", choices=["cpu"], help="cpu: onnxruntime with lowered custom ops")
+    v.add_argument("--backend", choices=["cpu", "trt"],
+                   help="cpu: onnxruntime with lowered custom ops; trt: TensorRT with the Edge-LLM plugin "
+                        "(default: the target's backend, else cpu)")
     v.add_argument("--result", type=Path, help="where to write the JSON result (default OUT/validation.json)")
+    v.add_argument("--target", help="platform-matrix target (containers/platforms.json); an export it cannot run "
+                                    "is refused before any work")
+    v.add_argument("--engine-dir", type=Path, help="trt: where the engine is built and reused (default OUT.engine/)")
+    v.add_argument("--plugin", metavar="PATH", help="trt: the Edge-LLM plugin library (default $EDGELLM_PLUGIN_PATH)")
+    v.add_argument("--report", type=Path, metavar="DIR", help="also write qualification.json, junit.xml and "
+                                                              "summary.md into DIR")
+    _report_args(v)
+
+    m = sub.add_parser("make", help="export, validate and report, redoing only what is stale",
+                       description="Export CHECKPOINT, validate it for TARGET (in the target's container unless "
+                                   "--no-container) and write DIR/report/. Each stage is skipped while its "
+                                   "inputs are unchanged.")
+    m.add_argument("checkpoint", type=Path, help="checkpoint directory")
+    m.add_argument("--target", required=True, help="platform-matrix target, e.g. x86-cpu or orin-jp6")
+    m.add_argument("--out", required=True, type=Path, metavar="DIR", help="pipeline directory")
+    m.add_argument("--name", help="case name in the report (default: CHECKPOINT's name @ TARGET)")
+    _export_args(m, release_flag="--release", golden=False)
+    _pipeline_args(m, per_target=False)
+
+    q = sub.add_parser("qualify", help="run a SUITE.yaml's cases through make; one aggregated report",
+                       description="Run every case of SUITE.yaml through the make pipeline in WORK/cases/ and "
+                                   "write one report in WORK/report/.")
+    q.add_argument("suite", type=Path, help="suite file (see edgellm_export/make/suite.py for the format)")
+    q.add_argument("--out", type=Path, metavar="WORK", help="work directory (default ./qualify-SUITE)")
+    q.add_argument("--target", action="append", default=[], dest="targets",
+                   help="run only the cases for this target (repeatable)")
+    _pipeline_args(q, per_target=True)
+
+    c = sub.add_parser("container", help="validation images").add_subparsers(dest="action", required=True)
+    cb = c.add_parser("build", help="build and smoke-test a target's validation image",
+                      description="Build TARGET's validation image with docker and smoke-test it.")
+    cb.add_argument("target", help="platform-matrix target")
+    cb.add_argument("--base-image", metavar="IMAGE", help="base image (required for drive-thor)")
+    cb.add_argument("--ca-bundle", type=Path, metavar="FILE", help="PEM CA bundle for builds behind a TLS proxy")
+    cb.add_argument("--tag", help="image tag (default edgellm-validate:VERSION-TARGET)")
 
     d = sub.add_parser("demo", help="export + validate the built-in demo checkpoint",
                        description="Generate a small deterministic Llama checkpoint (with tokenizer and chat "
@@ -128,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _options(args):
     from .export import ExportOptions
 
-    return ExportOptions(target=args.target, fp8_embedding=args.fp8_embedding, golden=not args.no_golden,
+    return ExportOptions(target=args.release, fp8_embedding=args.fp8_embedding, golden=not args.no_golden,
                          clamp_fp16=args.clamp_fp16, convert_pickle=args.convert_pickle,
                          unsafe_rope_passthrough=args.unsafe_rope_passthrough)
 
@@ -144,14 +206,80 @@ def run(argv: list[str] | None = None) -> int:
         _print_summary(export_checkpoint(args.checkpoint, args.out, _options(args), progress), args.quiet)
         return EXIT_OK
     if args.command == "validate":
-        from edgellm_validate.validate import validate_export
+        from .make.pipeline import validate_command
 
-        res = validate_export(args.out, backend=args.backend, result_path=args.result)
+        if not args.report and (args.previous or args.fail_on_regression):
+            raise ExportError("--previous and --fail-on-regression need --report DIR")
+        res, outcome = validate_command(args.out, backend=args.backend, target=args.target, engine_dir=args.engine_dir,
+                                        plugin=args.plugin, result=args.result, report_dir=args.report,
+                                        previous=args.previous, fail_on_regression=args.fail_on_regression)
         _print_validation(res, args.quiet)
-        return EXIT_OK if res["passed"] else EXIT_VALIDATION_FAILED
+        if outcome is None:
+            return EXIT_OK if res["passed"] else EXIT_VALIDATION_FAILED
+        _print_outcome(outcome, True)
+        return outcome.exit_code
+    if args.command in ("make", "qualify"):
+        return _make_or_qualify(args, progress)
+    if args.command == "container":
+        from .make import containers
+
+        info = containers.build_image(args.target, base_image=args.base_image, ca_bundle=args.ca_bundle, tag=args.tag,
+                                      progress=progress)
+        containers.smoke(args.target, info["tag"])
+        print(f"Built {info['tag']} ({info['id']}); smoke check passed")
+        return EXIT_OK
     if args.command == "demo":
         return _demo(args, progress)
     return EXIT_BAD_INPUT
+
+
+def _make_or_qualify(args, progress) -> int:
+    from .make.pipeline import MakeSettings
+
+    images = {}
+    for value in args.base_image:
+        name, sep, image = value.partition("=")
+        per_target = args.command == "qualify" and sep and name and not any(ch in name for ch in "/:@")
+        images[name if per_target else None] = image if per_target else value
+    settings = MakeSettings(force=args.force, container=args.container, base_images=images,
+                            ca_bundle=args.ca_bundle, plugin=args.plugin, timeout=args.timeout, progress=progress)
+    if args.command == "qualify":
+        from .make.qualify import qualify
+
+        work = args.out or Path(f"qualify-{args.suite.stem}")
+        outcome = qualify(args.suite, work, settings, targets=args.targets, previous=args.previous,
+                          fail_on_regression=args.fail_on_regression)
+    else:
+        from .make.pipeline import make
+        from .make.suite import SuiteCase
+
+        options = {"fp8_embedding": args.fp8_embedding, "clamp_fp16": args.clamp_fp16,
+                   "convert_pickle": args.convert_pickle, "unsafe_rope_passthrough": args.unsafe_rope_passthrough}
+        case = SuiteCase(name=args.name or f"{args.checkpoint.absolute().name}@{args.target}",
+                         checkpoint=args.checkpoint, target=args.target, backend=None, release=args.release,
+                         options=options)
+        outcome = make(case, args.out, settings, previous=args.previous, fail_on_regression=args.fail_on_regression)
+    _print_outcome(outcome, args.quiet)
+    return outcome.exit_code
+
+
+def _print_outcome(outcome, quiet: bool) -> None:
+    """One line per case (failures and errors only with --quiet), regressions, where the report is."""
+    from edgellm_validate.report.qualification import fmt_metric
+
+    q = outcome.report
+    for c in q["cases"]:
+        if quiet and c["verdict"] in ("pass", "skipped"):
+            continue
+        m = c.get("metrics") or {}
+        nums = ", ".join(f"{k} {fmt_metric(m[k], k)}" for k in ("worst_cosine", "top1_agreement") if k in m)
+        reason = f": {c['reason']}" if c["reason"] else ""
+        print(f"{c['name']}: {c['verdict'].upper()}" + (f" ({nums})" if nums else "") + reason)
+    for f in outcome.written.comparison.regressions if outcome.written.comparison else []:
+        print(f"REGRESSION {f.case} ({f.kind}): {f.message}")
+    if not quiet or q["verdict"] != "pass":
+        print(f"Qualification {q['verdict'].upper()}: {q['verdict_reason']}; report in "
+              f"{outcome.written.qualification.parent}")
 
 
 def _demo(args, progress) -> int:

@@ -49,7 +49,8 @@ EXPECT = ("pass", "fail", "error")
 # threshold -> (lowest, highest) allowed value
 THRESHOLDS = {"min_cosine": (-1.0, 1.0), "min_top1_agreement": (0.0, 1.0), "max_abs": (0.0, float("inf"))}
 # export options a case may set (ExportOptions fields; all booleans). `golden` is not one: validation needs it.
-EXPORT_OPTIONS = ("fp8_embedding", "clamp_fp16", "convert_pickle")
+# unsafe_rope_passthrough reproduces the reference exporter's RoPE handling: for negative controls only.
+EXPORT_OPTIONS = ("fp8_embedding", "clamp_fp16", "convert_pickle", "unsafe_rope_passthrough")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+@-]{0,127}$")
 _RELEASE = re.compile(r"^\d+\.\d+(\.\d+)?$")
 
