@@ -189,7 +189,7 @@ def _print_human(report: dict, out) -> None:
         print(f"  {dist} {info['version'] or '?'}  {info['origin']}", file=out)
     if report.get("target"):
         print(f"target {report['target']} ({report.get('backend', '?')})", file=out)
-    for key in ("plugin", "gpu_query"):
+    for key in ("tensorrt", "plugin", "gpu_query"):
         if report.get(key):
             print(f"{key}: {report[key]}", file=out)
     for d in report.get("gpus", []):
