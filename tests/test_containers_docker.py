@@ -252,3 +252,32 @@ def test_tensorrt_dockerfile_builds_with_a_stand_in_upstream(client, base_image,
     # and with the target's GPU options, a docker host without the NVIDIA toolkit is told so
     with pytest.raises(C.ContainerFailed, match="NVIDIA Container Toolkit"):
         C.smoke("x86-cuda", info["tag"], client=client)
+
+
+def test_edgellm_make_validates_inside_the_image_it_built(base_image, tmp_path):
+    """The whole command for real: `edgellm make DEMO --target x86-cpu` builds the image through the docker
+    SDK, smoke-tests it, validates inside it and collects the reports on the host; a second run with
+    nothing changed rewrites nothing outside DIR/report/."""
+    from test_make import report, snapshot
+
+    from edgellm_export.cli import main
+    from edgellm_export.demo_checkpoint import write_demo_checkpoint
+
+    ckpt = write_demo_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "make"
+    ca = os.environ.get(C.CA_ENV) or (SYSTEM_CA if Path(SYSTEM_CA).is_file() else None)
+    args = ["-q", "make", str(ckpt), "--target", "x86-cpu", "--out", str(out), "--base-image", base_image]
+    args += ["--ca-bundle", ca] if ca else []
+    assert main(args) == 0
+    q = report(out)
+    assert q["verdict"] == "pass" and [c["verdict"] for c in q["cases"]] == ["pass"]
+    assert (out / "report" / "junit.xml").is_file() and (out / "report" / "summary.md").is_file()
+    image = json.loads((out / "images" / "x86-cpu.json").read_text())
+    assert image["labels"]  # the tool built (or reused) the image and recorded it
+    result = json.loads((out / "validation" / "validation.json").read_text())
+    assert result["passed"]
+    assert q["environment"]["extra"]["validated_in"] == "target container"
+    assert (out / "validation" / "validation.log").stat().st_size > 0  # the container's own log
+    before = snapshot(out)
+    assert main(args) == 0
+    assert snapshot(out) == before
