@@ -26,6 +26,7 @@ from pathlib import Path
 
 from edgellm_export import __version__
 from edgellm_export.errors import EnvironmentProblem, ExportError
+from edgellm_export.manifest import sha256_file
 
 from ..runtime_rules import RuntimeRefusal
 from ..targets import find_llm_dir
@@ -57,14 +58,6 @@ class BuildOptions:
     reuse: bool = True  # keep an existing engine whose build inputs are unchanged
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def export_digests(llm: Path) -> dict[str, str]:
     """sha256 of the files an engine is built from, from the export's manifest when it has one."""
     names = ("model.onnx", "model.onnx.data", "config.json")
@@ -76,7 +69,7 @@ def export_digests(llm: Path) -> dict[str, str]:
             listed = {n: files[f"{llm.name}/{n}"]["sha256"] for n in names if f"{llm.name}/{n}" in files}
         except (ValueError, KeyError, TypeError):
             listed = {}
-    return {n: listed.get(n) or _sha256(llm / n) for n in names if (llm / n).is_file()}
+    return {n: listed.get(n) or sha256_file(llm / n) for n in names if (llm / n).is_file()}
 
 
 def build_fingerprint(llm: Path, limits: BuildLimits, trt_version: str, plugin_sha: str | None,
@@ -96,7 +89,7 @@ def reusable_record(engine_dir: Path, fingerprint: dict) -> dict | None:
     if record.get("format") != RECORD_FORMAT or record.get("fingerprint") != fingerprint or not engine.is_file():
         return None
     if engine.stat().st_size != record.get("engine", {}).get("size") or \
-            _sha256(engine) != record.get("engine", {}).get("sha256"):
+            sha256_file(engine) != record.get("engine", {}).get("sha256"):
         return None
     return record
 

@@ -11,13 +11,13 @@ working directory: a library picked up by accident is a worse failure than a cle
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgellm_export.errors import EnvironmentProblem
+from edgellm_export.manifest import sha256_file
 
 PLUGIN_ENV = "EDGELLM_PLUGIN_PATH"
 LIBRARY_NAME = "libNvInfer_edgellm_plugin.so"
@@ -40,19 +40,11 @@ class LoadedPlugin:
     def record(self) -> dict:
         """For build records: which library built an engine."""
         st = self.path.stat()
-        return {"path": str(self.path), "source": self.source, "size": st.st_size, "sha256": _sha256(self.path)}
+        return {"path": str(self.path), "source": self.source, "size": st.st_size, "sha256": sha256_file(self.path)}
 
 
 _loaded: dict[Path, LoadedPlugin] = {}
 _lock = threading.Lock()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def resolve_plugin_path(path: str | os.PathLike | None = None, environ: dict | None = None) -> tuple[Path, str]:
