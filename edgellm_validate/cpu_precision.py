@@ -8,7 +8,9 @@ in front of an activation quantizer (an NVFP4 step is a third of the value) it f
 the quantized value, and the CPU twin drifts from what the engine computes. Computing
 these ops in fp32 and casting the result to fp16 gives the correctly rounded value
 (a product or sum of two fp16 values is exact or nearly so in fp32). DequantizeLinear
-with an fp16 scale has the same problem and the same cure, and so does MatMul: inside a
+with an fp16 scale has the same problem and the same cure; QuantizeLinear on fp16 divides
+in fp16, rounding the quotient twice (to fp16, then to the target type), so a quarter of
+a percent of fp8 values land a step off where the runtime computes RNE(x / s) exactly; and so does MatMul: inside a
 whole model onnxruntime picks an fp16 GEMM path whose results are off by an ulp in about
 half the outputs (a lone MatMul in a test graph rounds correctly, which hid this).
 """
@@ -27,33 +29,31 @@ def widen_fp16_arithmetic(model: onnx.ModelProto) -> int:
     types = {v.name: v.type.tensor_type.elem_type
              for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
     types.update({t.name: t.data_type for t in model.graph.initializer})
+    fp16 = TensorProto.FLOAT16
     nodes, count = [], 0
     for node in model.graph.node:
-        if node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx") \
-                and types.get(node.input[1]) == TensorProto.FLOAT16:
-            # x * scale in fp32, one rounding to fp16 (onnxruntime multiplies in fp16 otherwise).
-            count += 1
-            wide_scale, final = f"{node.input[1]}/fp32_{node.name}", node.output[0]
-            nodes.append(helper.make_node("Cast", [node.input[1]], [wide_scale], to=TensorProto.FLOAT))
-            node.input[1] = wide_scale
-            node.output[0] = f"{final}/fp32"
-            nodes.append(node)
-            nodes.append(helper.make_node("Cast", [node.output[0]], [final], to=TensorProto.FLOAT16))
-            continue
-        out_type = types.get(node.output[0]) if node.output else None
-        if node.op_type not in ELEMENTWISE or node.domain not in ("", "ai.onnx") or out_type != TensorProto.FLOAT16:
+        standard = node.domain in ("", "ai.onnx")
+        if standard and node.op_type == "QuantizeLinear":
+            widen, recast = (0, 1), False  # RNE(x / s) on the exact quotient; the output is not fp16
+        elif standard and node.op_type == "DequantizeLinear" and types.get(node.input[1]) == fp16:
+            widen, recast = (1,), True  # q * s in fp32, rounded once to fp16
+        elif standard and node.op_type in ELEMENTWISE and node.output and types.get(node.output[0]) == fp16:
+            widen, recast = range(len(node.input)), True
+        else:
             nodes.append(node)
             continue
         count += 1
-        for j, src in enumerate(node.input):
-            if types.get(src) == TensorProto.FLOAT16:
-                wide = f"{src}/fp32_{node.name}_{j}"
+        for j in widen:
+            src = node.input[j]
+            if types.get(src) == fp16:
+                wide = f"{src}/fp32_{count}_{j}"  # count: unique even for unnamed nodes
                 nodes.append(helper.make_node("Cast", [src], [wide], to=TensorProto.FLOAT))
                 node.input[j] = wide
-        final = node.output[0]
-        node.output[0] = f"{final}/fp32"
         nodes.append(node)
-        nodes.append(helper.make_node("Cast", [node.output[0]], [final], to=TensorProto.FLOAT16))
+        if recast:
+            final = node.output[0]
+            node.output[0] = f"{final}/fp32_{count}"
+            nodes.append(helper.make_node("Cast", [node.output[0]], [final], to=fp16))
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     return count

@@ -28,7 +28,6 @@ def lower_custom_ops(model: onnx.ModelProto) -> onnx.ModelProto:
         node.domain, node.op_type = fn.domain, fn.name
         del node.attribute[:]  # the function is specialised to these attributes
     lower_fp4_weights(model)
-    widen_quantize_inputs(model)
     domains.update(f.domain for f in model.functions)
     unknown = {(n.domain, n.op_type) for n in model.graph.node if n.domain not in ("", "ai.onnx", *domains)}
     if unknown:
@@ -89,31 +88,3 @@ def _fp4_dq_function(block: int) -> onnx.FunctionProto:
     return helper.make_function(fp4.LOWERING_DOMAIN, name, ["x", "scale"], ["y"], g.nodes,
                                 [helper.make_opsetid("", 24)])
 
-
-def widen_quantize_inputs(model: onnx.ModelProto) -> int:
-    """In place: QuantizeLinear on fp16 gets fp32 inputs. onnxruntime divides fp16 by an fp16
-    scale in fp16, so a quotient is rounded twice (to fp16, then to the target type) and a
-    quarter of a percent of fp8 values land one step off. The runtime's numerics are
-    RNE(x / s) on the exact quotient (quant.md §3.2), which fp32 gives. Returns how many."""
-    casts, count = [], 0
-    for node in model.graph.node:
-        if node.op_type == "QuantizeLinear" and node.domain in ("", "ai.onnx"):
-            count += 1
-            for j in (0, 1):
-                src = node.input[j]
-                wide = f"{src}/fp32_for_{node.name or count}"
-                casts.append((node, helper.make_node("Cast", [src], [wide], to=TensorProto.FLOAT)))
-                node.input[j] = wide
-    if not casts:
-        return 0
-    # Casts go right before their QuantizeLinear; Cast of an fp32 value is a no-op.
-    by_node = {}
-    for node, cast in casts:
-        by_node.setdefault(id(node), []).append(cast)
-    nodes = []
-    for node in model.graph.node:
-        nodes.extend(by_node.get(id(node), []))
-        nodes.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    return count

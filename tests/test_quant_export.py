@@ -268,6 +268,9 @@ def test_twin_reproduces_golden_and_stays_near_an_independent_reference(kind, qu
     meta = json.loads((out / "llm" / "golden" / "bundle.json").read_text())
     assert meta["precision"] == KINDS[kind][1]
     assert res["passed"], res["failures"]
+    # Same numerics computed twice (eager vs the CPU lowering, which rounds fp16 like a GPU): far
+    # tighter than the bound a TensorRT engine is held to.
+    assert res["worst_cosine"] >= 0.9999 and res["top1_agreement"] == 1.0
     llm = out / "llm"
     ref = hf_reference_logits(reference_model(ckpt), llm)
     run = run_twin(llm, CpuBackend(llm))

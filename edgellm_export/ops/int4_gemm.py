@@ -22,6 +22,7 @@ import onnx
 from onnx import helper
 
 from ..onnx_graph.builder import FLOAT, FLOAT16, INT32, GraphBuilder
+from .schemas import register_missing
 
 DOMAIN = "trt_edgellm"
 OP_TYPE = "Int4GroupwiseGemmPlugin"
@@ -96,10 +97,7 @@ def _schema() -> onnx.defs.OpSchema:
 
 @functools.cache
 def register_schema() -> None:
-    try:
-        onnx.defs.get_schema(OP_TYPE, 1, DOMAIN)
-    except onnx.defs.SchemaError:
-        onnx.defs.register_schema(_schema())
+    register_missing(_schema())
 
 
 # -- face 3: translation ----------------------------------------------------------------------

@@ -19,6 +19,7 @@ import onnx
 from onnx import helper
 
 from ..onnx_graph.builder import FLOAT, FLOAT8E4M3FN, FLOAT16, GraphBuilder
+from .schemas import register_missing
 
 DOMAIN = "trt"
 QUANTIZE = "TRT_MXFP8DynamicQuantize"
@@ -88,11 +89,7 @@ def _schemas() -> list[onnx.defs.OpSchema]:
 
 @functools.cache
 def register_schema() -> None:
-    for s in _schemas():
-        try:
-            onnx.defs.get_schema(s.name, 1, DOMAIN)
-        except onnx.defs.SchemaError:
-            onnx.defs.register_schema(s)
+    register_missing(*_schemas())
 
 
 # -- face 3: translation ----------------------------------------------------------------------
