@@ -1,4 +1,4 @@
-# The default image: edgellm validation on onnxruntime (CPU), target `x86-cpu` of containers/platforms.json.
+# The default image: edgellm validation on onnxruntime (CPU), target `x86-cpu` of edgellm_validate/data/platforms.json.
 # It holds the validation side only (numpy, onnx, onnxruntime, ml_dtypes; no torch) and runs the runtime twin
 # on an export directory. The GPU images are built from containers/Dockerfile.tensorrt.
 #
@@ -38,7 +38,6 @@ RUN CA_BUNDLE="$CA_BUNDLE" NUMPY_VERSION="$NUMPY_VERSION" ONNX_VERSION="$ONNX_VE
     sh /src/containers/install_validate.sh deps
 
 FROM deps AS package
-COPY containers/platforms.json /src/containers/
 COPY pyproject.toml README.md /src/
 COPY edgellm_export/ /src/edgellm_export/
 COPY edgellm_validate/ /src/edgellm_validate/

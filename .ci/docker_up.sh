@@ -6,12 +6,12 @@
 #   .ci/docker_up.sh            # then: export EDGELLM_DOCKER_BASE=edgellm-base:bookworm
 #
 # Environment: EDGELLM_DOCKER_BASE (image name, default edgellm-base:bookworm), DEBIAN_MIRROR
-# (default http://deb.debian.org/debian), DOCKERD_LOG (default /var/log/edgellm-dockerd.log).
+# (default: debootstrap's own default mirror), DOCKERD_LOG (default /var/log/edgellm-dockerd.log).
 # Each step is skipped when its result is already there; prints one timing line per step done.
 set -euo pipefail
 
 BASE_IMAGE=${EDGELLM_DOCKER_BASE:-edgellm-base:bookworm}
-MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+MIRROR=${DEBIAN_MIRROR:-}  # empty: debootstrap picks its default mirror
 SUITE=bookworm
 LOG=${DOCKERD_LOG:-/var/log/edgellm-dockerd.log}
 SUDO=""
@@ -69,7 +69,8 @@ if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
     root=$(mktemp -d /tmp/edgellm-debootstrap.XXXXXX)
     trap '$SUDO rm -rf "$root"' EXIT
     say "debootstrap $SUITE into $root"
-    $SUDO debootstrap --variant=minbase "$SUITE" "$root" "$MIRROR" >"$root.log" 2>&1 || {
+    # shellcheck disable=SC2086  # $MIRROR: no argument at all when unset
+    $SUDO debootstrap --variant=minbase "$SUITE" "$root" $MIRROR >"$root.log" 2>&1 || {
         tail -n 30 "$root.log" >&2
         exit 1
     }
@@ -78,7 +79,7 @@ if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
     $SUDO tar -C "$root" -c . | docker import \
         --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
         --change 'CMD ["/bin/bash"]' \
-        --message "debootstrap --variant=minbase $SUITE $MIRROR" - "$BASE_IMAGE" >/dev/null
+        --message "debootstrap --variant=minbase $SUITE ${MIRROR:-(default mirror)}" - "$BASE_IMAGE" >/dev/null
     rm -f "$root.log"
     say "base image $BASE_IMAGE made: $(took "$t") s"
 fi

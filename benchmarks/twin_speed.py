@@ -18,8 +18,8 @@ import numpy as np
 
 def main(out: Path, prompt: int = 128, decode: int = 8) -> None:
     from edgellm_validate.cpu_backend import CpuBackend
+    from edgellm_validate.export_dir import find_llm_dir
     from edgellm_validate.twin import drive
-    from edgellm_validate.validate import find_llm_dir
 
     llm = find_llm_dir(out)
     rng = np.random.default_rng(0)

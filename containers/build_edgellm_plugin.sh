@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Clones TensorRT-Edge-LLM at a pinned tag and builds its plugin library (libNvInfer_edgellm_plugin.so)
 # against the TensorRT and CUDA of the image it runs in. Used by containers/Dockerfile.tensorrt; the
-# per-platform values come from containers/platforms.json (`plugin_build`) through build args.
+# per-platform values come from edgellm_validate/data/platforms.json (`plugin_build`) through build args.
 #
 # Environment:
 #   EDGELLM_REPO             upstream repository (default https://github.com/NVIDIA/TensorRT-Edge-LLM.git)

@@ -52,7 +52,7 @@ package)
     $pip install --no-deps --no-build-isolation --target "$PKG" "$SRC"
     rm -rf "$SRC/build" "$SRC"/*.egg-info
     mkdir -p "$SHARE"
-    cp "$SRC/containers/platforms.json" "$SHARE/platforms.json"
+    cp "$PKG/edgellm_validate/data/platforms.json" "$SHARE/platforms.json"  # package data: proves it is installed
     export EDGELLM_PLATFORMS="$SHARE/platforms.json"
     py="$VENV/bin/python"
     # the validation path must import (this is what `edgellm validate` runs), without torch

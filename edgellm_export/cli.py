@@ -89,6 +89,14 @@ def _export_args(p: argparse.ArgumentParser, *, release_flag: str = "--target", 
     p.add_argument("--unsafe-rope-passthrough", action="store_true", help=argparse.SUPPRESS)
 
 
+def _checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="checkpoint directory (an HF cache snapshot works too), or a hub id such as "
+                                      "Qwen/Qwen3-0.6B, looked up in the HF cache first (HF_HOME, HF_HUB_CACHE) and "
+                                      "fetched only when absent and HF_HUB_OFFLINE is unset; an existing local "
+                                      "path always wins")
+    p.add_argument("--revision", metavar="REV", help="hub id only: branch, tag or full commit hash (default main)")
+
+
 def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--previous", type=Path, metavar="PREV.json",
                    help="qualification.json to compare with (default: the one the report directory holds)")
@@ -105,7 +113,8 @@ def _pipeline_args(p: argparse.ArgumentParser, *, per_target: bool) -> None:
                    help="base image of the validation image (required for drive-thor)"
                         + ("; TARGET= limits it to one target; repeatable" if per_target else ""))
     p.add_argument("--ca-bundle", type=Path, metavar="FILE",
-                   help="PEM CA bundle for image builds behind a TLS-intercepting proxy")
+                   help="PEM CA bundle for image builds behind a TLS-intercepting proxy (default: the first set of "
+                        "$EDGELLM_CA_BUNDLE, $PIP_CERT, $SSL_CERT_FILE, $REQUESTS_CA_BUNDLE)")
     p.add_argument("--plugin", metavar="PATH", help="--no-container on TensorRT: the Edge-LLM plugin library "
                                                     "(default $EDGELLM_PLUGIN_PATH)")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="limit for one containerised validation")
@@ -130,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "to OUT/llm/: model.onnx, model.onnx.data, config.json, "
                                    "embedding.safetensors, tokenizer files, processed_chat_template.json "
                                    "and a golden bundle for `edgellm validate`.")
-    e.add_argument("checkpoint", type=Path, help="checkpoint directory (an HF cache snapshot works too)")
+    _checkpoint_args(e)
     e.add_argument("out", type=Path, help="output directory (replaced atomically)")
     _export_args(e)
 
@@ -142,19 +151,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu: onnxruntime with lowered custom ops; trt: TensorRT with the Edge-LLM plugin "
                         "(default: the target's backend, else cpu)")
     v.add_argument("--result", type=Path, help="where to write the JSON result (default OUT/validation.json)")
-    v.add_argument("--target", help="platform-matrix target (containers/platforms.json); an export it cannot run "
-                                    "is refused before any work")
+    v.add_argument("--target", help="platform-matrix target (edgellm_validate/data/platforms.json); an export it "
+                                    "cannot run is refused before any work")
     v.add_argument("--engine-dir", type=Path, help="trt: where the engine is built and reused (default OUT.engine/)")
     v.add_argument("--plugin", metavar="PATH", help="trt: the Edge-LLM plugin library (default $EDGELLM_PLUGIN_PATH)")
     v.add_argument("--report", type=Path, metavar="DIR", help="also write qualification.json, junit.xml and "
                                                               "summary.md into DIR")
+    v.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip checking OUT's files against manifest.json (by default only files whose size, "
+                        "times or inode changed since they last matched are hashed again)")
     _report_args(v)
 
     m = sub.add_parser("make", help="export, validate and report, redoing only what is stale",
                        description="Export CHECKPOINT, validate it for TARGET (in the target's container unless "
                                    "--no-container) and write DIR/report/. Each stage is skipped while its "
                                    "inputs are unchanged.")
-    m.add_argument("checkpoint", type=Path, help="checkpoint directory")
+    _checkpoint_args(m)
     m.add_argument("--target", required=True, help="platform-matrix target, e.g. x86-cpu or orin-jp6")
     m.add_argument("--out", required=True, type=Path, metavar="DIR", help="pipeline directory")
     m.add_argument("--name", help="case name in the report (default: CHECKPOINT's name @ TARGET)")
@@ -175,8 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
                       description="Build TARGET's validation image with docker and smoke-test it.")
     cb.add_argument("target", help="platform-matrix target")
     cb.add_argument("--base-image", metavar="IMAGE", help="base image (required for drive-thor)")
-    cb.add_argument("--ca-bundle", type=Path, metavar="FILE", help="PEM CA bundle for builds behind a TLS proxy")
+    cb.add_argument("--ca-bundle", type=Path, metavar="FILE", help="PEM CA bundle for builds behind a TLS proxy "
+                    "(default: the first set of $EDGELLM_CA_BUNDLE, $PIP_CERT, $SSL_CERT_FILE, $REQUESTS_CA_BUNDLE)")
     cb.add_argument("--tag", help="image tag (default edgellm-validate:VERSION-TARGET)")
+
+    s = sub.add_parser("schema", help="print the JSON Schema of a suite, report or platform matrix",
+                       description="Print the JSON Schema (Draft 2020-12) of SUITE.yaml (suite), qualification.json "
+                                   "(report) or the platform matrix (platforms) to stdout; copies are in schemas/.")
+    s.add_argument("name", choices=["suite", "report", "platforms"], help="which file format")
 
     d = sub.add_parser("demo", help="export + validate the built-in demo checkpoint",
                        description="Generate a small deterministic Llama checkpoint (with tokenizer and chat "
@@ -184,6 +202,27 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("out", type=Path, nargs="?", default=Path("edgellm-demo"),
                    help="output directory (default: ./edgellm-demo)")
     _export_args(d)
+
+    r = sub.add_parser("run", help="generate text from an export on the CPU twin",
+                       description="Generate text from an export on the CPU runtime twin, streamed as it is decoded: "
+                                   "the export's tokenizer (and, with --chat, its processed chat template), prefill, "
+                                   "then decode with the cache fed back in place, until an end-of-sequence token, "
+                                   "--max-new-tokens or a full KV cache. A last line gives prompt and decode "
+                                   "tokens/s. Greedy by default.")
+    r.add_argument("out", type=Path, help="export directory (the OUT given to `edgellm export`)")
+    r.add_argument("--prompt", required=True, help="the prompt text")
+    r.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="stop after N tokens (default 128)")
+    r.add_argument("--chat", action="store_true",
+                   help="format the prompt as a user message with OUT/llm/processed_chat_template.json, as the "
+                        "runtime does (default system prompt included)")
+    r.add_argument("--system", metavar="TEXT", help="--chat: a system message (replaces the default system prompt)")
+    r.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="0 (default): greedy; above 0: sample with temperature T and top-p")
+    r.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1.0)")
+    r.add_argument("--seed", type=int, metavar="S", help="sampling seed: the same seed gives the same text "
+                                                        "(default: random, printed at the end)")
+    r.add_argument("--kv-capacity", type=int, metavar="N",
+                   help="KV cache capacity in tokens (default: min(4096, max_position_embeddings))")
     return p
 
 
@@ -201,9 +240,13 @@ def run(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="[edgellm] %(levelname)s: %(message)s", stream=sys.stderr)
     progress = Progress(args.quiet)
     if args.command == "export":
+        from .checkpoint.hub import parse_checkpoint, resolve_checkpoint
+
+        # a hub id: from the cache, else the hub (before torch is imported: a missing id fails at once)
+        source = resolve_checkpoint(parse_checkpoint(args.checkpoint, args.revision), progress=progress)
         from .export import export_checkpoint
 
-        _print_summary(export_checkpoint(args.checkpoint, args.out, _options(args), progress), args.quiet)
+        _print_summary(export_checkpoint(source, args.out, _options(args), progress), args.quiet)
         return EXIT_OK
     if args.command == "validate":
         from .make.pipeline import validate_command
@@ -212,7 +255,8 @@ def run(argv: list[str] | None = None) -> int:
             raise ExportError("--previous and --fail-on-regression need --report DIR")
         res, outcome = validate_command(args.out, backend=args.backend, target=args.target, engine_dir=args.engine_dir,
                                         plugin=args.plugin, result=args.result, report_dir=args.report,
-                                        previous=args.previous, fail_on_regression=args.fail_on_regression)
+                                        previous=args.previous, fail_on_regression=args.fail_on_regression,
+                                        verify=args.verify)
         _print_validation(res, args.quiet)
         if outcome is None:
             return EXIT_OK if res["passed"] else EXIT_VALIDATION_FAILED
@@ -228,8 +272,25 @@ def run(argv: list[str] | None = None) -> int:
         containers.smoke(args.target, info["tag"])
         print(f"Built {info['tag']} ({info['id']}); smoke check passed")
         return EXIT_OK
+    if args.command == "schema":
+        from .schema import schema_text
+
+        sys.stdout.write(schema_text(args.name))
+        return EXIT_OK
     if args.command == "demo":
         return _demo(args, progress)
+    if args.command == "run":
+        from edgellm_validate.generate import run_command
+
+        try:
+            run_command(args.out, args.prompt, max_new_tokens=args.max_new_tokens, chat=args.chat, system=args.system,
+                        temperature=args.temperature, top_p=args.top_p, seed=args.seed, kv_capacity=args.kv_capacity,
+                        quiet=args.quiet, between_steps=interrupts.check)
+        except KeyboardInterrupt:
+            interrupts.ignore_further()
+            print("edgellm: generation interrupted", file=sys.stderr)
+            return 130
+        return EXIT_OK
     return EXIT_BAD_INPUT
 
 
@@ -255,8 +316,12 @@ def _make_or_qualify(args, progress) -> int:
 
         options = {"fp8_embedding": args.fp8_embedding, "clamp_fp16": args.clamp_fp16,
                    "convert_pickle": args.convert_pickle, "unsafe_rope_passthrough": args.unsafe_rope_passthrough}
-        case = SuiteCase(name=args.name or f"{args.checkpoint.absolute().name}@{args.target}",
-                         checkpoint=args.checkpoint, target=args.target, backend=None, release=args.release,
+        from .checkpoint.hub import parse_checkpoint
+
+        checkpoint = parse_checkpoint(args.checkpoint, args.revision)  # a local Path, or a HubId make resolves
+        default_name = checkpoint.absolute().name if isinstance(checkpoint, Path) else checkpoint.name
+        case = SuiteCase(name=args.name or f"{default_name}@{args.target}",
+                         checkpoint=checkpoint, target=args.target, backend=None, release=args.release,
                          options=options)
         outcome = make(case, args.out, settings, previous=args.previous, fail_on_regression=args.fail_on_regression)
     _print_outcome(outcome, args.quiet)
@@ -322,14 +387,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """Console entry point. After an interrupt everything is already cleaned up;
-    leave at once so a signal landing during interpreter shutdown cannot turn
-    the exit status into a kill by signal."""
+    """Console entry point (`edgellm`, `python -m edgellm_export`).
+
+    Signals are recorded from here on and never handed back to Python's
+    defaults: once main() has returned, the work is over (published or cleaned
+    up), so a late SIGINT/SIGTERM is ignored instead of turning the documented
+    exit code into a kill by signal during interpreter shutdown."""
+    interrupts.install_for_process()
     code = main()
+    interrupts.ignore_further()
+    sys.stdout.flush()
+    sys.stderr.flush()
     if code in (130, 143):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        os._exit(code)  # everything is cleaned up; skip teardown of torch/onnxruntime threads
     sys.exit(code)
 
 

@@ -15,10 +15,11 @@ from pathlib import Path
 from . import __version__, interrupts
 from . import golden as golden_mod
 from .checkpoint import open_checkpoint
+from .checkpoint.hub import CheckpointRef
 from .checkpoint.reader import TensorRef
 from .config import ModelConfig, build_model_config
 from .contract import DEFAULT_TARGET, get_contract
-from .errors import ExportError, UnsupportedError
+from .errors import ExportError
 from .manifest import write_manifest
 from .models import family_for
 from .models.registry import Family
@@ -58,13 +59,16 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, options: ExportOptions | None = None,
-                      progress=None) -> ExportResult:
+def export_checkpoint(checkpoint: str | Path | CheckpointRef, out_dir: str | Path,
+                      options: ExportOptions | None = None, progress=None) -> ExportResult:
+    """Export a checkpoint directory; a CheckpointRef (checkpoint/hub.py: a hub id resolved to a cached
+    snapshot) also has its repository and commit recorded in manifest.json."""
     opts = options or ExportOptions()
     t0 = time.perf_counter()
     report = progress or (lambda msg, done=None, total=None: None)
     contract = get_contract(opts.target)
-    ckpt_path = Path(checkpoint)
+    source = checkpoint if isinstance(checkpoint, CheckpointRef) else CheckpointRef(Path(checkpoint))
+    ckpt_path = source.path
     out_path = Path(out_dir).resolve()
     if out_path == ckpt_path.resolve() or out_path in ckpt_path.resolve().parents:
         raise ExportError("the output directory would replace the checkpoint itself; choose another OUT", out_dir)
@@ -96,7 +100,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, options: Expo
                 run.finish()
                 golden_mod.write_bundle(llm, scenarios, precision=_precision(planned.quant, opts))
             interrupts.check()
-            write_manifest(tmp, {f"{contract.SUBDIR}/{contract.DATA_FILE}": data_digest})
+            write_manifest(tmp, {f"{contract.SUBDIR}/{contract.DATA_FILE}": data_digest}, source.identity())
             files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
     return ExportResult(Path(out_dir), files, time.perf_counter() - t0)
 
@@ -120,7 +124,10 @@ class PlannedExport:
 
 def plan_export(ckpt, contract, opts: ExportOptions) -> PlannedExport:
     """Everything decided before a byte is written: config, family, runtime config, and the
-    graph with every weight declared. Reads only metadata and safetensors headers."""
+    graph with every weight declared. Reads metadata and safetensors headers, plus the few
+    tensors that decide a graph's shape: GPTQ `g_idx` (act order) and INT4 zero points
+    (`qzeros`, and `qweight` where a zero is not 8), which choose whether a layer needs a
+    zero-point correction."""
     has_lm_head = ckpt.has("lm_head.weight")
     try:
         plan = parse_quant_plan(ckpt.path, ckpt.config)

@@ -19,6 +19,10 @@ class Terminated(BaseException):
 
 
 _pending: int | None = None
+# Set by the console entry points: the recording handlers stay from the process's
+# first statement to its exit, so no signal finds Python's default handlers in
+# between (one would end the process by the signal instead of exit 130 / 143).
+_process_wide = False
 
 
 def _exception_for(signum: int) -> BaseException:
@@ -33,16 +37,28 @@ def _record(signum, frame) -> None:
 
 
 def install() -> dict:
-    """Record SIGINT/SIGTERM from now on; returns the previous handlers for `restore`."""
+    """Record SIGINT/SIGTERM from now on; returns the previous handlers for `restore`.
+
+    Under `install_for_process` this keeps the handlers and any signal already
+    recorded (e.g. one that arrived while the CLI was importing)."""
     global _pending
-    _pending = None
-    if threading.current_thread() is not threading.main_thread():
+    if _process_wide or threading.current_thread() is not threading.main_thread():
         return {}
+    _pending = None
     return {sig: signal.signal(sig, _record) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def install_for_process() -> None:
+    """For console entry points: record signals until the process exits; never restored."""
+    global _process_wide
+    install()
+    _process_wide = threading.current_thread() is threading.main_thread()
 
 
 def restore(previous: dict) -> None:
     global _pending
+    if _process_wide:
+        return
     _pending = None
     for sig, handler in previous.items():
         signal.signal(sig, handler)

@@ -12,27 +12,57 @@ from . import interrupts
 from .errors import EnvironmentProblem, ExportError
 
 
+def lock_path_for(final: Path) -> Path:
+    return final.parent / f".{final.name}.lock"
+
+
 @contextlib.contextmanager
 def output_lock(final: Path):
-    """Hold an exclusive lock on `final` for the whole export; a second exporter fails clearly."""
-    lock_path = final.parent / f".{final.name}.lock"
+    """Hold an exclusive lock on `final` for the whole export; a second exporter fails clearly.
+
+    The lock file exists only while it is held: it is unlinked (still locked)
+    on release. A process that opened the path just before that unlink and
+    locks the orphaned inode afterwards sees that the path no longer names its
+    file and starts over, so two holders can never coexist. A SIGKILLed
+    holder's file stays, unlocked, until the next run on OUT takes and removes it.
+    """
+    lock_path = lock_path_for(final)
+    fd = _acquire(lock_path, final)
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise ExportError(f"cannot create the output lock file ({e.strerror})", lock_path) from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
-            raise EnvironmentProblem(
-                f"another export (pid {holder}) is writing to this output right now; wait for it to "
-                "finish or choose another directory", final) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock_path)  # while still locked: nobody can hold this inode after us
         os.close(fd)  # closing releases the lock
+
+
+def _acquire(lock_path: Path, final: Path) -> int:
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ExportError(f"cannot create the output lock file ({e.strerror})", lock_path) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise EnvironmentProblem(
+                f"another export (pid {holder}) is writing to this output right now; wait for it to "
+                "finish or choose another directory", final) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            here, held = os.stat(lock_path), os.fstat(fd)
+            same = (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # we locked a file its holder had just removed: lock the path anew
 
 
 def _clean_stale(final: Path) -> None:

@@ -25,10 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="cpu", choices=["cpu", "trt"],
                    help="cpu: onnxruntime with lowered custom ops; trt: TensorRT + the Edge-LLM plugin")
     p.add_argument("--result", type=Path, help="where to write the JSON result (default OUT/validation.json)")
-    p.add_argument("--target", help="containers/platforms.json target: the export is checked against it first")
+    p.add_argument("--target", help="platform-matrix target: the export is checked against it first")
     p.add_argument("--plugin", help="trt: the plugin library (default: $EDGELLM_PLUGIN_PATH)")
     p.add_argument("--engine-dir", type=Path, help="trt: where engines are built and reused")
     p.add_argument("--rebuild", action="store_true", help="trt: build the engine even when one is up to date")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip checking the export's files against its manifest.json")
     p.add_argument("-q", "--quiet", action="store_true", help="print only failures")
     return p
 
@@ -46,7 +48,8 @@ def run(argv: list[str] | None = None) -> int:
         from .targets import check_target_can_run
 
         check_target_can_run(args.target, args.out)
-    res = validate_export(args.out, backend=args.backend, result_path=args.result, backend_options=options)
+    res = validate_export(args.out, backend=args.backend, result_path=args.result, backend_options=options,
+                          verify=args.verify)
     if not (args.quiet and res["passed"]):
         summary = {k: res[k] for k in ("passed", "backend", "worst_cosine", "top1_agreement", "max_abs", "seconds")
                    if k in res}

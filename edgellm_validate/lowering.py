@@ -10,6 +10,7 @@ from onnx import TensorProto, helper
 
 from edgellm_export.onnx_graph.builder import GraphBuilder
 from edgellm_export.ops import CUSTOM_OPS, fp4
+from edgellm_export.ops.schemas import LOWERING_DOMAIN, ONNX_OPSET
 
 FP4_DQ = "DequantizeLinearFp4Packed"
 
@@ -67,8 +68,8 @@ def lower_fp4_weights(model: onnx.ModelProto) -> int:
         t.data_type = TensorProto.UINT8
         t.dims[-1] //= 2
     model.functions.extend(functions.values())
-    if fp4.LOWERING_DOMAIN not in {o.domain for o in model.opset_import}:
-        model.opset_import.append(helper.make_opsetid(fp4.LOWERING_DOMAIN, 1))
+    if LOWERING_DOMAIN not in {o.domain for o in model.opset_import}:
+        model.opset_import.append(helper.make_opsetid(LOWERING_DOMAIN, 1))
     return len(fp4_inits)
 
 
@@ -85,6 +86,6 @@ def _fp4_dq_function(block: int) -> onnx.FunctionProto:
     codes = n("Reshape", [nib, shape])
     y = fp4.dequantize_codes_onnx(g, codes, "scale", block, TensorProto.FLOAT)
     n("Identity", [y], outputs=["y"])
-    return helper.make_function(fp4.LOWERING_DOMAIN, name, ["x", "scale"], ["y"], g.nodes,
-                                [helper.make_opsetid("", 24)])
+    return helper.make_function(LOWERING_DOMAIN, name, ["x", "scale"], ["y"], g.nodes,
+                                [helper.make_opsetid("", ONNX_OPSET)])
 

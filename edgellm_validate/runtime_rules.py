@@ -8,9 +8,7 @@ engine will compute.
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -61,21 +59,21 @@ def rope_table(config: dict, capacity: int) -> np.ndarray:
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """A minimal safetensors reader (F32/F16/F8_E4M3/I32/I64) into numpy, memory-mapped."""
+    """Every tensor of a safetensors file as a memory-mapped numpy array (header checked by the one
+    safetensors reader, `SafetensorsFile`)."""
     import ml_dtypes
+
+    from edgellm_export.checkpoint.safetensors_file import SafetensorsFile
 
     dtypes = {"F32": np.float32, "F16": np.float16, "I32": np.int32, "I64": np.int64,
               "F8_E4M3": ml_dtypes.float8_e4m3fn, "BF16": ml_dtypes.bfloat16, "U8": np.uint8}
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+    tensors = SafetensorsFile(path).tensors
+    data = np.memmap(path, dtype=np.uint8, mode="r")
     out = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        a, b = meta["data_offsets"]
-        out[name] = data[a:b].view(dtypes[meta["dtype"]]).reshape(meta["shape"])
+    for name, t in tensors.items():
+        if t.dtype not in dtypes:
+            raise RuntimeRefusal(f"{path}: tensor {name!r} has dtype {t.dtype}, which the runtime does not read")
+        out[name] = data[t.start:t.end].view(dtypes[t.dtype]).reshape(t.shape)
     return out
 
 

@@ -30,7 +30,8 @@ MARKER = "EDGELLM_SMOKE_JSON "
 TARGET_ENV = "EDGELLM_TARGET"
 # distribution name -> module name
 PACKAGES = {"edgellm-export": "edgellm_validate", "numpy": "numpy", "onnx": "onnx", "onnxruntime": "onnxruntime",
-            "ml_dtypes": "ml_dtypes", "pycuda": "pycuda", "tensorrt": "tensorrt", "torch": "torch"}
+            "ml_dtypes": "ml_dtypes", "pydantic": "pydantic", "pycuda": "pycuda", "tensorrt": "tensorrt",
+            "torch": "torch"}
 # cuDeviceGetAttribute ids
 _CC_MAJOR, _CC_MINOR = 75, 76
 
@@ -202,7 +203,7 @@ def _print_human(report: dict, out) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m edgellm_validate.smoke", description=__doc__.split("\n\n")[0])
     p.add_argument("--target", default=os.environ.get(TARGET_ENV) or None,
-                   help=f"a containers/platforms.json target (default: ${TARGET_ENV})")
+                   help=f"a platform-matrix target (default: ${TARGET_ENV})")
     p.add_argument("--plugin", help="the Edge-LLM plugin library (default: $EDGELLM_PLUGIN_PATH)")
     p.add_argument("--platforms", help="the platform matrix (default: $EDGELLM_PLATFORMS or the package's)")
     p.add_argument("--json", action="store_true", help="only the marker line with the JSON report")

@@ -1,25 +1,34 @@
-"""Validation targets (the platform matrix in containers/platforms.json) and capability gating.
+"""Validation targets (the platform matrix, edgellm_validate/data/platforms.json) and capability gating.
 
 `check_target_can_run(target, export_dir)` reads only cheap parts of an export (the ONNX graph
 without its weights, config.json, the embedding sidecar's header) and refuses, before any image
 is pulled or engine built, an export the target cannot run: a precision the hardware lacks
 (FP8/FP4 on Orin), a GPU the Edge-LLM decode-attention kernels are not built for (SM 90:
 H100/H200), custom ops the CPU twin cannot lower, or an export for another Edge-LLM release.
-Stdlib + onnx only; no torch, no TensorRT.
+The matrix is package data (read through importlib.resources, so an installed wheel has it) and is checked
+by the PlatformMatrix model (`edgellm schema platforms` prints its JSON Schema).
+Stdlib + onnx + pydantic only; no torch, no TensorRT.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import struct
 from dataclasses import asdict, dataclass, field, replace
+from importlib import resources
 from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError
 
 from edgellm_export.errors import ExportError, UnsupportedError
+from edgellm_export.schema import StrictModel, explain, no_default
+
+from .export_dir import find_llm_dir
 
 PLATFORMS_ENV = "EDGELLM_PLATFORMS"
-DEFAULT_PLATFORMS = Path(__file__).resolve().parents[1] / "containers" / "platforms.json"
+# Package data: found the same way in a checkout, an editable install and a wheel.
+DEFAULT_PLATFORMS = Path(str(resources.files("edgellm_validate") / "data" / "platforms.json"))
 
 BACKENDS = ("cpu", "trt")
 # Precision features an export can use (what `inspect_export` detects).
@@ -123,50 +132,71 @@ def _platforms_path(path: str | os.PathLike | None) -> Path:
     return Path(env) if env else DEFAULT_PLATFORMS
 
 
-def _target_from(name: str, raw: dict, where: Path) -> Target:
-    def bad(msg: str) -> TargetError:
-        return TargetError(f"target {name!r}: {msg}", where)
+class TargetSpec(StrictModel):
+    """One row of the platform matrix (a target validation can run on)."""
 
-    if not isinstance(raw, dict):
-        raise bad("must be an object")
-    backend = raw.get("backend")
-    if backend not in BACKENDS:
-        raise bad(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
-    sm = raw.get("sm")
-    if sm is not None and (isinstance(sm, bool) or not isinstance(sm, int)):
-        raise bad(f"sm must be an integer or null, not {sm!r}")
-    precisions = raw.get("precisions")
-    if precisions is not None:
-        if not isinstance(precisions, list) or any(p not in PRECISIONS for p in precisions):
-            raise bad(f"precisions must be null or a list drawn from {', '.join(PRECISIONS)}")
-        precisions = frozenset(precisions)
-    docker_run = raw.get("docker_run", {})
-    if not isinstance(docker_run, dict):
-        raise bad("docker_run must be an object")
-    image = raw.get("base_image")
-    if image is not None and not isinstance(image, str):
-        raise bad("base_image must be a string or null")
-    return Target(name=name, description=str(raw.get("description", "")), backend=backend,
-                  arch=str(raw.get("arch", "")), support=str(raw.get("support", "")), base_image=image,
-                  base_image_required=bool(raw.get("base_image_required", image is None)), sm=sm,
-                  sm_choices=tuple(raw.get("sm_choices") or ()), tensorrt=raw.get("tensorrt"),
-                  cuda=raw.get("cuda"), docker_run=docker_run, precisions=precisions,
-                  plugin_build=dict(raw.get("plugin_build") or {}), notes=str(raw.get("notes", "")))
+    backend: Literal["cpu", "trt"] = Field(description="cpu: the onnxruntime twin only; trt: a TensorRT engine "
+                                                        "with the Edge-LLM plugin")
+    description: str = ""
+    arch: str = Field("", description="the machine architecture images are built for (x86_64, aarch64)")
+    support: str = Field("", description="Edge-LLM's support level for the platform")
+    base_image: str | None = Field(None, description="default base image of the validation image; null: none is "
+                                                     "public, one must be passed")
+    base_image_required: bool | None = Field(None, description="default: base_image is null",
+                                             json_schema_extra=no_default)
+    sm: int | None = Field(None, description="the GPU's SM; null: whatever GPU the machine has")
+    sm_choices: list[int] = Field(default_factory=list, description="the SMs a target with sm null may have")
+    tensorrt: str | None = Field(None, description="TensorRT version; null: whatever the image provides")
+    cuda: str | None = None
+    jetpack: str | None = Field(None, description="informational", json_schema_extra=no_default)
+    driveos: str | None = Field(None, description="informational", json_schema_extra=no_default)
+    docker_run: dict[str, Any] = Field(default_factory=dict, description="docker SDK containers.run keyword "
+                                                                         "arguments (GPU access)")
+    precisions: list[Literal[PRECISIONS]] | None = Field(None, description="null: decided by the GPU's SM")
+    plugin_build: dict[str, str | int] = Field(default_factory=dict, description="Dockerfile.tensorrt build args "
+                                                                                 "of the plugin library")
+    notes: str = ""
+
+    def target(self, name: str) -> Target:
+        return Target(name=name, description=self.description, backend=self.backend, arch=self.arch,
+                      support=self.support, base_image=self.base_image,
+                      base_image_required=(self.base_image is None if self.base_image_required is None
+                                           else self.base_image_required),
+                      sm=self.sm, sm_choices=tuple(self.sm_choices), tensorrt=self.tensorrt, cuda=self.cuda,
+                      docker_run=dict(self.docker_run),
+                      precisions=None if self.precisions is None else frozenset(self.precisions),
+                      plugin_build=dict(self.plugin_build), notes=self.notes)
+
+
+class PlatformMatrix(StrictModel):
+    """platforms.json: the targets edgellm validates on, and the Edge-LLM release their plugins are built from."""
+
+    model_config = {"title": "edgellm platform matrix"}
+
+    format: Literal[1] = 1
+    edgellm_release: str | None = Field(None, description="the TensorRT-Edge-LLM release (git tag without v) the "
+                                                          "plugin libraries are built from")
+    about: str = ""
+    targets: dict[str, TargetSpec]
 
 
 def load_platforms(path: str | os.PathLike | None = None) -> dict[str, Target]:
-    """The platform matrix: target name -> Target (from `path`, $EDGELLM_PLATFORMS, or containers/)."""
+    """The platform matrix: target name -> Target (from `path`, $EDGELLM_PLATFORMS, or the shipped one)."""
     p = _platforms_path(path)
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise TargetError(f"the platform matrix is missing; set {PLATFORMS_ENV} to containers/platforms.json",
-                          p) from None
+        raise TargetError(f"the platform matrix is missing; set {PLATFORMS_ENV} to a platform matrix file (the "
+                          f"shipped one is {DEFAULT_PLATFORMS})", p) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TargetError(f"is not valid JSON ({e})", p) from None
     if not isinstance(data, dict) or not isinstance(data.get("targets"), dict):
         raise TargetError("has no 'targets' object", p)
-    return {name: _target_from(name, raw, p) for name, raw in data["targets"].items()}
+    try:
+        matrix = PlatformMatrix.model_validate(data)
+    except ValidationError as e:
+        raise TargetError(f"is not a valid platform matrix: {explain(e, PlatformMatrix, data)}", p) from None
+    return {name: spec.target(name) for name, spec in matrix.targets.items()}
 
 
 def edgellm_release(path: str | os.PathLike | None = None) -> str | None:
@@ -218,28 +248,14 @@ _FP4_TYPE = 23  # FLOAT4E2M1
 _STANDARD = {"", "ai.onnx", "ai.onnx.ml"}
 
 
-def find_llm_dir(export_dir: str | os.PathLike) -> Path:
-    d = Path(export_dir)
-    for cand in (d / "llm", d):
-        if (cand / "model.onnx").is_file():
-            return cand
-    raise ExportError("not an export directory: no llm/model.onnx inside", d)
-
-
 def _embedding_dtype(path: Path) -> str | None:
     """dtype of the `embedding` tensor from the safetensors header (no data read)."""
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > 100 << 20:
-                raise ValueError("header too large")
-            header = json.loads(f.read(n))
-    except FileNotFoundError:
+    from edgellm_export.checkpoint.safetensors_file import SafetensorsFile
+
+    if not path.is_file():
         return None
-    except (OSError, ValueError, struct.error) as e:
-        raise ExportError(f"unreadable safetensors header ({e})", path) from None
-    meta = header.get("embedding") if isinstance(header, dict) else None
-    return meta.get("dtype") if isinstance(meta, dict) else None
+    info = SafetensorsFile(path).tensors.get("embedding")
+    return info.dtype if info is not None else None
 
 
 # Golden-bundle precision label parts (`+`-joined, written by the exporter) -> precision features.

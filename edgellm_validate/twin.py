@@ -1,9 +1,13 @@
-"""The runtime twin: drives a backend through the golden scenarios the way llm_inference does.
+"""The runtime twin: drives a backend the way llm_inference drives the engine.
 
 Per step it embeds tokens from embedding.safetensors, builds the RoPE table from
 config.json by the runtime's rules, feeds context_lengths / kvcache_start_index /
-last_token_ids with their per-phase meanings, and feeds the full-capacity KV
-buffers returned by the previous step back in (the runtime binds them in place).
+last_token_ids with their per-phase meanings, and feeds the full-capacity state
+buffers (KV caches, and recurrent states where a graph has them) returned by the
+previous step back in (the runtime binds them in place).
+
+`Twin` is the stepping API (one forward step at a time, used by `edgellm run`);
+`drive` replays golden-bundle scenarios through it (used by `edgellm validate`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from .runtime_rules import EmbeddingTable, read_safetensors, rope_table
 
 BUNDLE = Path("golden") / "bundle.json"
 LOGITS = Path("golden") / "logits.safetensors"
+# The inputs the runtime computes per step; every other graph input with a present_* output is state.
+STEP_INPUTS = ("inputs_embeds", "rope_rotary_cos_sin", "context_lengths", "kvcache_start_index", "last_token_ids")
 
 
 @dataclass
@@ -32,6 +38,103 @@ class StepResult:
 @dataclass
 class TwinRun:
     steps: list[StepResult] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """A graph input carried from step to step: fed as `past`, returned as `present`.
+
+    `shape` holds None for the batch dim (the first) and for the capacity dim (any
+    other dim the graph leaves symbolic, e.g. a KV cache's sequence dim); recurrent
+    states have fixed dims after the batch."""
+
+    past: str
+    present: str
+    shape: tuple[int | None, ...]
+    dtype: np.dtype
+
+    def zeros(self, batch: int, capacity: int) -> np.ndarray:
+        dims = [batch] + [capacity if d is None else d for d in self.shape[1:]]
+        # Zero bytes are +0.0 in fp16, fp32 and fp8 alike.
+        return np.zeros(dims, self.dtype)
+
+
+def _numpy_dtype(elem_type: int) -> np.dtype:
+    import onnx
+
+    if elem_type in (onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.UINT8):
+        return np.dtype(np.uint8)  # numpy has no float8: FP8 buffers travel as raw bytes, as backends expect
+    if elem_type == onnx.TensorProto.BFLOAT16:
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+
+
+def state_specs(llm_dir: Path) -> list[StateSpec]:
+    """The graph's carried state, read from model.onnx's inputs and outputs (no weights are loaded).
+
+    An input N is state when the graph has an output `present_N`, or `present_X` for N = `past_X`:
+    past_key_values_i -> present_key_values_i, conv_state_i -> present_conv_state_i, ..."""
+    import onnx
+
+    model = onnx.load(str(llm_dir / "model.onnx"), load_external_data=False)
+    outputs = {o.name for o in model.graph.output}
+    specs = []
+    for inp in model.graph.input:
+        if inp.name in STEP_INPUTS:
+            continue
+        cands = [f"present_{inp.name}"] + ([f"present_{inp.name[5:]}"] if inp.name.startswith("past_") else [])
+        present = next((c for c in cands if c in outputs), None)
+        if present is None:
+            continue
+        tt = inp.type.tensor_type
+        shape = tuple(None if (k == 0 or not d.HasField("dim_value")) else int(d.dim_value)
+                      for k, d in enumerate(tt.shape.dim))
+        specs.append(StateSpec(inp.name, present, shape, _numpy_dtype(tt.elem_type)))
+    return specs
+
+
+class Twin:
+    """One export driven step by step like llm_inference, with a fixed KV capacity.
+
+        twin = Twin(llm_dir, backend, capacity)
+        state = twin.new_state(batch)
+        logits, state = twin.step(state, token_ids, context_lengths, kvcache_start_index, last_token_ids)
+    """
+
+    def __init__(self, llm_dir: Path, backend, capacity: int):
+        self.llm_dir = Path(llm_dir)
+        self.backend = backend
+        self.capacity = int(capacity)
+        self.config = json.loads((self.llm_dir / "config.json").read_text())
+        self.rope = rope_table(self.config, self.capacity)
+        self.embedding = EmbeddingTable(self.llm_dir / "embedding.safetensors")
+        self.states = state_specs(self.llm_dir)
+
+    def new_state(self, batch: int) -> dict[str, np.ndarray]:
+        """Zeroed full-capacity buffers for a fresh sequence batch, keyed by input name."""
+        return {s.past: s.zeros(batch, self.capacity) for s in self.states}
+
+    def step(self, state: dict, token_ids, context_lengths, kvcache_start_index, last_token_ids):
+        """One forward step; returns (logits [B, V] fp32, the state to feed to the next step).
+
+        token_ids [B, S]; context_lengths [B] (tokens in the cache after this step);
+        kvcache_start_index [B], or empty for a plain prefill; last_token_ids [B] or [B, 1]."""
+        tokens = np.asarray(token_ids, dtype=np.int64)
+        batch = tokens.shape[0]
+        feeds = {
+            "inputs_embeds": self.embedding.lookup(tokens),
+            "rope_rotary_cos_sin": self.rope,
+            "context_lengths": np.asarray(context_lengths, np.int32),
+            "kvcache_start_index": np.asarray(kvcache_start_index, np.int32).reshape(-1),
+            "last_token_ids": np.asarray(last_token_ids, np.int64).reshape(batch, 1),
+        }
+        feeds.update(state)
+        out = self.backend.run(feeds)
+        # The presents are the full-capacity buffers, fed back in place (on TensorRT, device handles).
+        new_state = {s.past: out[s.present] for s in self.states}
+        return out["logits"][:, 0, :].astype(np.float32), new_state
 
 
 def load_bundle(llm_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -50,27 +153,10 @@ def run_twin(llm_dir: Path, backend) -> TwinRun:
 
 def drive(llm_dir: Path, backend, scenarios: list[dict], capacity: int):
     """Run scenarios (bundle format) like llm_inference; yields (scenario, index, step, logits [B, V])."""
-    config = json.loads((llm_dir / "config.json").read_text())
-    table = rope_table(config, capacity)
-    emb = EmbeddingTable(llm_dir / "embedding.safetensors")
-    n_layers, hkv, d = config["num_hidden_layers"], config["num_key_value_heads"], config["head_dim"]
-    kv_dtype = backend.kv_cache_dtype() if hasattr(backend, "kv_cache_dtype") else np.float16
+    twin = Twin(llm_dir, backend, capacity)
     for sc in scenarios:
-        batch = len(sc["steps"][0]["context_lengths"])
-        # Full-capacity buffers, fed back in place as the runtime binds them (zero bytes are
-        # +0.0 in fp16 and in fp8 alike).
-        kv = [np.zeros((batch, 2, hkv, capacity, d), kv_dtype) for _ in range(n_layers)]
+        state = twin.new_state(len(sc["steps"][0]["context_lengths"]))
         for k, st in enumerate(sc["steps"]):
-            tokens = np.asarray(st["token_ids"], dtype=np.int64)
-            feeds = {
-                "inputs_embeds": emb.lookup(tokens),
-                "rope_rotary_cos_sin": table,
-                "context_lengths": np.asarray(st["context_lengths"], np.int32),
-                "kvcache_start_index": np.asarray(st["kvcache_start_index"], np.int32).reshape(-1),
-                "last_token_ids": np.asarray(st["last_token_ids"], np.int64).reshape(batch, 1),
-            }
-            for i in range(n_layers):
-                feeds[f"past_key_values_{i}"] = kv[i]
-            out = backend.run(feeds)
-            kv = [out[f"present_key_values_{i}"] for i in range(n_layers)]
-            yield sc["name"], k, st, out["logits"][:, 0, :].astype(np.float32)
+            logits, state = twin.step(state, st["token_ids"], st["context_lengths"], st["kvcache_start_index"],
+                                      st["last_token_ids"])
+            yield sc["name"], k, st, logits

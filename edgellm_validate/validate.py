@@ -10,26 +10,20 @@ from edgellm_export.errors import EnvironmentProblem, ExportError
 from edgellm_export.manifest import verify_manifest
 
 from .compare import step_metrics, verdict
+from .export_dir import find_llm_dir
 from .runtime_rules import RuntimeRefusal
 from .twin import BUNDLE, load_bundle, run_twin
 
 RESULT_FILE = "validation.json"
 
 
-def find_llm_dir(out_dir: Path) -> Path:
-    for cand in (out_dir / "llm", out_dir):
-        if (cand / "model.onnx").is_file():
-            if not (cand / BUNDLE).is_file():
-                raise ExportError("the export has no golden bundle (exported with --no-golden?)", cand / BUNDLE)
-            return cand
-    raise ExportError("not an export directory: no llm/model.onnx inside", out_dir)
-
-
 def validate_export(out_dir: str | Path, *, backend: str = "cpu", result_path: Path | None = None,
-                    backend_options: dict | None = None) -> dict:
+                    backend_options: dict | None = None, verify: bool = True) -> dict:
+    """`verify=False` (--no-verify) skips the manifest check, for pipelines that already trust OUT."""
     t0 = time.perf_counter()
-    llm = find_llm_dir(Path(out_dir))
-    verify_manifest(llm.parent)  # never validate (or trust) files altered after export
+    llm = find_llm_dir(out_dir, need=(BUNDLE,))
+    if verify:
+        verify_manifest(llm.parent)  # never validate (or trust) files altered after export
     meta, _ = load_bundle(llm)
     if backend == "trt":  # TensorRT + Edge-LLM plugin; options: see edgellm_validate.trt.backend
         from .trt.backend import open_trt_backend
@@ -54,7 +48,8 @@ def validate_export(out_dir: str | Path, *, backend: str = "cpu", result_path: P
         result = verdict(metrics, meta.get("precision", "fp16"))
     finally:
         be.close()
-    result.update({"backend": be.name, "export": str(llm), "seconds": round(time.perf_counter() - t0, 3)})
+    result.update({"backend": be.name, "export": str(llm), "manifest_verified": verify,
+                   "seconds": round(time.perf_counter() - t0, 3)})
     if getattr(be, "details", None):  # e.g. the TensorRT backend's target check, device and build record
         result["backend_details"] = be.details
     path = result_path or (Path(out_dir) / RESULT_FILE)

@@ -13,6 +13,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpu_option import pytest_addoption  # noqa: E402,F401  (--require-gpu)
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_dir(tmp_path_factory):
+    """`validate`'s verification record goes to a per-run cache, not the user's ~/.cache (subprocesses
+    inherit it through the environment)."""
+    import os
+
+    os.environ["EDGELLM_CACHE_DIR"] = str(tmp_path_factory.mktemp("edgellm-cache"))
+
 # Small but kernel-legal shapes: head_dim 64, GQA 2:1.
 BASE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, rms_norm_eps=1e-5,

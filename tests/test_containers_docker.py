@@ -6,6 +6,9 @@ Needs a docker daemon and the base image $EDGELLM_DOCKER_BASE (default edgellm-b
 debootstrap is installed). Skips without a daemon, unless EDGELLM_REQUIRE_DOCKER=1 (CI), which turns every
 skip into a failure. pip inside the build reaches PyPI through the host network with $EDGELLM_CA_BUNDLE
 (default: the system CA bundle, which also carries a TLS-intercepting proxy's CA where there is one).
+The TLS trust tests serve their own package index over HTTPS on 127.0.0.1 with a throwaway CA (made with the
+openssl command) and build through build_image with the host network: PIP_CERT alone makes the build trust it,
+no bundle at all gives the one-line TLS trust error.
 """
 
 from __future__ import annotations
@@ -274,6 +277,8 @@ def test_edgellm_make_validates_inside_the_image_it_built(base_image, tmp_path):
     assert (out / "report" / "junit.xml").is_file() and (out / "report" / "summary.md").is_file()
     image = json.loads((out / "images" / "x86-cpu.json").read_text())
     assert image["labels"]  # the tool built (or reused) the image and recorded it
+    if ca:  # and the CA bundle it was built with
+        assert image["ca_bundle"]["source"] == "--ca-bundle" and image["ca_bundle"]["path"] == str(Path(ca).absolute())
     result = json.loads((out / "validation" / "validation.json").read_text())
     assert result["passed"]
     assert q["environment"]["extra"]["validated_in"] == "target container"
@@ -281,3 +286,178 @@ def test_edgellm_make_validates_inside_the_image_it_built(base_image, tmp_path):
     before = snapshot(out)
     assert main(args) == 0
     assert snapshot(out) == before
+
+
+# ---------------------------------------------------------------- TLS trust: a private index behind a throwaway CA
+
+TRUST_VARS = (C.CA_ENV, "PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
+PROBE = "edgellm_tls_probe"  # the one package of the local index, a wheel the test builds itself
+# After the product Dockerfile's own base stage: pip installs the probe from $PIP_INDEX_URL, trusting the CA
+# bundle the way install_validate.sh does (build_image puts it at CA_CONTEXT_PATH and passes CA_BUNDLE).
+PROBE_STAGE = """
+FROM base
+RUN python3 -m venv /opt/probe
+ARG CA_BUNDLE=
+ARG PIP_INDEX_URL=
+COPY Dockerfile containers/.edgellm-ca-bundle.cr[t] /src/containers/
+RUN if [ -n "$CA_BUNDLE" ]; then \\
+        ca="/src/$CA_BUNDLE"; export PIP_CERT="$ca" SSL_CERT_FILE="$ca" REQUESTS_CA_BUNDLE="$ca"; \\
+    fi; \\
+    PIP_INDEX_URL="$PIP_INDEX_URL" PIP_RETRIES=0 PIP_DEFAULT_TIMEOUT=20 PIP_NO_CACHE_DIR=1 \\
+    PIP_DISABLE_PIP_VERSION_CHECK=1 /opt/probe/bin/python -m pip install --no-deps edgellm-tls-probe==1.0 \\
+    && /opt/probe/bin/python -c 'import edgellm_tls_probe as p; assert p.TRUSTED'
+"""
+
+
+def _openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _throwaway_ca(d: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 signed by it; returns (ca.pem, server.pem, server.key)."""
+    if shutil.which("openssl") is None:
+        _skip_or_fail("the openssl command is not installed (it makes the test's throwaway CA)")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+             "-subj", "/CN=edgellm throwaway test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
+    _openssl("req", "-new", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1", cwd=d)
+    (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\n"
+                                  "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+                                  "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")
+    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", "server.pem", "-days", "2", "-extfile", "server.ext", cwd=d)
+    return d / "ca.pem", d / "server.pem", d / "server.key"
+
+
+def _probe_wheel(d: Path) -> Path:
+    """A pure-python wheel, edgellm-tls-probe 1.0, with a valid RECORD."""
+    import base64
+    import hashlib
+    import zipfile
+
+    info = f"{PROBE}-1.0.dist-info"
+    files = {f"{PROBE}/__init__.py": b"TRUSTED = True\n",
+             f"{info}/METADATA": b"Metadata-Version: 2.1\nName: edgellm-tls-probe\nVersion: 1.0\n",
+             f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: edgellm-tests\nRoot-Is-Purelib: true\n"
+                              b"Tag: py3-none-any\n"}
+
+    def digest(data: bytes) -> str:
+        return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+    record = "".join(f"{name},sha256={digest(data)},{len(data)}\n" for name, data in files.items())
+    record += f"{info}/RECORD,,\n"
+    path = d / f"{PROBE}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in [*files.items(), (f"{info}/RECORD", record.encode())]:
+            z.writestr(name, data)
+    return path
+
+
+@pytest.fixture
+def tls_index(tmp_path):
+    """A PEP 503 "simple" index over HTTPS on 127.0.0.1 (certificate from a throwaway CA) serving the probe
+    wheel; yields (index URL, CA file, server) where server.requests / server.tls_failures say what happened."""
+    import functools
+    import hashlib
+    import http.server
+    import ssl
+    import threading
+
+    ca, cert, key = _throwaway_ca(tmp_path)
+    root = tmp_path / "index"
+    (root / "packages").mkdir(parents=True)
+    wheel = _probe_wheel(root / "packages")
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    (root / "simple" / "edgellm-tls-probe").mkdir(parents=True)
+    (root / "simple" / "index.html").write_text('<a href="edgellm-tls-probe/">edgellm-tls-probe</a>\n')
+    (root / "simple" / "edgellm-tls-probe" / "index.html").write_text(
+        f'<a href="../../packages/{wheel.name}#sha256={digest}">{wheel.name}</a>\n')
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            self.server.requests.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+
+        def finish_request(self, request, client_address):  # the handshake in the request's thread
+            request.settimeout(30)
+            try:
+                tls = context.wrap_socket(request, server_side=True)
+            except OSError as e:  # the client refused our certificate
+                self.tls_failures.append(str(e))
+                return
+            try:
+                super().finish_request(tls, client_address)
+            finally:
+                tls.close()
+
+    server = Server(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+    server.requests, server.tls_failures = [], []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{server.server_address[1]}/simple/", ca, server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def probe_context(tmp_path):
+    """A build context: the product Dockerfile's base stage + PROBE_STAGE, as build_image builds it."""
+    text = (ROOT / "Dockerfile").read_text()
+    head, sep, _ = text.partition("\nFROM base AS deps")
+    assert sep, "the root Dockerfile no longer has its `FROM base AS deps` stage; update PROBE_STAGE's test"
+    ctx = tmp_path / "probe-context"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(head + "\n" + PROBE_STAGE)
+    return ctx
+
+
+def _no_trust_variables(monkeypatch):
+    for name in TRUST_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_build_trusts_the_ca_given_through_pip_cert(client, base_image, tls_index, probe_context, monkeypatch):
+    """Only PIP_CERT names the throwaway CA (as on a host whose pip works behind a TLS-intercepting proxy): the
+    build takes it, pip inside verifies the index's certificate and installs the wheel, the result records it."""
+    import hashlib
+
+    url, ca, server = tls_index
+    _no_trust_variables(monkeypatch)
+    monkeypatch.setenv("PIP_CERT", str(ca))
+    info = C.build_image("x86-cpu", base_image=base_image, root=probe_context, tag="edgellm-test:tls-probe",
+                         client=client, extra_build_args={"PIP_INDEX_URL": url})
+    print(f"[containers] TLS probe image (CA from PIP_CERT) built in {info['seconds']} s")
+    assert info["ca_bundle"] == {"source": "PIP_CERT", "path": str(ca),
+                                 "sha256": hashlib.sha256(ca.read_bytes()).hexdigest()}
+    assert f"/packages/{PROBE}-1.0-py3-none-any.whl" in server.requests and not server.tls_failures
+    out = client.containers.run(info["tag"], ["/opt/probe/bin/python", "-c", f"import {PROBE}; print({PROBE}.TRUSTED)"],
+                                remove=True, network_mode="none")
+    assert out.decode().strip() == "True"
+
+
+def test_build_without_a_ca_bundle_says_tls_trust(client, base_image, tls_index, probe_context, monkeypatch):
+    """No --ca-bundle, EDGELLM_CA_BUNDLE, PIP_CERT, SSL_CERT_FILE or REQUESTS_CA_BUNDLE: pip refuses the
+    index's certificate and the build fails with one line naming the TLS trust problem and the way out."""
+    url, _, server = tls_index
+    _no_trust_variables(monkeypatch)
+    with pytest.raises(C.TlsTrustError) as e:
+        C.build_image("x86-cpu", base_image=base_image, root=probe_context, tag="edgellm-test:tls-probe-untrusted",
+                      client=client, extra_build_args={"PIP_INDEX_URL": url})
+    text = str(e.value)
+    print(f"[containers] untrusted build: {text}")
+    assert "\n" not in text and e.value.exit_code == 3
+    assert "a TLS trust problem" in text and "had no CA bundle" in text
+    assert text.endswith("--ca-bundle FILE or EDGELLM_CA_BUNDLE=FILE")
+    assert "CERTIFICATE_VERIFY_FAILED" in e.value.log_tail  # pip's own words, kept for whoever wants them
+    assert server.tls_failures and not any(p.endswith(".whl") for p in server.requests)

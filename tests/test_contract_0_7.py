@@ -87,11 +87,11 @@ def test_attention_plugin_nodes(qwen3_export):
             c.num_attention_heads, c.num_key_value_heads, c.head_dim)
         assert vals["enable_tree_attention"] == 0 and vals["enable_fp8_kv_cache"] == 0
         assert vals["qkv_scales"] == [1.0, 1.0, 1.0]
-        # present_key_values_i is the plugin's second output (through an Identity).
-    out_of = {o: nd for nd in m.graph.node for o in nd.output}
+    # The plugin's second output is the graph output itself, as the runtime's in-place KV binding
+    # expects: no node (not even an Identity) between them, and no other graph output is a copy.
     for i, nd in enumerate(plugins):
-        src = out_of[f"present_key_values_{i}"]
-        assert src.op_type == "Identity" and src.input[0] == nd.output[1]
+        assert nd.output[1] == f"present_key_values_{i}"
+    assert not any(nd.op_type == "Identity" for nd in m.graph.node)
 
 
 def test_qk_norm_precedes_plugin_and_logits_via_gathernd(qwen3_export):
@@ -102,7 +102,7 @@ def test_qk_norm_precedes_plugin_and_logits_via_gathernd(qwen3_export):
     gnd = next(nd for nd in m.graph.node if nd.op_type == "GatherND")
     assert helper.get_attribute_value(gnd.attribute[0]) == 1
     out_of = {o: nd for nd in m.graph.node for o in nd.output}
-    logits_src = out_of[out_of["logits"].input[0]]
+    logits_src = out_of["logits"]  # the Cast names the graph output itself
     assert logits_src.op_type == "Cast" and helper.get_attribute_value(logits_src.attribute[0]) == TensorProto.FLOAT
     assert out_of[logits_src.input[0]].op_type == "MatMul"
     # Qwen3: the q input of the plugin comes out of a RMSNorm (…Mul → Reshape).

@@ -16,17 +16,18 @@ from hypothesis import strategies as st
 from edgellm_export.errors import ExportError
 from edgellm_export.quant.int4_pack import (
     Int4LayoutError,
-    Int4RangeError,
     dequant_plugin,
-    fold_zero_points,
     gptq_perm,
     pack_plugin,
     repack_autoawq,
     repack_gptq,
     repack_modelopt_w4a16,
+    split_zero_points,
     unpack_autoawq,
     unpack_gptq,
     unpack_plugin,
+    zero_correction,
+    zeros_are_eight,
 )
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
@@ -195,12 +196,13 @@ def test_autoawq_unpack_and_round_trip():
     np.testing.assert_array_equal(uq, q)
     np.testing.assert_array_equal(uz, z)
 
-    u = repack_autoawq(qweight, qzeros, g)
+    u, d = repack_autoawq(qweight, qzeros, g)
     assert u.shape == (n, k) and u.dtype == np.uint8
+    assert d.shape == (k // g, n) and not d.any()  # every q - z fits: the plain fold
     decoded = unpack_plugin(pack_plugin(u), n, k).astype(np.int64) - 8
     true_int = q.astype(np.int64) - np.repeat(z, g, axis=0).astype(np.int64)
     np.testing.assert_array_equal(decoded, true_int.T)
-    np.testing.assert_array_equal(repack_autoawq(qweight, qzeros), u)  # group derived from K / rows
+    np.testing.assert_array_equal(repack_autoawq(qweight, qzeros)[0], u)  # group derived from K / rows
 
     scales = fp16_scales(rng, (k // g, n))  # AutoAWQ scales are already [K/g, N]
     w_true = true_int * np.repeat(scales.astype(np.float64), g, axis=0)  # [K, N]
@@ -218,7 +220,13 @@ def test_autoawq_order_is_not_sequential():
     np.testing.assert_array_equal(uq, q)
 
 
-def test_autoawq_out_of_range_refused():
+def exact_weights(q, z, scales, group):
+    """(q - z) * s in float64, [N, K]: what an asymmetric checkpoint means."""
+    return ((q.astype(np.int64) - np.repeat(z, group, 0)) * np.repeat(scales.astype(np.float64), group, 0)).T
+
+
+def test_autoawq_beyond_the_signed_range_splits_exactly():
+    """Zeros of 0 and 15 with q at the far end: U stays a nibble, d carries the rest, nothing is lost."""
     rng = np.random.default_rng(11)
     k, n, g = 128, 16, 64
     q, z = random_q_z(rng, k, n, g)
@@ -230,16 +238,64 @@ def test_autoawq_out_of_range_refused():
     q[g:2 * g, 4] = 15
     q[g + 2, 4] = 0  # 0 - 15 = -15 < -8
     qweight, qzeros = encode_autoawq(q, z)
-    with pytest.raises(Int4RangeError) as info:
-        repack_autoawq(qweight, qzeros, g, name="layers.0.mlp.down_proj")
-    err = info.value
-    assert (err.count, err.total) == (3, k * n)
-    assert isinstance(err, ValueError) and isinstance(err, ExportError)
-    assert "3 of 2048" in str(err) and "layers.0.mlp.down_proj" in str(err) and "[-8, 7]" in str(err)
-    # the low-level fold reports the same count and what clamping would give
-    folded, outside = fold_zero_points(np.array([15, 0, 3]), np.array([0, 15, 3]))
-    assert outside == 2
-    np.testing.assert_array_equal(folded, [15, 0, 8])
+    u, d = repack_autoawq(qweight, qzeros, g, name="layers.0.mlp.down_proj")
+    assert d.dtype == np.int8 and d.shape == (k // g, n)
+    # Only the three groups that do not fit get a correction: c = 8 (q spans 0..15), c = 2 (q in 0..9,
+    # nearest to 0 in [9 - 7, 0 + 8]), c = 8.
+    want_d = np.zeros((k // g, n), np.int64)
+    want_d[0, 0], want_d[0, 2], want_d[1, 4] = 8, 2, 8 - 15
+    np.testing.assert_array_equal(d, want_d)
+    decoded = unpack_plugin(pack_plugin(u), n, k).astype(np.int64) - 8
+    np.testing.assert_array_equal(decoded + np.repeat(d, g, 0).T, (q.astype(np.int64) - np.repeat(z, g, 0)).T)
+    # In weights: plugin dequant plus the correction term, exact in float64 with fp16 scales.
+    scales = fp16_scales(rng, (k // g, n))
+    w = dequant_plugin(pack_plugin(u), scales, n, k, g).astype(np.float64)
+    w += np.repeat(d * scales.astype(np.float64), g, 0).T
+    np.testing.assert_array_equal(w, exact_weights(q, z, scales, g))
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), top=st.integers(15, 16), span=st.integers(0, 15))
+def test_split_zero_points_property(seed, top, span):
+    """Any zeros (GPTQ v1 reaches 16), any group ranges: U in [0, 15], q - z = (U - 8) + d, and d is the
+    smallest correction possible, zero exactly where the group fits."""
+    rng = np.random.default_rng(seed)
+    k, n, g = 64, 8, 16
+    lo = rng.integers(0, 16 - span, (k // g, 1, n))
+    q = (lo + rng.integers(0, span + 1, (k // g, g, n))).reshape(k, n)
+    z = rng.integers(0, top + 1, (k // g, n))
+    u, d = split_zero_points(q.astype(np.uint8), z, g)
+    assert u.dtype == np.uint8 and u.max() <= 15
+    diff = q - np.repeat(z, g, 0)
+    np.testing.assert_array_equal(u.astype(np.int64) - 8 + np.repeat(d, g, 0), diff)
+    qg = q.reshape(k // g, g, n)
+    fits = (qg.max(1) - z <= 7) & (qg.min(1) - z >= -8)
+    np.testing.assert_array_equal(d == 0, fits)
+    # minimal: moving c one step towards z would push some q - c out of [-8, 7]
+    c = z + d
+    toward = c - np.sign(d)
+    ok = (qg.max(1) - toward <= 7) & (qg.min(1) - toward >= -8)
+    assert not (ok & (d != 0)).any()
+    assert (np.abs(d) <= np.abs(8 - z)).all()
+
+
+def test_zero_correction_values_and_fp16_limit():
+    d = np.array([[0, 1, -3], [8, -8, 5]], np.int8)
+    s = np.array([[0.01, 0.02, 0.0123], [0.5, 0.25, 0.003]], np.float16)
+    got = zero_correction(d, s, 128)
+    assert got.dtype == np.float16
+    want = [[0.0, 128 * float(s[0, 1]), -384 * float(s[0, 2])], [512.0, -256.0, 640 * float(s[1, 2])]]
+    np.testing.assert_array_equal(got, np.array(want, np.float64).astype(np.float16))
+    with pytest.raises(ExportError, match="layers.0.o_proj: .* exceeds fp16"):  # 128 * 8 * 64.5 > 65504
+        zero_correction(np.array([[8]], np.int8), np.array([[64.5]], np.float16), 128, name="layers.0.o_proj")
+
+
+def test_zeros_are_eight_reads_only_the_packed_zeros():
+    assert zeros_are_eight(np.full((2, 4), 0x88888888, np.uint32).view(np.int32))
+    assert zeros_are_eight(np.full((2, 4), 0x77777777, np.int32), zero_offset=1)  # GPTQ v1 stores zero - 1
+    words = np.full((2, 4), 0x88888888, np.uint32)
+    words[1, 3] = 0x88888788
+    assert not zeros_are_eight(words.view(np.int32))
 
 
 def test_autoawq_bad_shapes_raise():
@@ -279,7 +335,8 @@ def test_gptq_desc_act_round_trip():
     rng = np.random.default_rng(21)
     k, n, g = 512, 32, 128
     qweight, qzeros, g_idx, q, z_stored = make_gptq(rng, k, n, g)
-    u, perm = repack_gptq(qweight, qzeros, g_idx, g)
+    u, perm, d = repack_gptq(qweight, qzeros, g_idx, g)
+    assert not d.any()
     assert perm.dtype == np.int64 and sorted(perm.tolist()) == list(range(k))
     assert not np.array_equal(perm, np.arange(k))
     # groups are contiguous after perm, matching the plugin's k // g
@@ -303,30 +360,49 @@ def test_gptq_without_g_idx_is_identity_perm():
     rng = np.random.default_rng(22)
     k, n, g = 256, 16, 128
     qweight, qzeros, g_idx, q, z_stored = make_gptq(rng, k, n, g, shuffle=False)
-    u, perm = repack_gptq(qweight, qzeros, None, g)
+    u, perm, _ = repack_gptq(qweight, qzeros, None, g)
     np.testing.assert_array_equal(perm, np.arange(k))
     np.testing.assert_array_equal(u.astype(np.int64) - 8, (q.astype(np.int64) - z_stored[g_idx] - 1).T)
-    u_derived, _ = repack_gptq(qweight, qzeros, None)  # group = K / G
+    u_derived, _, _ = repack_gptq(qweight, qzeros, None)  # group = K / G
     np.testing.assert_array_equal(u_derived, u)
 
 
-def test_gptq_zero_offset_and_refusal():
+def test_gptq_zero_offset_and_split():
     k, n, g = 128, 8, 64
     q = np.full((k, n), 8, dtype=np.uint8)
     z_stored = np.full((k // g, n), 7, dtype=np.uint8)
     qweight, qzeros = encode_gptq(q, z_stored)
-    u1, _ = repack_gptq(qweight, qzeros, None, g)  # v1: zero = 8
-    assert (u1 == 8).all()
-    u0, _ = repack_gptq(qweight, qzeros, None, g, zero_offset=0)  # v2: zero = 7
-    assert (u0 == 9).all()
+    u1, _, d1 = repack_gptq(qweight, qzeros, None, g)  # v1: zero = 8
+    assert (u1 == 8).all() and not d1.any()
+    u0, _, d0 = repack_gptq(qweight, qzeros, None, g, zero_offset=0)  # v2: zero = 7
+    assert (u0 == 9).all() and not d0.any()
 
-    z_stored[1, 3] = 15  # v1 zero 16
+    z_stored[1, 3] = 15  # v1 zero 16, beyond any nibble
     q[g:, 3] = 0          # 0 - 16 = -16, for the g channels of group 1
-    q[0, 0] = 15          # 15 - 8 = 7: still fine
+    q[0, 0] = 15          # 15 - 8 = 7: still fits
     qweight, qzeros = encode_gptq(q, z_stored)
-    with pytest.raises(Int4RangeError, match=f"{g} of {k * n}") as info:
-        repack_gptq(qweight, qzeros, None, g)
-    assert info.value.count == g
+    u, _, d = repack_gptq(qweight, qzeros, None, g)
+    assert np.count_nonzero(d) == 1 and d[1, 3] == 8 - 16  # c = 8: q - c = -8 fits
+    assert (u[3, g:] == 0).all() and u[0, 0] == 15
+
+
+def test_gptq_desc_act_split_follows_the_permuted_groups():
+    """Zeros far from 8 with a shuffled g_idx: the correction rows are the checkpoint's groups, and
+    x[perm] through plugin + correction equals x through the exact weights."""
+    rng = np.random.default_rng(24)
+    k, n, g = 256, 16, 64
+    g_idx = np.repeat(np.arange(k // g), g)
+    rng.shuffle(g_idx)
+    q = rng.integers(0, 16, (k, n)).astype(np.uint8)
+    z_stored = rng.integers(0, 16, (k // g, n)).astype(np.uint8)
+    qweight, qzeros = encode_gptq(q, z_stored)
+    u, perm, d = repack_gptq(qweight, qzeros, g_idx.astype(np.int32), g)
+    assert d.any()
+    scales = fp16_scales(rng, (k // g, n))
+    w_true = ((q.astype(np.int64) - (z_stored.astype(np.int64)[g_idx] + 1)) * scales.astype(np.float64)[g_idx]).T
+    w = dequant_plugin(pack_plugin(u), scales, n, k, g).astype(np.float64)
+    w += np.repeat(d * scales.astype(np.float64), g, 0).T  # rows in the permuted order's groups
+    np.testing.assert_array_equal(w, w_true[:, perm])
 
 
 @pytest.mark.parametrize("g_idx, message", [

@@ -288,7 +288,7 @@ def test_container_build_command(fake, capsys):
 
 def test_image_inputs_are_the_build_context(tmp_path):
     files = image_inputs()
-    for name in ("Dockerfile", ".dockerignore", "pyproject.toml", "containers/platforms.json",
+    for name in ("Dockerfile", ".dockerignore", "pyproject.toml", "edgellm_validate/data/platforms.json",
                  "containers/Dockerfile.tensorrt", "edgellm_validate/validate.py", "edgellm_export/cli.py"):
         assert files[name] == ROOT / name
     assert not any(k.startswith("containers/suites/") or "__pycache__" in k or k.endswith(".pyc") for k in files)

@@ -42,18 +42,37 @@ def refused(ckpt: Path, tmp_path: Path, capsys, *phrases: str) -> str:
     return err
 
 
-def test_autoawq_weights_beyond_the_plugins_signed_range_are_refused_with_a_count(layout_ckpts, tmp_path, capsys):
-    """The plugin has no zero point: q - z must fit [-8, 7]. The reference exporter clamps silently."""
+def test_autoawq_zeros_of_the_wrong_shape_are_refused(layout_ckpts, tmp_path, capsys):
+    """Zeros that do not cover every (group, channel) have no meaning to split (q - z of what?)."""
+    def edit(state):
+        key = "model.layers.1.mlp.down_proj.qzeros"
+        state[key] = state[key][:-1].clone()
+    ckpt = edited(layout_ckpts["awq_gemm"], tmp_path / "ckpt", edit)
+    refused(ckpt, tmp_path, capsys, "model.layers.1.mlp.down_proj.qzeros", "shape")
+
+
+def test_gptq_zeros_of_the_wrong_dtype_are_refused(layout_ckpts, tmp_path, capsys):
+    def edit(state):
+        key = "model.layers.0.self_attn.o_proj.qzeros"
+        state[key] = state[key].to(torch.int64)
+    ckpt = edited(layout_ckpts["gptq_desc_act"], tmp_path / "ckpt", edit)
+    refused(ckpt, tmp_path, capsys, "model.layers.0.self_attn.o_proj.qzeros", "I64")
+
+
+def test_int4_scales_whose_zero_correction_leaves_fp16_are_refused(layout_ckpts, tmp_path, capsys):
+    """A group whose q - z does not fit needs 128 * (c - z) * scale in fp16; beyond ~64 it cannot."""
     def edit(state):
         key = "model.layers.1.mlp.down_proj"
         z = state[f"{key}.qzeros"].numpy().view(np.uint32).copy()
-        z[0, 0] = (z[0, 0] & ~np.uint32(0xF)) | np.uint32(1)  # zero 1: q up to 15 gives q - z = 14
-        state[f"{key}.qzeros"] = torch.from_numpy(z.view(np.int32))
         q = state[f"{key}.qweight"].numpy().view(np.uint32).copy()
-        q[0, 0] = (q[0, 0] & ~np.uint32(0xF)) | np.uint32(15)
+        z[0, 0] = (z[0, 0] & ~np.uint32(0xF)) | np.uint32(1)  # zero 1 ...
+        q[0, 0] = (q[0, 0] & ~np.uint32(0xF)) | np.uint32(15)  # ... and q 15: q - z = 14
+        state[f"{key}.qzeros"] = torch.from_numpy(z.view(np.int32))
         state[f"{key}.qweight"] = torch.from_numpy(q.view(np.int32))
+        state[f"{key}.scales"][0, 0] = 1000.0
     ckpt = edited(layout_ckpts["awq_gemm"], tmp_path / "ckpt", edit)
-    refused(ckpt, tmp_path, capsys, "model.safetensors", "layers.1.mlp.down_proj", "outside [-8, 7]")
+    refused(ckpt, tmp_path, capsys, "model.layers.1.mlp.down_proj.scales", "layers.1.mlp.down_proj",
+            "exceeds fp16")
 
 
 def test_gptq_groups_of_unequal_size_are_refused(layout_ckpts, tmp_path, capsys):

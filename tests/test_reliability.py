@@ -16,7 +16,8 @@ import torch
 
 from edgellm_export.cli import main
 from edgellm_export.demo_checkpoint import write_demo_checkpoint
-from edgellm_export.manifest import MANIFEST, sha256_file
+from edgellm_export.digests import sha256_file
+from edgellm_export.manifest import MANIFEST
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,6 +84,51 @@ def test_second_export_to_the_same_output_fails_clearly(demo, tmp_path, capsys):
     assert main(["-q", "export", str(demo), str(out)]) == 0  # lock released
 
 
+def test_lock_file_exists_only_while_held(demo, tmp_path, capsys):
+    """After a success and after bad input, OUT's parent holds OUT (or nothing) and the checkpoint: no lock."""
+    from edgellm_export.output_dir import lock_path_for, output_lock
+
+    parent = tmp_path / "work"
+    parent.mkdir()
+    out = parent / "out"
+    with output_lock(out.absolute()):
+        assert lock_path_for(out.absolute()).is_file()
+    assert list(parent.iterdir()) == []
+    assert main(["-q", "export", str(demo), str(out)]) == 0
+    assert [p.name for p in parent.iterdir()] == ["out"]
+    (demo / "config.json").write_text("{not json")
+    assert main(["-q", "export", str(demo), str(parent / "bad")]) == 2
+    assert [p.name for p in parent.iterdir()] == ["out"]
+
+
+def test_waiter_on_an_unlinked_lock_file_locks_the_path_again(tmp_path, monkeypatch):
+    """The race the unlink opens: B opens the lock file, A releases (unlinks) it, B's flock succeeds on the
+    orphaned inode. B must notice and lock the path anew, or a third process C could hold a lock on a new
+    file at the same time."""
+    import edgellm_export.output_dir as od
+
+    final = (tmp_path / "out").absolute()
+    lock = od.lock_path_for(final)
+    with od.output_lock(final):
+        stale_fd = os.open(lock, os.O_RDWR)  # B opened the path just before A's release
+    assert not lock.exists()
+    real_open, calls = os.open, []
+
+    def open_first_the_stale_fd(path, flags, mode=0o777):
+        calls.append(path)
+        return stale_fd if len(calls) == 1 else real_open(path, flags, mode)
+
+    monkeypatch.setattr(od.os, "open", open_first_the_stale_fd)
+    with od.output_lock(final):
+        assert len(calls) == 2  # the orphaned inode was dropped and the path locked again
+        monkeypatch.setattr(od.os, "open", real_open)
+        assert lock.is_file()
+        with pytest.raises(od.EnvironmentProblem, match="another export"):
+            with od.output_lock(final):
+                pass
+    assert not lock.exists()
+
+
 def test_stale_partial_and_old_from_a_killed_run_are_cleaned(demo, tmp_path):
     out = tmp_path / "out"
     assert main(["-q", "export", str(demo), str(out)]) == 0
@@ -102,8 +148,13 @@ def _big_checkpoint(tmp_path) -> Path:
     return write_checkpoint(tmp_path / "big", 12)
 
 
-def _start_export(ckpt: Path, out: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "edgellm_export", "-q", "export", str(ckpt), str(out)],
+# Both ways a user starts the tool: `python -m edgellm_export` and the `edgellm` console script.
+ENTRY_POINTS = {"module": [sys.executable, "-m", "edgellm_export"],
+                "console": [str(Path(sys.executable).with_name("edgellm"))]}
+
+
+def _start_export(ckpt: Path, out: Path, entry: str = "module") -> subprocess.Popen:
+    return subprocess.Popen(ENTRY_POINTS[entry] + ["-q", "export", str(ckpt), str(out)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -116,28 +167,71 @@ def _wait_for_partial(parent: Path, proc: subprocess.Popen, timeout: float = 60.
     return False
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def _wait_until_published(parent: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Until the partial directory has been renamed into place: the process is then finishing up."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and proc.poll() is None:
+        if not [p for p in parent.iterdir() if ".partial-" in p.name]:
+            return
+        time.sleep(0.002)
+
+
+def _interrupt_once(tmp_path: Path, ckpt: Path, out: Path, sig, code, when, before, entry="module") -> bool:
+    """One export interrupted at `when` (seconds after its partial directory appears, or
+    "published": right after the rename, while the process shuts down). Returns whether the
+    signal landed mid-export."""
+    proc = _start_export(ckpt, out, entry)
+    partial = _wait_for_partial(tmp_path, proc)
+    if when == "published":
+        _wait_until_published(tmp_path, proc)
+    else:
+        time.sleep(when)
+    proc.send_signal(sig)
+    rc = proc.wait(timeout=120)
+    err = proc.stderr.read().decode()
+    # The documented code or a normal finish, never a kill by the signal (rc -2 / -15).
+    assert rc in (code, 0), f"exit status {rc} for {sig!r} at {when} ({entry}): {err}"
+    if rc == code:
+        assert "no partial output was left" in err
+    assert "Traceback" not in err
+    # Same checkpoint, deterministic export: either way OUT is byte-identical, and nothing is left beside it.
+    assert digests(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "out"]
+    return partial
+
+
+SIGNALS = [(signal.SIGINT, 130), (signal.SIGTERM, 143)]
+
+
+@pytest.mark.parametrize("sig,code", SIGNALS)
 def test_interrupt_at_random_points_keeps_previous_output(tmp_path, sig, code):
     ckpt = _big_checkpoint(tmp_path)
     out = tmp_path / "out"
     assert subprocess.run([sys.executable, "-m", "edgellm_export", "-q", "export", str(ckpt), str(out)],
                           cwd=ROOT, timeout=300).returncode == 0
     before = digests(out)
-    seen_partial = 0
     rng = random.Random(int(sig))  # random points, reproducible per signal
-    for delay in [0.0] + [rng.uniform(0.05, 1.6) for _ in range(3)]:
-        proc = _start_export(ckpt, out)
-        seen_partial += _wait_for_partial(tmp_path, proc)
-        time.sleep(delay)
-        proc.send_signal(sig)
-        rc = proc.wait(timeout=120)
-        assert rc in (code, 0), proc.stderr.read().decode()
-        if rc == code:
-            assert b"no partial output was left" in proc.stderr.read()
-        # Same checkpoint, deterministic export: either way OUT is byte-identical.
-        assert digests(out) == before
-        assert leftovers(tmp_path) == []
-    assert seen_partial >= 2  # the signals really landed mid-export
+    whens = [0.0] + [rng.uniform(0.05, 1.6) for _ in range(3)] + ["published"]
+    seen_partial = sum(_interrupt_once(tmp_path, ckpt, out, sig, code, w, before, entry)
+                       for w in whens for entry in ENTRY_POINTS)
+    assert seen_partial >= 4  # the signals really landed mid-export
+
+
+@pytest.mark.stress
+@pytest.mark.parametrize("sig,code", SIGNALS)
+def test_interrupt_exit_codes_stress(tmp_path, sig, code):
+    """`pytest -m stress`: STRESS_RUNS (default 50) interrupted exports per signal, at points spread
+    over the whole run including its shutdown; every one must end 0 or 130/143 with OUT intact."""
+    ckpt = _big_checkpoint(tmp_path)
+    out = tmp_path / "out"
+    assert subprocess.run([sys.executable, "-m", "edgellm_export", "-q", "export", str(ckpt), str(out)],
+                          cwd=ROOT, timeout=300).returncode == 0
+    before = digests(out)
+    runs = int(os.environ.get("STRESS_RUNS", "50"))
+    rng = random.Random(1000 + int(sig))
+    for i in range(runs):
+        when = "published" if i % 5 == 4 else rng.uniform(0.0, 3.0)
+        _interrupt_once(tmp_path, ckpt, out, sig, code, when, before, "console" if i % 2 else "module")
 
 
 def test_sigkill_keeps_previous_output_and_next_run_cleans_up(tmp_path):
@@ -151,9 +245,10 @@ def test_sigkill_keeps_previous_output_and_next_run_cleans_up(tmp_path):
     proc.kill()
     proc.wait(timeout=60)
     assert digests(out) == before
-    assert main(["-q", "export", str(ckpt), str(out)]) == 0
+    assert ".out.lock" in {p.name for p in tmp_path.iterdir()}  # a SIGKILLed holder cannot clean up
+    assert main(["-q", "export", str(ckpt), str(out)]) == 0  # the clean-up run
     assert digests(out) == before
-    assert leftovers(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "out"]
 
 
 # -- config ranges, pickles, clamping, changing checkpoints --------------------------------

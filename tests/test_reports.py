@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgellm_export.manifest import sha256_file, write_manifest
+from edgellm_export.digests import sha256_file
+from edgellm_export.manifest import write_manifest
 from edgellm_validate.compare import step_metrics, verdict
 from edgellm_validate.report import (
     REPORT_FILE,
@@ -209,8 +210,9 @@ def test_round_trip_and_loader_errors(tmp_path):
         ({**q, "schema_version": SCHEMA_VERSION + 1}, "newer than this"),
         ({**q, "schema_version": "1"}, "positive integer"),
         ({**q, "verdict": "fail"}, "disagree with its cases"),
-        ({**q, "cases": [{**q["cases"][0], "verdict": "maybe"}]}, "'verdict' must be one of"),
-        ({**q, "cases": "none"}, "'cases' must be a list"),
+        ({**q, "cases": [{**q["cases"][0], "verdict": "maybe"}]},
+         "cases[0].verdict (case 'llama'): must be one of pass, fail"),
+        ({**q, "cases": "none"}, "cases: must be a list"),
     ]
     for doc, msg in cases:
         bad.write_text(json.dumps(doc))
@@ -380,3 +382,16 @@ def test_report_package_imports_without_torch():
             "import edgellm_validate.report, edgellm_validate.report.summary, edgellm_validate.report.junit\n"
             "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_summary_names_fp16_when_the_suite_expects_no_precision(tmp_path):
+    """A plain fp16 export says `fp16` in the Precision column, not an empty cell."""
+    from edgellm_validate.report.summary import render_summary
+
+    q = one_case_report(tmp_path)  # no expected precision given
+    assert q["cases"][0]["precision"] == "fp16"
+    row = next(line for line in render_summary(q).splitlines() if line.startswith("| llama "))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3] == "fp16"
+    nvfp4 = one_case_report(tmp_path, name="q", validation=validation(precision="nvfp4"))
+    assert nvfp4["cases"][0]["precision"] == "nvfp4"

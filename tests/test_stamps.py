@@ -9,14 +9,19 @@ from pathlib import Path
 
 import pytest
 
+from edgellm_export.digests import DigestCache
 from edgellm_export.errors import ExportError
 from edgellm_export.make.stamps import (
-    DigestCache,
     StampStore,
     canonical_json,
     fingerprint,
     input_files,
 )
+
+
+def up_to_date(store: StampStore, stage: str, fp, *, force: bool = False) -> bool:
+    return store.why_stale(stage, fp, force=force) is None
+
 
 FUTURE = time.time_ns() + 3600 * 10**9  # a clock an hour ahead: every cache entry counts as old (not racy)
 
@@ -84,7 +89,7 @@ def test_changed_shard_byte_with_same_size_and_mtime_is_detected(tmp_path):
     (tmp_path / "work" / "out").mkdir(parents=True)
     (tmp_path / "work" / "out" / "model.onnx").write_bytes(b"graph")
     store.record("export", fp, ["out"])
-    assert store.is_up_to_date("export", store.fingerprint("export", inputs={"checkpoint": ck},
+    assert up_to_date(store, "export", store.fingerprint("export", inputs={"checkpoint": ck},
                                                            options={"target": "0.7"}))
     rewrite_byte_keep_size_and_mtime(ck / "model-00001-of-00002.safetensors")
     fp2 = store.fingerprint("export", inputs={"checkpoint": ck}, options={"target": "0.7"})
@@ -142,15 +147,15 @@ def test_stamp_round_trip_force_and_reasons(tmp_path):
     path = store.record("export", fp, ["export"])
     assert path == work / ".stamps" / "export.json"
     assert sorted(os.listdir(work / ".stamps")) == ["export.json"]  # no temp file left
-    assert store.is_up_to_date("export", fp)
-    assert not store.is_up_to_date("export", fp, force=True)
+    assert up_to_date(store, "export", fp)
+    assert not up_to_date(store, "export", fp, force=True)
     assert store.why_stale("export", fp, force=True) == "forced"
     fp_opts = store.fingerprint("export", inputs={"checkpoint": ck}, options={**opts, "fp8_embedding": True})
     assert store.why_stale("export", fp_opts) == "options changed (fp8_embedding)"
     fp_tool = store.fingerprint("export", inputs={"checkpoint": ck}, options=opts, tool_version="0.2.0")
     assert "tool version" in store.why_stale("export", fp_tool)
     store.invalidate("export")
-    assert not store.is_up_to_date("export", fp)
+    assert not up_to_date(store, "export", fp)
 
 
 def test_outputs_deleted_altered_or_added_make_the_stage_stale(tmp_path):
@@ -166,7 +171,7 @@ def test_outputs_deleted_altered_or_added_make_the_stage_stale(tmp_path):
 
     def fresh():
         store.record("export", fp, ["export"])
-        assert store.is_up_to_date("export", fp)
+        assert up_to_date(store, "export", fp)
 
     fresh()
     rewrite_byte_keep_size_and_mtime(data, offset=10)
@@ -195,7 +200,7 @@ def test_recheck_refreshes_racy_output_entries(tmp_path):
     store.record("s", fp, ["o.bin"], known_digests={"o.bin": __import__("hashlib").sha256(b"abc").hexdigest()})
     clock[0] += 10 * 10**9
     before = json.loads(store.path("s").read_text())["outputs"]["files"]["o.bin"]["hashed_at_ns"]
-    assert store.is_up_to_date("s", fp)
+    assert up_to_date(store, "s", fp)
     after = json.loads(store.path("s").read_text())["outputs"]["files"]["o.bin"]["hashed_at_ns"]
     assert after > before
     # a wrong known digest is caught by that re-read
@@ -223,7 +228,7 @@ def test_corrupt_or_foreign_stamp_means_rerun_not_crash(tmp_path, caplog):
     store.path("export").write_text("{oops")
     assert store.why_stale("export", fp).startswith("no stamp")
     store.path("export").write_text(json.dumps({"format": 99, "stage": "export"}))
-    assert not store.is_up_to_date("export", fp)
+    assert not up_to_date(store, "export", fp)
     assert "unreadable stamp" in caplog.text
 
 

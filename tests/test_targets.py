@@ -82,9 +82,10 @@ def test_unknown_target():
 @pytest.mark.parametrize("content, words", [
     ("not json", "not valid JSON"),
     ('{"targets": 3}', "no 'targets'"),
-    ('{"targets": {"t": {"backend": "tpu"}}}', "backend must be"),
-    ('{"targets": {"t": {"backend": "trt", "sm": "87"}}}', "sm must be"),
-    ('{"targets": {"t": {"backend": "trt", "sm": 87, "precisions": ["fp6"]}}}', "precisions must be"),
+    ('{"targets": {"t": {"backend": "tpu"}}}', r"targets\.t\.backend: must be one of cpu, trt, found 'tpu'"),
+    ('{"targets": {"t": {"backend": "trt", "sm": "87"}}}', r"targets\.t\.sm: must be an integer or null, found '87'"),
+    ('{"targets": {"t": {"backend": "trt", "sm": 87, "precisions": ["fp6"]}}}',
+     r"targets\.t\.precisions\[0\]: must be one of fp16"),
 ])
 def test_malformed_matrix(tmp_path, content, words):
     p = tmp_path / "platforms.json"
@@ -124,8 +125,10 @@ def test_decode_attention_excludes_sm90():
 
 
 def _safetensors_header(path: Path, dtype: str, shape) -> None:
-    header = json.dumps({"embedding": {"dtype": dtype, "shape": list(shape), "data_offsets": [0, 0]}}).encode()
-    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    """A valid safetensors file holding a zero `embedding` of `dtype` and `shape`."""
+    nbytes = {"F16": 2, "BF16": 2, "F32": 4, "F8_E4M3": 1, "U8": 1}[dtype] * int(np.prod(shape))
+    header = json.dumps({"embedding": {"dtype": dtype, "shape": list(shape), "data_offsets": [0, nbytes]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(nbytes))
 
 
 def make_export(root: Path, *, nodes=(), inits=(), kv_type=TensorProto.FLOAT16, config=None, emb="F16",

@@ -88,7 +88,7 @@ def test_plugin_registers_the_attention_plugin(gpu):
 def test_engine_profiles_are_ours(gpu, export_dir, tmp_path):
     import json
 
-    from edgellm_validate.targets import find_llm_dir
+    from edgellm_validate.export_dir import find_llm_dir
     from edgellm_validate.trt.build import BuildOptions, build_engine
     from edgellm_validate.trt.cuda_device import PycudaDevice
     from edgellm_validate.trt.profiles import BuildLimits, optimization_profiles

@@ -91,7 +91,7 @@ def test_unloadable_file_is_an_environment_problem(tmp_path):
     with pytest.raises(PluginProblem) as e:
         load_plugin_library(bad)
     assert "cannot be loaded" in str(e.value) and e.value.path == str(bad.resolve())
-    assert plugin_mod.loaded_plugins() == []
+    assert list(plugin_mod._loaded.values()) == []
 
 
 def test_load_once_global_and_kept(monkeypatch):
@@ -107,7 +107,7 @@ def test_load_once_global_and_kept(monkeypatch):
     again = load_plugin_library(None, environ={PLUGIN_ENV: str(SOME_SO)})
     assert again is first and len(modes) == 1  # dlopen'ed once
     assert modes[0] & ctypes.RTLD_GLOBAL
-    assert plugin_mod.loaded_plugins() == [first]
+    assert list(plugin_mod._loaded.values()) == [first]
     rec = first.record()
     assert rec["path"] == str(SOME_SO) and len(rec["sha256"]) == 64 and rec["size"] > 0
 

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from ..config import ModelConfig
 from ..onnx_graph.builder import FLOAT, FLOAT8E4M3FN, FLOAT16, INT32, INT64, GraphBuilder
 from ..ops import attention_plugin
+from ..ops.schemas import ONNX_OPSET
 from . import rope_v0_7
 
 log = logging.getLogger(__name__)
 RELEASE = "0.7.1"
 IR_VERSION = 10
-OPSETS = {"": 24, attention_plugin.DOMAIN: 1}
+OPSETS = {"": ONNX_OPSET, attention_plugin.DOMAIN: 1}
 TRT_DOMAIN = "trt"  # TensorRT's own custom ops (NVFP4 / MXFP8 activations); imported only when used
 
 

@@ -1,15 +1,18 @@
 """Validation containers through the docker Python SDK: build a target's image, smoke-test it, validate in it.
 
-    info = build_image("x86-cpu", base_image="edgellm-base:bookworm", ca_bundle="/etc/ssl/certs/ca-certificates.crt")
+    info = build_image("x86-cpu", base_image="edgellm-base:bookworm")  # CA bundle: --ca-bundle or the host's (trust.py)
     smoke("x86-cpu", info["tag"])                        # versions, imports; plugin + SM on GPU targets
     result = run_validate("x86-cpu", info["tag"], "OUT", "results/validation.json", backend="cpu")
 
 Images: the root `Dockerfile` for the CPU target (onnxruntime twin, no torch), `containers/Dockerfile.tensorrt`
 for the NVIDIA targets (plugin library built from the pinned upstream tag at image build time, TensorRT from
-the base image). Build args come from containers/platforms.json through `edgellm_validate.targets`.
-Builds use the host network (package indexes are reached the way the host reaches them) and, when given, a
-CA bundle for a TLS-intercepting proxy: it is put into the build context sent to the daemon (never onto
-disk in the checkout) and used only in the build stage, so the final image does not contain it.
+the base image). Build args come from edgellm_validate/data/platforms.json through `edgellm_validate.targets`.
+Builds use the host network (package indexes are reached the way the host reaches them) and trust what the host
+trusts: the CA bundle is `ca_bundle`, else the first of $EDGELLM_CA_BUNDLE, $PIP_CERT, $SSL_CERT_FILE,
+$REQUESTS_CA_BUNDLE that is set (trust.py; recorded as `ca_bundle` in build_image's result). It is put into the
+build context sent to the daemon (never onto disk in the checkout) and used only in the build stages, so the final
+image does not contain it. A build that fails on certificate verification is a TlsTrustError: one line saying so
+and how to pass a bundle (exit code 3).
 
 Containers run with the target's GPU options from the matrix (`runtime=nvidia` on Jetson / DRIVE, GPU
 device requests on x86-cuda), the export directory mounted read-only and the result directory read-write;
@@ -33,12 +36,13 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import EnvironmentProblem, ExportError
+from .trust import CA_ENV, CaBundle, load_ca_bundle, resolve_ca_bundle, tls_failure_line, tls_trust_message
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CPU_DOCKERFILE = "Dockerfile"
 TRT_DOCKERFILE = "containers/Dockerfile.tensorrt"
 CA_CONTEXT_PATH = "containers/.edgellm-ca-bundle.crt"  # where build_image puts the CA file in the context
-CA_ENV = "EDGELLM_CA_BUNDLE"
+CA_MOUNT = "/edgellm/ca-bundle.crt"  # where run_validate mounts the CA bundle in the container
 UPSTREAM_REPO = "https://github.com/NVIDIA/TensorRT-Edge-LLM.git"
 EXPORT_MOUNT = "/edgellm/export"
 OUT_MOUNT = "/edgellm/out"
@@ -74,6 +78,14 @@ class ImageBuildError(_WithLog):
     """`docker build` failed; the message ends with the build log's tail."""
 
     log_title = "build log"
+
+
+class TlsTrustError(ImageBuildError):
+    """The build failed on TLS certificate verification: one line, what to do (the log tail stays in
+    `log_tail`; the build log has been shown line by line through `progress`)."""
+
+    def paragraph(self) -> str:
+        return ExportError.paragraph(self)
 
 
 class ContainerFailed(_WithLog):
@@ -209,7 +221,7 @@ def _archive(root: Path, files: Iterable[str], extra: Iterable[tuple[str, str]])
     return fileobj
 
 
-def build_context(root: Path, dockerfile: str, ca_bundle: str | os.PathLike | None = None):
+def build_context(root: Path, dockerfile: str, ca_bundle: str | os.PathLike | CaBundle | None = None):
     """A tar of the build context (root filtered by .dockerignore, as `docker build` does) plus the CA
     bundle at CA_CONTEXT_PATH; returns (file object, CA path inside the context or None)."""
     from docker.utils.build import exclude_paths
@@ -217,16 +229,8 @@ def build_context(root: Path, dockerfile: str, ca_bundle: str | os.PathLike | No
     extra = []
     ca_path = None
     if ca_bundle:
-        p = Path(ca_bundle)
-        try:
-            text = p.read_bytes().decode("utf-8")
-        except FileNotFoundError:
-            raise ExportError("the CA bundle does not exist", p) from None
-        except UnicodeDecodeError:
-            raise ExportError("the CA bundle must be PEM text (BEGIN CERTIFICATE blocks)", p) from None
-        if "BEGIN CERTIFICATE" not in text:
-            raise ExportError("the CA bundle holds no PEM certificate", p)
-        extra.append((CA_CONTEXT_PATH, text))
+        ca = ca_bundle if isinstance(ca_bundle, CaBundle) else load_ca_bundle(ca_bundle)
+        extra.append((CA_CONTEXT_PATH, ca.text))
         ca_path = CA_CONTEXT_PATH
     files = sorted(exclude_paths(str(root), _dockerignore(root), dockerfile=dockerfile))
     return _archive(root, files, extra), ca_path
@@ -244,33 +248,37 @@ def _tail(text: str, n: int = LOG_TAIL_LINES) -> str:
     return "\n".join(lines[-n:])
 
 
-def build_image(target, *, base_image: str | None = None, ca_bundle: str | os.PathLike | None = None,
+def build_image(target, *, base_image: str | None = None, ca_bundle: str | os.PathLike | CaBundle | None = None,
                 tag: str | None = None, client=None, progress: Callable[[str], None] | None = None,
                 root: str | os.PathLike | None = None, extra_build_args: Mapping[str, str] | None = None,
                 platform: str | None = None, nocache: bool = False,
                 platforms_path: str | os.PathLike | None = None) -> dict:
     """Build the validation image of `target` (a platforms.json name or Target); returns {tag, id, labels,
-    dockerfile, build_args, seconds}.
+    dockerfile, build_args, ca_bundle (source, path, sha256; None without one), seconds}.
 
     base_image: overrides the matrix's base (required for drive-thor). ca_bundle: a PEM file for pip/git
-    behind a TLS-intercepting proxy (default: $EDGELLM_CA_BUNDLE). progress: called with each build log
-    line. platform: e.g. linux/arm64, to build for another architecture through emulation; without it a
-    daemon of another architecture than the target's is refused (engines and plugins are built where
-    they run). platforms_path: the matrix whose edgellm_release pins the plugin tag (default: $EDGELLM_PLATFORMS
-    or containers/platforms.json); pass a Target from it as `target` too.
+    behind a TLS-intercepting proxy (default: the first of $EDGELLM_CA_BUNDLE, $PIP_CERT, $SSL_CERT_FILE,
+    $REQUESTS_CA_BUNDLE that is set; see trust.py); a build that then fails on certificate verification raises
+    TlsTrustError. progress: called with each build log line. platform: e.g. linux/arm64, to build for another
+    architecture through emulation; without it a daemon of another architecture than the target's is refused
+    (engines and plugins are built where they run). platforms_path: the matrix whose edgellm_release pins the
+    plugin tag (default: $EDGELLM_PLATFORMS or the shipped matrix); pass a Target from it as `target` too.
     """
     t = _target(target)
-    root = Path(root) if root else REPO_ROOT
+    if not root:
+        from .context import build_root
+
+        root = build_root()  # the checkout, or an installed wheel's copy of the context
+    root = Path(root)
     dockerfile = dockerfile_for(t)
-    if ca_bundle is None:
-        ca_bundle = os.environ.get(CA_ENV) or None
     build_args(t, base_image=base_image)  # refuses a missing base image before any work
+    ca = resolve_ca_bundle(ca_bundle)  # a variable naming a missing file: before any work too
     client = docker_client(client)
     arch = _daemon_arch(client)
     if platform is None and arch and t.arch and arch != t.arch:
         raise ExportError(f"target {t.name} is {t.arch}, but the docker daemon runs on {arch}; build the image on "
                           "the target (or pass platform= to build under emulation)")
-    context, ca_path = build_context(root, dockerfile, ca_bundle)
+    context, ca_path = build_context(root, dockerfile, ca)
     args = build_args(t, base_image=base_image, ca_context_path=ca_path, platforms_path=platforms_path)
     args.update({k: str(v) for k, v in (extra_build_args or {}).items()})
     tag = tag or default_tag(t)
@@ -290,21 +298,28 @@ def build_image(target, *, base_image: str | None = None, ca_bundle: str | os.Pa
                         progress(line)
             if "error" in chunk:
                 detail = chunk.get("errorDetail", {}).get("message") or chunk["error"]
-                raise ImageBuildError(f"building {tag} from {dockerfile} failed: {detail.strip()}",
-                                      log="\n".join(log))
+                raise _build_failed(tag, dockerfile, detail.strip(), log, ca)
     except ImageBuildError:
         raise
     except Exception as e:
         docker = _docker_types()
         if docker is not None and isinstance(e, docker.errors.DockerException):
-            raise ImageBuildError(f"building {tag} from {dockerfile} failed: {e}", log="\n".join(log)) from None
+            raise _build_failed(tag, dockerfile, str(e), log, ca) from None
         raise
     finally:
         context.close()
     image = client.images.get(tag)
     return {"tag": tag, "id": image.id, "labels": dict(image.labels or {}), "dockerfile": dockerfile,
             "build_args": {k: v for k, v in args.items() if k != "CA_BUNDLE"},
-            "seconds": round(time.monotonic() - t0, 1)}
+            "ca_bundle": ca.record() if ca else None, "seconds": round(time.monotonic() - t0, 1)}
+
+
+def _build_failed(tag: str, dockerfile: str, detail: str, log: list[str], ca: CaBundle | None) -> ImageBuildError:
+    """The error for a failed build: TlsTrustError when the log shows a failed certificate verification."""
+    text = "\n".join(log)
+    if tls_failure_line(text + "\n" + detail):
+        return TlsTrustError(tls_trust_message(f"building {tag} from {dockerfile}", ca), log=text)
+    return ImageBuildError(f"building {tag} from {dockerfile} failed: {detail}", log=text)
 
 
 # ---------------------------------------------------------------- running containers
@@ -316,13 +331,13 @@ def run_options(target) -> dict:
 
 
 def _ca_mount(ca_bundle) -> tuple[dict, dict]:
-    if not ca_bundle:
+    """The CA bundle (`ca_bundle`, else the host's: trust.py) mounted read-only at CA_MOUNT, and the variables
+    that make pip, requests and OpenSSL in the container use it."""
+    ca = resolve_ca_bundle(ca_bundle)
+    if ca is None:
         return {}, {}
-    p = Path(ca_bundle).resolve()
-    if not p.is_file():
-        raise ExportError("the CA bundle does not exist", p)
-    env = {"PIP_CERT": str(p), "SSL_CERT_FILE": str(p), "REQUESTS_CA_BUNDLE": str(p)}
-    return {str(p): {"bind": str(p), "mode": "ro"}}, env
+    env = {"PIP_CERT": CA_MOUNT, "SSL_CERT_FILE": CA_MOUNT, "REQUESTS_CA_BUNDLE": CA_MOUNT}
+    return {str(ca.path.resolve()): {"bind": CA_MOUNT, "mode": "ro"}}, env
 
 
 def _run(client, image: str, command: list[str], *, target, volumes: dict, environment: dict,
@@ -455,8 +470,9 @@ def run_validate(target, image: str, export_dir: str | os.PathLike, result_path:
     not a pass (bad input 2, environment 3, a crash, a timeout, no result file) raises ContainerFailed with
     the log tail. The export is first checked against the target's capabilities on the host (TargetRefusal
     before any container starts), then mounted read-only; `result_path`'s directory is mounted read-write
-    (TensorRT engines go to its `engine/`). user: "auto" runs as the caller on x86 and as root on Jetson /
-    DRIVE; None keeps the image's user.
+    (TensorRT engines go to its `engine/`). ca_bundle: mounted for pip/requests inside (default: the host's,
+    as build_image). user: "auto" runs as the caller on x86 and as root on Jetson / DRIVE; None keeps the
+    image's user.
     """
     from edgellm_validate.targets import check_target_can_run
 
@@ -501,4 +517,5 @@ def run_validate(target, image: str, export_dir: str | os.PathLike, result_path:
 
 
 __all__ = ["build_image", "smoke", "run_validate", "build_args", "dockerfile_for", "run_options",
-           "DockerUnavailable", "ImageBuildError", "ContainerFailed", "docker_client"]
+           "DockerUnavailable", "ImageBuildError", "TlsTrustError", "ContainerFailed", "docker_client",
+           "resolve_ca_bundle", "CA_ENV"]

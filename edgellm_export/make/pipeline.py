@@ -3,17 +3,18 @@
 One pipeline directory DIR per (checkpoint, target):
 
     DIR/.stamps/               stage stamps (stamps.py): export.json, image-<target>.json, validate.json
-    DIR/.export.lock           the export's lock file (output_dir.py)
+    DIR/.export.lock           the export's lock file while an export runs (output_dir.py)
     DIR/export/                the `edgellm export` output (manifest.json + llm/) and nothing else
-    DIR/images/<target>.json   the image validation runs in: tag, id, labels, smoke report (container mode)
+    DIR/images/<target>.json   the image validation runs in: tag, id, labels, CA bundle, smoke report (container mode)
     DIR/validation/            validation.json, the container's validation.log; engine/ on TensorRT targets
     DIR/report/                qualification.json, junit.xml, summary.md: the only files every run rewrites
 
 Stages, and what each one's fingerprint covers (besides the tool version):
 - export: the checkpoint's content and the export options.
 - image (container mode, the default): the image's build context (Dockerfiles, containers/ but not its
-  suites, packaging, the tool's sources), the CA bundle, the resolved base image, the target. Built with
-  containers.build_image, then smoke-tested; a suite (qualify) shares one image stage per target.
+  suites, packaging, the tool's sources), the CA bundle (--ca-bundle, else the host's: trust.py), the resolved
+  base image, the target. Built with containers.build_image, then smoke-tested; a suite (qualify) shares one
+  image stage per target.
 - validate: the export stage's stamp and outputs, target, backend, and the image's id (container mode) or
   the plugin library (TensorRT on the host). On TensorRT targets the engine is built inside this stage
   by the TensorRT backend, which keeps an engine whose inputs are unchanged (trt/build.py), so a retried
@@ -34,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -42,9 +42,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import interrupts
+from ..checkpoint.hub import CheckpointRef, HubId, resolve_checkpoint
 from ..errors import ExportError
 from .stamps import RACY_WINDOW_NS, Fingerprint, StampStore, input_files
 from .suite import SuiteCase
+from .trust import resolve_ca_bundle
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,6 @@ ROOT = Path(__file__).resolve().parents[2]  # the source checkout: containers/, 
 EXPORT, VALIDATE = "export", "validate"
 EXPORT_DIR, VALIDATION_DIR, IMAGES_DIR, ENGINE_DIR, REPORT_DIR = "export", "validation", "images", "engine", "report"
 RESULT_FILE = "validation.json"
-CA_ENV = "EDGELLM_CA_BUNDLE"  # containers.build_image's default CA bundle
 
 
 def _silent(msg: str, done=None, total=None) -> None:
@@ -105,16 +106,19 @@ def exit_code(verdict: str, error_codes: list[int] = ()) -> int:
 # ---------------------------------------------------------------- one case
 
 
-def make_case(case: SuiteCase, out: Path, settings: MakeSettings, *, image_root: Path | None = None) -> CaseRun:
+def make_case(case: SuiteCase, out: Path, settings: MakeSettings, *, image_root: Path | None = None,
+              source: CheckpointRef | None = None) -> CaseRun:
     """Run one case's stages in `out` (a pipeline directory); never raises for a case's own failure: the
-    case object says what happened (errors included) and `exit_code` what the CLI should return."""
+    case object says what happened (errors included) and `exit_code` what the CLI should return.
+    `source`: the case's checkpoint already resolved (a hub id: make and qualify resolve them before any
+    work); else it is resolved here."""
     from edgellm_validate.report import case_error, case_from_validation
 
     out = Path(out).absolute()
     run = CaseRun(case={}, exit_code=0)
     ident = dict(target=case.target, backend=case.backend, release=case.release, checkpoint=str(case.checkpoint),
                  precision=case.precision, expect=case.expect)
-    stage, t0 = EXPORT, time.perf_counter()
+    stage, t0 = "checkpoint", time.perf_counter()
 
     def error(message: str, code: int) -> CaseRun:
         run.case = case_error(case.name, message, stage=stage, seconds=time.perf_counter() - t0, **ident)
@@ -122,9 +126,12 @@ def make_case(case: SuiteCase, out: Path, settings: MakeSettings, *, image_root:
         return run
 
     try:
+        source = source or resolve_checkpoint(case.checkpoint, progress=settings.progress)
+        ident["checkpoint_hub"] = source.record()  # repository, revision and commit of a hub checkpoint
+        stage = EXPORT
         target = resolve_target(case.target, settings)
         ident["backend"] = target.backend
-        export_dir = _export_stage(case, out, settings, run)
+        export_dir = _export_stage(case, source, out, settings, run)
         stage = "gate"
         from edgellm_validate.targets import check_target_can_run
 
@@ -143,7 +150,8 @@ def make_case(case: SuiteCase, out: Path, settings: MakeSettings, *, image_root:
         return error(f"internal error: {type(e).__name__}: {e}", 1)
     run.case = case_from_validation(case.name, validation, target=case.target, release=case.release,
                                     export_dir=export_dir, checkpoint=case.checkpoint, expect=case.expect,
-                                    thresholds=case.thresholds or None, precision=case.precision)
+                                    thresholds=case.thresholds or None, precision=case.precision,
+                                    checkpoint_hub=ident["checkpoint_hub"])
     run.exit_code = exit_code(run.case["verdict"])
     if fp is not None and run.case["verdict"] == "pass":  # freshly validated and as expected: stamp it
         store = StampStore(out)
@@ -173,17 +181,20 @@ def _stage(store: StampStore, stage: str, fp: Fingerprint, settings: MakeSetting
     return True
 
 
-def _export_stage(case: SuiteCase, out: Path, settings: MakeSettings, run: CaseRun) -> Path:
+def _export_stage(case: SuiteCase, source: CheckpointRef, out: Path, settings: MakeSettings, run: CaseRun) -> Path:
     from ..export import ExportOptions  # noqa: PLC0415  (torch is needed here only)
 
     opts = ExportOptions(**case.export_options())
     store = StampStore(out)
-    fp = store.fingerprint(EXPORT, inputs={"checkpoint": case.checkpoint}, options=dataclasses.asdict(opts))
+    options = dataclasses.asdict(opts)
+    if source.identity() is not None:  # a hub snapshot: a new commit re-exports (manifest.json records it)
+        options["hub_checkpoint"] = source.identity()
+    fp = store.fingerprint(EXPORT, inputs={"checkpoint": source.path}, options=options)
     export_dir = out / EXPORT_DIR
     if _stage(store, EXPORT, fp, settings, case.name):
         from ..export import export_checkpoint  # noqa: PLC0415
 
-        export_checkpoint(case.checkpoint, export_dir, opts, settings.progress)
+        export_checkpoint(source, export_dir, opts, settings.progress)
         files = json.loads((export_dir / "manifest.json").read_text())["files"]
         known = {f"{EXPORT_DIR}/{rel}": m["sha256"] for rel, m in files.items()}
         store.record(EXPORT, fp, [EXPORT_DIR], known_digests=known)
@@ -194,13 +205,17 @@ def _export_stage(case: SuiteCase, out: Path, settings: MakeSettings, run: CaseR
 def image_inputs(ca_bundle: Path | None = None) -> dict[str, Path]:
     """What an image is built from (the build context of Dockerfile and containers/Dockerfile.tensorrt, as
     .dockerignore selects it): the Dockerfiles and containers/ (not suites/), packaging, the tool's
-    sources; and the CA bundle. README.md is left out: it changes nothing the image does."""
+    sources; and the CA bundle. README.md is left out: it changes nothing the image does. From the checkout,
+    or from an installed wheel's copy of them (context.build_root)."""
+    from .context import build_root
+
+    root = build_root()
     files = {}
     for name in ("Dockerfile", ".dockerignore", "pyproject.toml"):
-        if (ROOT / name).is_file():
-            files[name] = ROOT / name
+        if (root / name).is_file():
+            files[name] = root / name
     for top in ("containers", "edgellm_export", "edgellm_validate"):
-        files |= {f"{top}/{rel}": f for rel, f in input_files(ROOT / top).items()
+        files |= {f"{top}/{rel}": f for rel, f in input_files(root / top).items()
                   if not rel.startswith("suites/") and "__pycache__" not in rel and not rel.endswith(".pyc")}
     if ca_bundle is not None:
         files["ca_bundle"] = Path(ca_bundle)
@@ -212,7 +227,7 @@ def _image_stage(target, settings: MakeSettings, root: Path, run: CaseRun) -> di
     if target.name in settings.images:
         return settings.images[target.name]
     base = target.image()  # an explicit --base-image, else the matrix's; refuses drive-thor without one
-    ca = settings.ca_bundle or os.environ.get(CA_ENV) or None  # the one build_image would take
+    ca = resolve_ca_bundle(settings.ca_bundle)  # --ca-bundle, else the host's trust variables (trust.py)
     stage = f"image-{target.name}"
     store = StampStore(root)
     fp = store.fingerprint(stage, inputs=image_inputs(ca), options={"target": target.name, "base_image": base})
@@ -223,7 +238,7 @@ def _image_stage(target, settings: MakeSettings, root: Path, run: CaseRun) -> di
         image = api.build_image(target.name, base_image=base, ca_bundle=ca, progress=settings.progress)
         smoke = api.smoke(target.name, _ref(image))
         record = {"target": target.name, "base_image": base, "tag": image.get("tag"), "id": image.get("id"),
-                  "labels": image.get("labels") or {}, "smoke": smoke}
+                  "labels": image.get("labels") or {}, "ca_bundle": ca.record() if ca else None, "smoke": smoke}
         from edgellm_validate.report import atomic_write_text
 
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -287,7 +302,7 @@ def _validate_stage(case: SuiteCase, target, out: Path, export_dir: Path, settin
             fp = _validate_fingerprint(store, target, settings, run)
         validation = settings.containers_api().run_validate(
             target.name, _ref(run.image), export_dir, result, backend=target.backend,
-            ca_bundle=settings.ca_bundle, timeout=settings.timeout)
+            ca_bundle=resolve_ca_bundle(settings.ca_bundle), timeout=settings.timeout)
     else:
         from edgellm_validate.validate import validate_export
 
@@ -381,17 +396,21 @@ def make(case: SuiteCase, out: Path, settings: MakeSettings, *, previous: Path |
     target = resolve_target(case.target, settings)  # an unknown target, or one without a base image: before any work
     if settings.container:
         target.image()
+        resolve_ca_bundle(settings.ca_bundle)  # a CA variable naming a missing file: before any work too
     prev = load_previous(out / REPORT_DIR, previous)  # before any work: a bad --previous fails at once
-    run = make_case(case, out, settings)
+    # A hub id: from the cache, else the hub; one that cannot be had is exit 2 with nothing written.
+    source = resolve_checkpoint(case.checkpoint, progress=settings.progress)
+    _check_pipeline_dir(out, source.path)
+    run = make_case(case, out, settings, source=source)
     settle(run.stamped)
     q = new_report([run.case], environment=environment(settings, settings.images, device=case.target))
     return finish(out / REPORT_DIR, q, [run.exit_code], previous=prev, fail_on_regression=fail_on_regression,
                   cases=[run])
 
 
-def _check_pipeline_dir(out: Path, checkpoint: Path) -> None:
-    ck = Path(checkpoint).absolute()
-    if out == ck or out in ck.parents or ck in out.parents:
+def _check_pipeline_dir(out: Path, checkpoint: Path | HubId) -> None:
+    ck = Path(checkpoint).absolute() if not isinstance(checkpoint, HubId) else None  # a hub id: once resolved
+    if ck is not None and (out == ck or out in ck.parents or ck in out.parents):
         raise ExportError("the pipeline directory and the checkpoint must not contain one another", out)
     if (out / "manifest.json").is_file() or (out / "llm").is_dir():
         raise ExportError("is an export directory; `edgellm make` needs a directory of its own (it keeps the "
@@ -404,8 +423,8 @@ def _check_pipeline_dir(out: Path, checkpoint: Path) -> None:
 def validate_command(out: Path, *, backend: str | None = None, target: str | None = None,
                      engine_dir: Path | None = None, plugin: str | None = None, result: Path | None = None,
                      report_dir: Path | None = None, previous: Path | None = None,
-                     fail_on_regression: bool = False,
-                     platforms_path: Path | None = None) -> tuple[dict, Outcome | None]:
+                     fail_on_regression: bool = False, platforms_path: Path | None = None,
+                     verify: bool = True) -> tuple[dict, Outcome | None]:
     """`edgellm validate`: gate on the target first, validate, optionally write a one-case report.
     Returns (validation result, report outcome or None). Stays importable without torch."""
     from edgellm_validate.report import case_error, case_from_validation, new_report
@@ -427,7 +446,7 @@ def validate_command(out: Path, *, backend: str | None = None, target: str | Non
     try:
         if tgt is not None:
             check_target_can_run(tgt, out, platforms_path=platforms_path)
-        res = validate_export(out, backend=backend, result_path=result, backend_options=options)
+        res = validate_export(out, backend=backend, result_path=result, backend_options=options, verify=verify)
     except ExportError as e:
         if report_dir is not None:
             q = new_report([case_error(name, e.paragraph(), stage="validate", backend=backend, **ident)],

@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .. import interrupts
+from ..checkpoint.hub import CheckpointRef, resolve_checkpoint
+from ..errors import ExportError
 from .pipeline import (
     REPORT_DIR,
     CaseRun,
@@ -28,6 +30,7 @@ from .pipeline import (
     settle,
 )
 from .suite import Suite, SuiteError, aggregate, load_suite
+from .trust import resolve_ca_bundle
 
 CASES_DIR = "cases"
 
@@ -53,7 +56,10 @@ def qualify(suite_path: Path, work: Path, settings: MakeSettings, *, targets: It
         target = resolve_target(name, settings)
         if settings.container:
             target.image()
+    if settings.container:
+        resolve_ca_bundle(settings.ca_bundle)  # a CA variable naming a missing file: before any work too
     prev = load_previous(work / REPORT_DIR, previous)
+    sources = _resolve_checkpoints(suite, settings)  # hub ids: before any work, each fetched once if absent
     runs: list[CaseRun] = []
     try:
         for i, case in enumerate(suite.cases, 1):
@@ -63,12 +69,32 @@ def qualify(suite_path: Path, work: Path, settings: MakeSettings, *, targets: It
                 runs.append(CaseRun(case_skipped(case.name, case.skip, **case.report_identity()), 0))
                 continue
             settings.progress(f"case {i}/{len(suite.cases)}: {case.name}")
-            runs.append(make_case(case, work / CASES_DIR / case.name, settings, image_root=work))
+            runs.append(make_case(case, work / CASES_DIR / case.name, settings, image_root=work,
+                                  source=sources[case.name]))
     except (KeyboardInterrupt, interrupts.Terminated):
         _report(suite, work, settings, runs, prev, fail_on_regression)  # the cases not reached show as missing
         raise
     settle([s for r in runs for s in r.stamped])
     return _report(suite, work, settings, runs, prev, fail_on_regression)
+
+
+def _resolve_checkpoints(suite: Suite, settings: MakeSettings) -> dict[str, CheckpointRef]:
+    """Case name -> its checkpoint, resolved (a hub id through the cache, else the hub). A hub id that
+    cannot be had stops the suite before anything runs or is written, like a missing local checkpoint."""
+    resolved: dict[object, CheckpointRef] = {}
+    out = {}
+    for case in suite.cases:
+        if case.skip is not None:
+            continue
+        if case.checkpoint not in resolved:
+            try:
+                resolved[case.checkpoint] = resolve_checkpoint(case.checkpoint, progress=settings.progress)
+            except SuiteError:
+                raise
+            except ExportError as e:
+                raise type(e)(f"case {case.name!r}: {e.paragraph()}", suite.path) from None
+        out[case.name] = resolved[case.checkpoint]
+    return out
 
 
 def _report(suite: Suite, work: Path, settings: MakeSettings, runs: list[CaseRun], prev,

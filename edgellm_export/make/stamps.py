@@ -6,14 +6,8 @@ file with its path relative to its input root. Content, not metadata, decides: s
 trusted (a byte rewritten in place and `touch -d` / os.utime put back gives the same size and mtime).
 
 Reading a 15 GiB checkpoint on every run is what a make command must avoid, so digests are cached in the
-stamp, keyed on (path, device, inode, size, mtime_ns, ctime_ns). The key includes ctime because nobody can
-set it: any write, and os.utime itself, moves it to "now". Two cases still need a real read:
-- "racy" entries: a file changed within RACY_WINDOW_NS of the moment it was hashed could change again
-  within the same timestamp tick without its key changing (ext4 ticks are a few ms, FAT's 2 s), so such
-  an entry is never trusted and the file is hashed again on the next check (once; then it is old enough);
-- filesystems that renumber inodes or devices (NFS, overlay mounts seen from another container) miss the
-  cache and re-hash, which is slow but never wrong.
-A file that changes while it is being hashed is an error rather than a guess.
+stamp by `digests.DigestCache` (keyed on path, device, inode, size, mtime_ns and ctime_ns; racy entries
+are read again). A file that changes while it is being hashed is an error rather than a guess.
 
 Stamps live in DIR/.stamps/<stage>.json. DIR must not be an export directory (OUT is replaced whole by
 each export and its manifest would list the stamps), so a pipeline keeps OUT as a subdirectory of DIR.
@@ -36,21 +30,14 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path, PurePath
 
 from .. import __version__
+from ..digests import RACY_WINDOW_NS, DigestCache
 from ..errors import ExportError
-from ..manifest import sha256_file
 
 log = logging.getLogger(__name__)
 
 STAMPS_DIR = ".stamps"
 STAMP_FORMAT = 1
-RACY_WINDOW_NS = 2_000_000_000
 _STAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_KEY = ("dev", "ino", "size", "mtime_ns", "ctime_ns")
-
-
-def _stat_key(st: os.stat_result) -> dict:
-    return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "ctime_ns": st.st_ctime_ns}
 
 
 def canonical_json(obj) -> str:
@@ -72,53 +59,6 @@ def canonical_json(obj) -> str:
 
 def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-class DigestCache:
-    """sha256 of files, reused while the file's (dev, inode, size, mtime_ns, ctime_ns) is unchanged and the
-    entry is not racy. `hashed` lists the files actually read (for logs and tests)."""
-
-    def __init__(self, entries: Mapping | None = None, *, racy_window_ns: int = RACY_WINDOW_NS,
-                 clock: Callable[[], int] = time.time_ns):
-        self.entries: dict[str, dict] = {}
-        for path, e in (entries or {}).items():
-            if isinstance(e, dict) and all(isinstance(e.get(k), int) for k in (*_KEY, "hashed_at_ns")) \
-                    and isinstance(e.get("sha256"), str):
-                self.entries[path] = dict(e)
-        self.racy_window_ns = racy_window_ns
-        self.clock = clock
-        self.used: set[str] = set()
-        self.hashed: list[str] = []
-
-    def _trusted(self, entry: dict, key: dict) -> bool:
-        if any(entry[k] != key[k] for k in _KEY):
-            return False
-        return max(entry["mtime_ns"], entry["ctime_ns"]) < entry["hashed_at_ns"] - self.racy_window_ns
-
-    def digest(self, path: str | Path, *, known: str | None = None) -> str:
-        """The file's sha256. `known`: a digest computed while the file was written (e.g. manifest.json's),
-        taken instead of a read now; its entry is marked racy, so the next check reads the file once."""
-        p = os.path.abspath(path)
-        self.used.add(p)
-        key = _stat_key(os.stat(p))
-        entry = self.entries.get(p)
-        if entry is not None and self._trusted(entry, key):
-            return entry["sha256"]
-        started = self.clock()
-        if known is not None:  # not read: mark the entry racy so that the next check reads the file once
-            digest, started = known, max(key["mtime_ns"], key["ctime_ns"])
-        else:
-            digest = sha256_file(Path(p))
-            self.hashed.append(p)
-            if _stat_key(os.stat(p)) != key:
-                raise ExportError("changed while it was being hashed; wait until whatever writes it is done",
-                                  p)
-        self.entries[p] = {**key, "sha256": digest, "hashed_at_ns": started}
-        return digest
-
-    def to_json(self, only_used: bool = True) -> dict:
-        keep = self.used if only_used else self.entries.keys()
-        return {p: self.entries[p] for p in sorted(keep) if p in self.entries}
 
 
 def input_files(root: Path) -> dict[str, Path]:
@@ -257,9 +197,6 @@ class StampStore:
         if stamp.get("fingerprint") != fp.digest:
             return _explain(stamp.get("parts") or {}, fp.parts)
         return self._outputs_changed(stage, stamp)
-
-    def is_up_to_date(self, stage: str, fp: Fingerprint, *, force: bool = False) -> bool:
-        return self.why_stale(stage, fp, force=force) is None
 
     def _outputs_changed(self, stage: str, stamp: dict) -> str | None:
         recorded = stamp.get("outputs") or {}

@@ -8,7 +8,9 @@ per-case reports into one qualification report (same schema, many cases).
       thresholds: {min_cosine: 0.999}
     cases:
       - name: llama-3.2-1b          # letters, digits, . _ - + @ (it names a directory)
-        checkpoint: ${MODELS}/Llama-3.2-1B-Instruct   # relative to this file; ~ and $VARS expanded
+        checkpoint: ${MODELS}/Llama-3.2-1B-Instruct   # relative to this file; ~ and $VARS expanded; or a hub
+                                    # id (owner/name, where no such path exists): the HF cache, else the hub
+        revision: main              # hub id only: branch, tag or full commit hash (default main)
         target: [x86-cpu, orin-jp7] # a platform-matrix target, or a list: one case per target, "name@target"
         release: "0.7"              # Edge-LLM release to export for (edgellm export --target); quoted
         precision: fp16             # optional: the export must come out as this precision label
@@ -23,9 +25,12 @@ per-case reports into one qualification report (same schema, many cases).
 
 Version numbers must be quoted: YAML reads `0.10` as the number 0.1. Mistakes (unknown keys, duplicate
 keys, wrong types, unknown targets, a precision the target cannot run, a checkpoint that is not there)
-are reported before anything runs, as one paragraph naming the file, the case and the problem. Only
-yaml.safe_load builds objects; yaml.compose (nodes only, nothing constructed) finds duplicate keys, which
-safe_load would silently collapse into the last one.
+are reported before anything runs, as one paragraph naming the file, the field path, the case and the
+problem (`SUITE.yaml: cases[1].target (case 'llama'): unknown target ...`). The file's shape is the
+SuiteFile model below (`edgellm schema suite` prints its JSON Schema, schemas/suite.schema.json); what needs
+the platform matrix or the file system is checked after it, case by case. Only yaml.safe_load builds
+objects; yaml.compose (nodes only, nothing constructed) finds duplicate keys, which safe_load would silently
+collapse into the last one.
 """
 
 from __future__ import annotations
@@ -36,23 +41,21 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, ClassVar, Literal
 
+from pydantic import BeforeValidator, Field, ValidationError
+
+from edgellm_validate.targets import BUNDLE_LABELS
+
+from ..checkpoint.hub import HubId, parse_checkpoint
 from ..errors import ExportError
+from ..schema import StrictModel, case_label, explain, found, no_default, problem
 
 SUITE_FORMAT = 1
 MAX_SUITE_BYTES = 1 << 20
-TOP_KEYS = ("format", "name", "defaults", "cases")
-CASE_KEYS = ("name", "checkpoint", "target", "release", "precision", "options", "thresholds", "expect", "skip",
-             "description")
-DEFAULT_KEYS = ("target", "release", "precision", "options", "thresholds", "expect")
 EXPECT = ("pass", "fail", "error")
-# threshold -> (lowest, highest) allowed value
-THRESHOLDS = {"min_cosine": (-1.0, 1.0), "min_top1_agreement": (0.0, 1.0), "max_abs": (0.0, float("inf"))}
-# export options a case may set (ExportOptions fields; all booleans). `golden` is not one: validation needs it.
-# unsafe_rope_passthrough reproduces the reference exporter's RoPE handling: for negative controls only.
-EXPORT_OPTIONS = ("fp8_embedding", "clamp_fp16", "convert_pickle", "unsafe_rope_passthrough")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+@-]{0,127}$")
-_RELEASE = re.compile(r"^\d+\.\d+(\.\d+)?$")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+@-]{0,127}$"
+RELEASE_PATTERN = r"^\d+\.\d+(\.\d+)?$"
 
 
 class SuiteError(ExportError):
@@ -62,7 +65,7 @@ class SuiteError(ExportError):
 @dataclass(frozen=True)
 class SuiteCase:
     name: str
-    checkpoint: Path
+    checkpoint: Path | HubId  # a local directory, or a hub id resolved when the suite runs (checkpoint/hub.py)
     target: str
     backend: str | None  # "cpu" / "trt", from the platform matrix (None when targets were not checked)
     release: str | None  # Edge-LLM release for the export; None: the exporter's default
@@ -168,92 +171,158 @@ def _no_duplicate_keys(node, path: Path) -> None:
             stack += n.value
 
 
-# ---------------------------------------------------------------- checks
+# ---------------------------------------------------------------- the file's model (`edgellm schema suite`)
 
 
-class _Where:
-    def __init__(self, path: Path, label: str):
-        self.path, self.label = path, label
-
-    def fail(self, msg: str):
-        raise SuiteError(f"{self.label}: {msg}" if self.label else msg, self.path)
-
-
-def _string(where: _Where, key: str, value, *, what: str = "a string") -> str:
-    if isinstance(value, bool) or isinstance(value, int | float):
-        where.fail(f"{key!r} must be {what}, but YAML read {value!r} as a {type(value).__name__}; quote it "
-                   f"({key}: \"{value}\")")
+def _text(key: str, value, what: str) -> str:
     if not isinstance(value, str) or not value.strip():
-        where.fail(f"{key!r} must be {what}, found {type(value).__name__} {value!r}")
+        raise problem(f"must be {what}{found(value, key, yaml=True)}")
     return value.strip()
 
 
-def _mapping(where: _Where, key: str, value) -> dict:
-    if not isinstance(value, dict):
-        where.fail(f"{key!r} must be a mapping (key: value lines), found {type(value).__name__}")
-    return value
+_PRECISION_PART = "|".join(re.escape(p) for p in BUNDLE_LABELS)
+PRECISION_PATTERN = rf"^({_PRECISION_PART})(\+({_PRECISION_PART}))*$"
 
 
-def _unknown(where: _Where, obj: Mapping, allowed: Iterable[str], what: str) -> None:
-    bad = [str(k) for k in obj if k not in allowed]
-    if bad:
-        where.fail(f"unknown {what} {', '.join(repr(b) for b in bad)}; allowed: {', '.join(allowed)}")
+def _target_schema(schema: dict) -> None:
+    """What the `target` validator checks, for the JSON Schema: a non-empty name or list of distinct names."""
+    no_default(schema)
+    for branch in schema.get("anyOf", []):
+        if branch.get("type") == "array":
+            branch.update(minItems=1, uniqueItems=True)
+            branch["items"]["minLength"] = 1
+        elif branch.get("type") == "string":
+            branch["minLength"] = 1
 
 
-def _thresholds(where: _Where, value) -> dict:
-    value = _mapping(where, "thresholds", value)
-    _unknown(where, value, THRESHOLDS, "threshold")
-    out = {}
-    for k, v in value.items():
-        lo, hi = THRESHOLDS[k]
-        if isinstance(v, bool) or not isinstance(v, int | float) or not (lo <= v <= hi) or v != v:
-            where.fail(f"threshold {k!r} must be a number from {lo:g} to {hi:g}, found {v!r}")
-        out[k] = float(v)
-    return out
+class Thresholds(StrictModel):
+    """Overrides of the precision's default thresholds (edgellm_validate/compare.py), key by key."""
+
+    key_noun: ClassVar[str] = "threshold"
+
+    min_cosine: float = Field(None, ge=-1, le=1, allow_inf_nan=False, json_schema_extra=no_default,
+                              description="worst per-step cosine similarity of the logits")
+    min_top1_agreement: float = Field(None, ge=0, le=1, allow_inf_nan=False, json_schema_extra=no_default,
+                                      description="mean top-1 agreement over the steps")
+    max_abs: float = Field(None, ge=0, allow_inf_nan=False, json_schema_extra=no_default,
+                           description="largest |logit difference|")
 
 
-def _options(where: _Where, value) -> dict:
-    value = _mapping(where, "options", value)
-    _unknown(where, value, EXPORT_OPTIONS, "export option")
-    for k, v in value.items():
-        if not isinstance(v, bool):
-            where.fail(f"export option {k!r} must be true or false, found {v!r}")
-    return dict(value)
+class ExportOptionsSpec(StrictModel):
+    """Export options a case may set (ExportOptions fields; golden is always on: the case is validated)."""
+
+    key_noun: ClassVar[str] = "export option"
+
+    fp8_embedding: bool = False
+    clamp_fp16: bool = False
+    convert_pickle: bool = False
+    unsafe_rope_passthrough: bool = Field(False, description="the reference exporter's RoPE handling: for "
+                                                             "negative controls only")
 
 
-def _release(where: _Where, value) -> str:
-    release = _string(where, "release", value, what="an Edge-LLM release such as \"0.7\"")
-    if not _RELEASE.match(release):
-        where.fail(f"'release' {release!r} is not a release number such as \"0.7\" or \"0.7.1\"")
+def _target(value):
+    targets = value if isinstance(value, list) else [value]
+    if not targets:
+        raise problem("is an empty list; name at least one platform-matrix target")
+    names = [_text("target", t, "a platform-matrix target such as x86-cpu, or a list of them") for t in targets]
+    if len(set(names)) != len(names):
+        raise problem("lists a target twice")
+    return names if isinstance(value, list) else names[0]
+
+
+def _release(value):
+    if value is None:
+        return None
+    release = _text("release", value, 'an Edge-LLM release such as "0.7"')
+    if not re.match(RELEASE_PATTERN, release):
+        raise problem(f"{release!r} is not a release number such as \"0.7\" or \"0.7.1\"")
     from ..contract import CONTRACTS
 
     if ".".join(release.split(".")[:2]) not in CONTRACTS:
-        where.fail(f"Edge-LLM release {release!r} is not supported by this exporter; supported: "
-                   f"{', '.join(sorted(CONTRACTS))}")
+        raise problem(f"Edge-LLM release {release!r} is not supported by this exporter; supported: "
+                      f"{', '.join(sorted(CONTRACTS))}")
     return release
 
 
-def _precision(where: _Where, value) -> str:
-    from edgellm_validate.targets import BUNDLE_LABELS
-
-    label = _string(where, "precision", value, what="a precision label such as fp16 or nvfp4+fp8_kv")
+def _precision(value):
+    if value is None:
+        return None
+    label = _text("precision", value, "a precision label such as fp16 or nvfp4+fp8_kv")
     unknown = [p for p in label.split("+") if p not in BUNDLE_LABELS]
     if unknown:
-        where.fail(f"precision {label!r} has unknown part(s) {', '.join(unknown)}; known: "
-                   f"{', '.join(BUNDLE_LABELS)} (joined with +)")
+        raise problem(f"precision {label!r} has unknown part(s) {', '.join(unknown)}; known: "
+                      f"{', '.join(BUNDLE_LABELS)} (joined with +)")
     return label
 
 
-def _checkpoint(where: _Where, value, base: Path, check: bool) -> Path:
-    text = _string(where, "checkpoint", value, what="a directory path")
-    expanded = os.path.expanduser(os.path.expandvars(text))
-    if "$" in expanded:
-        where.fail(f"checkpoint {text!r} uses an environment variable that is not set")
-    p = Path(expanded)
-    p = p if p.is_absolute() else base / p
-    if check and not p.is_dir():
-        where.fail(f"checkpoint {str(p)!r} is not a directory" + (" (it does not exist)" if not p.exists() else ""))
-    return p
+def _name(value):
+    name = _text("name", value, "a string")
+    if not re.match(NAME_PATTERN, name):
+        raise problem(f"{name!r} may use only letters, digits, '.', '_', '-', '+' and '@' (it names a directory)")
+    return name
+
+
+def _optional_text(key: str, what: str):
+    return BeforeValidator(lambda value: None if value is None else _text(key, value, what))
+
+
+# What a case and `defaults` may both set (one declaration each, used by both models).
+TargetField = Annotated[str | list[str], BeforeValidator(_target), Field(
+    description="a platform-matrix target, or a list: one case per target (named NAME@TARGET)",
+    json_schema_extra=_target_schema)]
+ReleaseField = Annotated[str | None, BeforeValidator(_release), Field(
+    description='Edge-LLM release to export for, quoted ("0.7")', json_schema_extra={"pattern": RELEASE_PATTERN})]
+PrecisionField = Annotated[str | None, BeforeValidator(_precision), Field(
+    description="the precision label the export must come out as (parts joined with +)",
+    json_schema_extra={"pattern": PRECISION_PATTERN})]
+ExpectField = Annotated[Literal[EXPECT], Field(
+    description="pass | fail: a negative control validation must catch | error: a checkpoint the exporter must "
+                "refuse")]
+
+
+class CaseDefaults(StrictModel):
+    """Merged into every case: thresholds and options key by key, the rest where the case does not set it."""
+
+    target: TargetField = None
+    release: ReleaseField = None
+    precision: PrecisionField = None
+    options: ExportOptionsSpec | None = None
+    thresholds: Thresholds | None = None
+    expect: ExpectField = "pass"
+
+
+class CaseSpec(StrictModel):
+    """One case: a checkpoint qualified on one or more targets."""
+
+    name: Annotated[str, BeforeValidator(_name), Field(
+        description="letters, digits, . _ - + @ (it names a directory)", json_schema_extra={"pattern": NAME_PATTERN})]
+    checkpoint: Annotated[str, _optional_text("checkpoint", "a directory path or a hub id (owner/name)"), Field(
+        min_length=1, description="checkpoint directory, relative to the suite file (~ and $VARS expanded), or a "
+                                  "hub id (owner/name) where no such path exists")]
+    revision: Annotated[str | None, _optional_text("revision", "a branch, tag or commit hash"), Field(
+        min_length=1, description="hub id only: branch, tag or full commit hash (default main)")] = None
+    target: TargetField = None
+    release: ReleaseField = None
+    precision: PrecisionField = None
+    options: ExportOptionsSpec | None = None
+    thresholds: Thresholds | None = None
+    expect: ExpectField = "pass"
+    skip: Annotated[str | None, _optional_text("skip", "the reason the case is skipped"), Field(
+        min_length=1, description="the reason the case is skipped")] = None
+    description: str | None = None
+
+
+class SuiteFile(StrictModel):
+    """SUITE.yaml: the cases a release is qualified on."""
+
+    model_config = {"title": "edgellm qualification suite"}
+    key_noun: ClassVar[str] = "top-level key"
+
+    format: Literal[SUITE_FORMAT] = SUITE_FORMAT
+    name: str | None = Field(None, min_length=1, description="default: the file's stem",
+                             json_schema_extra=no_default)
+    defaults: CaseDefaults | None = None
+    cases: list[CaseSpec] = Field(min_length=1)
 
 
 # ---------------------------------------------------------------- loading
@@ -262,110 +331,105 @@ def _checkpoint(where: _Where, value, base: Path, check: bool) -> Path:
 def load_suite(path: str | Path, *, check_paths: bool = True, check_targets: bool = True,
                platforms_path: str | Path | None = None) -> Suite:
     """Parse and check SUITE.yaml. `check_paths`: every (non-skipped) checkpoint must be a directory now;
-    `check_targets`: targets must be in the platform matrix (containers/platforms.json or
-    $EDGELLM_PLATFORMS), whose backend they take, and a declared precision must be one the target can run."""
+    `check_targets`: targets must be in the platform matrix (the shipped one, $EDGELLM_PLATFORMS or
+    `platforms_path`), whose backend they take, and a declared precision must be one the target can run."""
     path = Path(path)
     data, digest = _read_yaml(path)
-    top = _Where(path, "")
     if data is None:
-        top.fail("is empty; a suite is a mapping with a 'cases' list")
+        raise SuiteError("is empty; a suite is a mapping with a 'cases' list", path)
     if not isinstance(data, dict):
-        top.fail(f"must be a mapping with a 'cases' list at the top level, found a {type(data).__name__}")
-    _unknown(top, data, TOP_KEYS, "top-level key")
+        raise SuiteError(f"must be a mapping with a 'cases' list at the top level, found a {type(data).__name__}",
+                         path)
     fmt = data.get("format", SUITE_FORMAT)
     if fmt != SUITE_FORMAT or isinstance(fmt, bool):
-        top.fail(f"'format' is {fmt!r}; this edgellm reads suite format {SUITE_FORMAT}")
-    name = _string(top, "name", data["name"]) if "name" in data else path.stem
-    defaults = _mapping(top, "defaults", data.get("defaults") or {})
-    _unknown(_Where(path, "defaults"), defaults, DEFAULT_KEYS, "key in 'defaults'")
-    cases_raw = data.get("cases")
-    if not isinstance(cases_raw, list) or not cases_raw:
-        top.fail("needs a non-empty 'cases' list" + ("" if "cases" in data else " (there is no 'cases' key)"))
-    platforms = _platforms(path, platforms_path) if check_targets else None
+        raise SuiteError(f"format: is {fmt!r}; this edgellm reads suite format {SUITE_FORMAT}", path)
+    if not data.get("cases") and not isinstance(data.get("cases"), bool | int | float | str):
+        raise SuiteError("needs a non-empty 'cases' list" + ("" if "cases" in data else " (there is no 'cases' key)"),
+                         path)
+    try:
+        spec = SuiteFile.model_validate(data)
+    except ValidationError as e:
+        raise SuiteError(explain(e, SuiteFile, data, yaml=True, label=case_label), path) from None
+    platforms = _platforms(platforms_path) if check_targets else None
+    defaults = spec.defaults.model_dump(exclude_unset=True) if spec.defaults else {}
     cases: list[SuiteCase] = []
     seen: dict[str, int] = {}
-    for i, raw in enumerate(cases_raw, 1):
-        label = f"case {i}"
-        if isinstance(raw, dict) and isinstance(raw.get("name"), str):
-            label += f" ({raw['name']!r})"
-        for case in _parse_case(_Where(path, label), raw, defaults, path.parent, platforms, check_paths):
-            if case.name in seen:
-                raise SuiteError(f"{label}: case name {case.name!r} is also used by case {seen[case.name]}; "
-                                 "names must be unique", path)
-            seen[case.name] = i
-            cases.append(case)
-    return Suite(path, name, digest, cases)
+    for i, case in enumerate(spec.cases):
+        for c in _expand(path, i, case, defaults, platforms, check_paths):
+            if c.name in seen:
+                raise SuiteError(f"cases[{i}] (case {case.name!r}): case name {c.name!r} is also used by "
+                                 f"cases[{seen[c.name]}]; names must be unique", path)
+            seen[c.name] = i
+            cases.append(c)
+    return Suite(path, spec.name or path.stem, digest, cases)
 
 
-def _platforms(path: Path, platforms_path):
+def _platforms(platforms_path):
     from edgellm_validate.targets import edgellm_release, load_platforms
 
     return load_platforms(platforms_path), edgellm_release(platforms_path)
 
 
-def _parse_case(where: _Where, raw, defaults: Mapping, base: Path, platforms, check_paths: bool) -> list[SuiteCase]:
-    if not isinstance(raw, dict):
-        where.fail(f"must be a mapping with at least name, checkpoint and target, found {type(raw).__name__}")
-    _unknown(where, raw, CASE_KEYS, "key")
-    for key in ("name", "checkpoint"):
-        if key not in raw:
-            where.fail(f"has no {key!r}")
-    name = _string(where, "name", raw["name"])
-    if not _NAME.match(name):
-        where.fail(f"name {name!r} may use only letters, digits, '.', '_', '-', '+' and '@' (it names a directory)")
+def _expand(path: Path, i: int, case: CaseSpec, defaults: Mapping, platforms, check_paths: bool) -> list[SuiteCase]:
+    """The validated case, merged with the defaults, checked against the platform matrix and the file system:
+    one SuiteCase per target."""
+    raw = case.model_dump(exclude_unset=True)
+
+    def fail(key: str | None, msg: str):
+        where = f"cases[{i}]" if key is None else f"cases[{i}].{key}" if key in raw else f"defaults.{key}"
+        raise SuiteError(f"{where} (case {case.name!r}): {msg}", path)
+
     merged = {**defaults, **raw}
     for key in ("thresholds", "options"):  # key by key, case over defaults
-        merged[key] = {**_mapping(where, f"defaults.{key}", defaults.get(key) or {}),
-                       **_mapping(where, key, raw.get(key) or {})}
+        merged[key] = {**(defaults.get(key) or {}), **(raw.get(key) or {})}
     if "target" not in merged:
-        where.fail("has no 'target' (a platform-matrix target such as x86-cpu), neither in the case nor in "
+        fail(None, "has no 'target' (a platform-matrix target such as x86-cpu), neither in the case nor in "
                    "'defaults'")
-    targets = merged["target"]
-    targets = [targets] if not isinstance(targets, list) else targets
-    if not targets:
-        where.fail("'target' is an empty list")
-    targets = [_string(where, "target", t, what="a target name") for t in targets]
-    if len(set(targets)) != len(targets):
-        where.fail("'target' lists a target twice")
-    skip = None
-    if raw.get("skip") is not None:
-        skip = _string(where, "skip", raw["skip"], what="the reason the case is skipped")
-    description = _string(where, "description", raw["description"]) if raw.get("description") else None
-    expect = merged.get("expect", "pass")
-    if expect not in EXPECT:
-        where.fail(f"'expect' must be one of {', '.join(EXPECT)}, found {expect!r}")
-    release = _release(where, merged["release"]) if merged.get("release") is not None else None
-    precision = _precision(where, merged["precision"]) if merged.get("precision") is not None else None
-    thresholds = _thresholds(where, merged["thresholds"])
-    options = _options(where, merged["options"])
-    checkpoint = _checkpoint(where, raw["checkpoint"], base, check_paths and skip is None)
+    targets = merged["target"] if isinstance(merged["target"], list) else [merged["target"]]
+    release, precision = merged.get("release"), merged.get("precision")
+    checkpoint = _checkpoint(case.checkpoint, case.revision, path.parent, check_paths and case.skip is None,
+                             lambda msg: fail("checkpoint", msg))
     out = []
     for t in targets:
         backend = None
         if platforms is not None:
-            backend = _check_target(where, t, release, precision, *platforms)
-        out.append(SuiteCase(name=f"{name}@{t}" if len(targets) > 1 else name, checkpoint=checkpoint, target=t,
-                             backend=backend, release=release, precision=precision, expect=expect,
-                             thresholds=thresholds, options=options, skip=skip, description=description))
+            backend = _check_target(t, release, precision, *platforms, fail=fail)
+        out.append(SuiteCase(name=f"{case.name}@{t}" if len(targets) > 1 else case.name, checkpoint=checkpoint,
+                             target=t, backend=backend, release=release, precision=precision,
+                             expect=merged.get("expect", "pass"), thresholds=merged["thresholds"],
+                             options=merged["options"], skip=case.skip, description=case.description or None))
     return out
 
 
-def _check_target(where: _Where, name: str, release: str | None, precision: str | None, targets: Mapping,
-                  matrix_release: str | None) -> str:
-    from edgellm_validate.targets import BUNDLE_LABELS
+def _checkpoint(text: str, revision: str | None, base: Path, check: bool, fail) -> Path | HubId:
+    expanded = os.path.expanduser(os.path.expandvars(text))
+    if "$" in expanded:
+        fail(f"checkpoint {text!r} uses an environment variable that is not set")
+    try:  # an existing path wins; else owner/name is a hub id, checked for presence when the suite runs
+        p = parse_checkpoint(expanded, revision, base=base)
+    except ExportError as e:
+        fail(e.message)
+    if isinstance(p, HubId):
+        return p
+    if check and not p.is_dir():
+        fail(f"checkpoint {str(p)!r} is not a directory" + (" (it does not exist)" if not p.exists() else ""))
+    return p
 
+
+def _check_target(name: str, release: str | None, precision: str | None, targets: Mapping,
+                  matrix_release: str | None, *, fail) -> str:
     if name not in targets:
-        where.fail(f"unknown target {name!r}; the platform matrix has: {', '.join(targets)}")
+        fail("target", f"unknown target {name!r}; the platform matrix has: {', '.join(targets)}")
     t = targets[name]
     if release and matrix_release and release.split(".")[:2] != matrix_release.split(".")[:2]:
-        where.fail(f"exports for Edge-LLM {release}, but target {name}'s plugin is built from {matrix_release}; "
-                   "graphs and engines are not portable across releases")
+        fail("release", f"exports for Edge-LLM {release}, but target {name}'s plugin is built from "
+                        f"{matrix_release}; graphs and engines are not portable across releases")
     if precision is not None:
         allowed = t.allowed_precisions(t.sm)
         needs = {BUNDLE_LABELS[p] for p in precision.split("+")}
         if allowed is not None and not needs <= allowed:
-            where.fail(f"precision {precision!r} cannot run on target {name} ({t.description}): it lacks "
-                       f"{', '.join(sorted(needs - allowed))}")
+            fail("precision", f"precision {precision!r} cannot run on target {name} ({t.description}): it lacks "
+                              f"{', '.join(sorted(needs - allowed))}")
     return t.backend
 
 

@@ -189,11 +189,6 @@ def torch_modules():
         def _linear(self, x, name):
             return linear(x, self.t, name, self.quant)
 
-        def forward(self, x, past, rope_table, context_lengths, kvcache_start_index):
-            """One runtime call: `x [B, S, H]`; returns (x, present)."""
-            out, presents = self.forward_steps([x], [past], rope_table, [(0, context_lengths, kvcache_start_index)])
-            return out[0], presents[0]
-
         def forward_steps(self, xs, caches, rope_table, calls):
             """Many runtime calls at once: `calls` lists (cache index, context_lengths, start index)
             per hidden state in `xs`, in execution order. Position-wise work (norms,
@@ -238,9 +233,6 @@ def torch_modules():
             self.t = {("lm_head" + k[len("embed_tokens"):] if k.startswith("embed_tokens.") else k): v
                       for k, v in tensors.items()}
             self.quant = (quant or QuantDecisions()).linears
-
-        def forward(self, x, last_token_ids):
-            return self.forward_steps([x], [last_token_ids])[0]
 
         def forward_steps(self, xs, last_token_ids):
             """Logits `[B, 1, V]` per call; the vocab is widened in slices, once for all calls."""

@@ -135,9 +135,3 @@ class WeightSource:
             ref.release()
             return transform(t) if transform else t
         return self.g.weight(name, dtype, shape, produce, tag=ref.where())
-
-    def scalar_value(self, ref: TensorRef) -> float:
-        """Read a scalar now (for values the graph needs as attributes, e.g. KV cache scales)."""
-        value = float(ref.view().float().reshape(-1)[0])
-        ref.release()
-        return value

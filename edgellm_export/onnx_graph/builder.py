@@ -3,7 +3,7 @@
 Model code emits nodes through this builder instead of being traced: the graph
 is a function of the config alone, so building it needs no weights and costs
 microseconds per node. Large weights are declared as external initializers
-whose bytes a WeightWriter appends to one data file afterwards; their offsets
+whose bytes export._write_weights appends to one data file afterwards; their offsets
 are known in advance from shapes, so the graph can be finalised first.
 """
 
@@ -75,10 +75,28 @@ class GraphBuilder:
         return name
 
     def output(self, value: str, name: str, elem_type: int, shape: Sequence[int | str]) -> str:
-        if value != name:
+        if value != name and not self._rename_output(value, name):
             self.node("Identity", [value], outputs=[name])
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
         return name
+
+    def _rename_output(self, value: str, name: str) -> bool:
+        """Give the node that produces `value` the graph output's name itself.
+
+        An Identity in front of a graph output is no rename to TensorRT: the
+        runtime aliases each AttentionPlugin's KV output to its input buffer, and
+        an extra node there can make the engine copy the whole cache every step.
+        Returns False when `value` is no node's output (a graph input or constant).
+        """
+        producer = next((n for n in reversed(self.nodes) if value in n.output), None)
+        if producer is None:
+            return False
+        producer.output[list(producer.output).index(value)] = name
+        for n in self.nodes:
+            for i, inp in enumerate(n.input):
+                if inp == value:
+                    n.input[i] = name
+        return True
 
     # -- nodes -----------------------------------------------------------------------------
     def node(

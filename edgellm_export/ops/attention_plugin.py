@@ -25,11 +25,10 @@ import onnx
 from onnx import helper
 
 from ..onnx_graph.builder import FLOAT, FLOAT8E4M3FN, FLOAT16, INT64, GraphBuilder
-from .schemas import register_missing
+from .schemas import FP8_E4M3_MAX, LOWERING_DOMAIN, ONNX_OPSET, register_missing
 
 DOMAIN = "trt_edgellm"
 OP_TYPE = "AttentionPlugin"
-LOWERING_DOMAIN = "edgellm.lowering"
 INPUTS = ("q", "k", "v", "past_key_value", "context_lengths", "rope_rotary_cos_sin", "kvcache_start_index")
 OUTPUTS = ("attn_output", "present_key_value")
 INT_ATTRS = (
@@ -78,7 +77,6 @@ def register_torch_op():
     return torch.ops.trt_edgellm.attention_plugin
 
 
-FP8_MAX = 448.0
 
 
 def _eager(q, k, v, past, context_lengths, table, start_index, hq, hkv, d, kv_scales=None):
@@ -99,7 +97,7 @@ def _eager(q, k, v, past, context_lengths, table, start_index, hq, hkv, d, kv_sc
         if not kv_scales:
             return x.to(store_dtype)
         # Saturating fp8 conversion of value / scale, kept as fp32 holding fp8 values.
-        return (x.float() / kv_scales[which]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+        return (x.float() / kv_scales[which]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).float()
 
     def load(i, which):
         cached = present[i, which].float()
@@ -207,7 +205,7 @@ def lowering(node: onnx.NodeProto) -> onnx.FunctionProto:
     _lower_body(g, hq, hkv, d, kv_scales)
     return helper.make_function(
         LOWERING_DOMAIN, name, list(INPUTS), list(OUTPUTS), g.nodes,
-        [helper.make_opsetid("", 24)],
+        [helper.make_opsetid("", ONNX_OPSET)],
     )
 
 

@@ -22,18 +22,16 @@ import onnx
 from onnx import helper
 
 from ..onnx_graph.builder import FLOAT, FLOAT8E4M3FN, FLOAT16, INT32, GraphBuilder
-from .schemas import register_missing
+from .schemas import FP8_E4M3_MAX, LOWERING_DOMAIN, ONNX_OPSET, register_missing
 
 DOMAIN = "trt"
 QUANTIZE = "TRT_FP4DynamicQuantize"
 DEQUANTIZE = "DequantizeLinear"
-LOWERING_DOMAIN = "edgellm.lowering"
 BLOCK = 16
 E2M1_VALUES = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
 # |x| thresholds between consecutive magnitudes, and whether a tie rounds up (to the even code).
 _BOUNDS = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], np.float32)
 _TIE_UP = np.array([False, True, False, True, False, True, False])
-FP8_MAX = 448.0
 
 
 # -- face 1: torch ops with eager references ------------------------------------------------
@@ -54,7 +52,7 @@ def quantize_eager(x, global_scale, block_size: int = BLOCK):
     xf = x.float().reshape(*x.shape[:-1], -1, block_size)
     g = global_scale.float().reshape(())
     amax = xf.abs().amax(-1, keepdim=True)
-    sf = (amax / (6.0 * g)).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
+    sf = (amax / (6.0 * g)).clamp(max=FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     denom = sf.float() * g
     scaled = torch.where(denom > 0, xf / torch.where(denom > 0, denom, 1.0), 0.0)
     return e2m1_codes_torch(scaled).reshape(x.shape), sf.reshape(*x.shape[:-1], -1)
@@ -126,7 +124,7 @@ def emit_activation_qdq(g: GraphBuilder, x: str, input_scale: str, global_scale_
 # -- face 4: lowering (FP4 values as uint8 codes) -------------------------------------------------
 def _function(name: str, inputs, outputs, g: GraphBuilder) -> onnx.FunctionProto:
     return helper.make_function(LOWERING_DOMAIN, name, list(inputs), list(outputs), g.nodes,
-                                [helper.make_opsetid("", 24)])
+                                [helper.make_opsetid("", ONNX_OPSET)])
 
 
 def e2m1_codes_onnx(g: GraphBuilder, scaled: str) -> str:

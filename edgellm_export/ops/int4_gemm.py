@@ -22,11 +22,10 @@ import onnx
 from onnx import helper
 
 from ..onnx_graph.builder import FLOAT, FLOAT16, INT32, GraphBuilder
-from .schemas import register_missing
+from .schemas import LOWERING_DOMAIN, ONNX_OPSET, register_missing
 
 DOMAIN = "trt_edgellm"
 OP_TYPE = "Int4GroupwiseGemmPlugin"
-LOWERING_DOMAIN = "edgellm.lowering"
 INPUTS = ("x", "qweight", "scales")
 OUTPUTS = ("y",)
 INT_ATTRS = ("gemm_n", "gemm_k", "group_size")
@@ -129,4 +128,4 @@ def lowering(node: onnx.NodeProto) -> onnx.FunctionProto:
     wt = nd("Transpose", [nd("Mul", [w, s])], {"perm": [1, 0]})  # [K, N]
     nd("Cast", [nd("MatMul", [nd("Cast", [x], {"to": FLOAT}), wt])], {"to": FLOAT16}, outputs=[OUTPUTS[0]])
     return helper.make_function(LOWERING_DOMAIN, name, list(INPUTS), list(OUTPUTS), g.nodes,
-                                [helper.make_opsetid("", 24)])
+                                [helper.make_opsetid("", ONNX_OPSET)])

@@ -19,15 +19,13 @@ import onnx
 from onnx import helper
 
 from ..onnx_graph.builder import FLOAT, FLOAT8E4M3FN, FLOAT16, GraphBuilder
-from .schemas import register_missing
+from .schemas import FP8_E4M3_MAX, LOWERING_DOMAIN, ONNX_OPSET, register_missing
 
 DOMAIN = "trt"
 QUANTIZE = "TRT_MXFP8DynamicQuantize"
 DEQUANTIZE = "TRT_MXFP8DequantizeLinear"
-LOWERING_DOMAIN = "edgellm.lowering"
 BLOCK = 32
 E4M3_EMAX = 8
-FP8_MAX = 448.0
 
 
 # -- face 1: torch ops with eager references ------------------------------------------------
@@ -38,7 +36,7 @@ def quantize_eager(x, block_size: int = BLOCK):
     amax = xf.abs().amax(-1, keepdim=True)
     _, e = torch.frexp(amax)  # amax = m * 2^e, m in [0.5, 1): floor(log2(amax)) = e - 1
     exp = torch.where(amax > 0, e - 1 - E4M3_EMAX, torch.full_like(e, -127)).clamp(-127, 127)
-    q = (xf / torch.exp2(exp.float())).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    q = (xf / torch.exp2(exp.float())).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     return q.reshape(x.shape), (exp + 127).to(torch.uint8).reshape(*x.shape[:-1], -1)
 
 
@@ -134,7 +132,7 @@ def lowering(node: onnx.NodeProto) -> onnx.FunctionProto:
         biased = n("Cast", [n("Add", [e, g.const(np.array(127.0, np.float32))])], {"to": onnx.TensorProto.UINT8})
         n("Reshape", [biased, n("Shape", [biased], {"end": -1})], outputs=["scale"])
         return helper.make_function(LOWERING_DOMAIN, name, ["x"], ["y", "scale"], g.nodes,
-                                    [helper.make_opsetid("", 24)])
+                                    [helper.make_opsetid("", ONNX_OPSET)])
     if node.op_type == DEQUANTIZE:
         out_type = int(attrs.get("output_dtype", FLOAT16))
         s = n("Pow", [two, n("Sub", [n("Cast", ["scale"], {"to": FLOAT}), g.const(np.array(127.0, np.float32))])])
@@ -142,5 +140,5 @@ def lowering(node: onnx.NodeProto) -> onnx.FunctionProto:
         s = n("Reshape", [n("Expand", [n("Unsqueeze", [s, i64(-1)]), rep]), n("Shape", ["x"])])
         n("Cast", [n("Mul", [n("Cast", ["x"], {"to": FLOAT}), s])], {"to": out_type}, outputs=["y"])
         return helper.make_function(LOWERING_DOMAIN, name, ["x", "scale"], ["y"], g.nodes,
-                                    [helper.make_opsetid("", 24)])
+                                    [helper.make_opsetid("", ONNX_OPSET)])
     raise NotImplementedError(f"no lowering for trt::{node.op_type}")

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from ..models.weights import to_fp16
 from ..onnx_graph.builder import FLOAT8E4M3FN, FLOAT16
+from ..ops.schemas import FP8_E4M3_MAX
 from .scales import to_fp16_scale
-
-FP8_MAX = 448.0
 
 
 def emit(ctx, x: str) -> str:
@@ -41,7 +40,7 @@ def fake_quant(x, scale):
     """sat_e4m3(RNE(x / s)) * s."""
     import torch
 
-    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale
+    return (x / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).float() * scale
 
 
 def eager(x, t: dict, p: str, lq):

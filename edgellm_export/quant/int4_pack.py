@@ -2,10 +2,10 @@
 
 Every INT4 format ends in the same place: biased nibbles ``U[N, K]`` in ``[0, 15]`` (weight value
 ``U - 8``), packed by :func:`pack_plugin` into the plugin's int8 ``[N/2, K]`` buffer. The plugin has
-no zero-point input, so asymmetric formats (AutoAWQ, GPTQ) must fold their zero points into ``U``;
-where ``q - z`` leaves ``[-8, 7]`` that fold would lose information. The reference clamps silently;
-here the fold refuses with :class:`Int4RangeError` (the count is available to callers that want to
-decide for themselves via :func:`fold_zero_points`).
+no zero-point input, so asymmetric formats (AutoAWQ, GPTQ) are split exactly
+(:func:`split_zero_points`): ``q - z = (U - 8) + d`` per group, ``U`` for the plugin and the small
+integer ``d`` for a dense correction term (:func:`zero_correction`). Where every group already fits
+``[-8, 7]``, ``d`` is zero and ``U = q - z + 8``, the plain fold. The reference clamps silently.
 
 Plain numpy, one tensor at a time, so a streaming exporter can call it per linear.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import ExportError, UnsupportedError
+from ..errors import ExportError
 
 # AutoAWQ GEMM: bit field f (bits 4f..4f+3) of a packed int32 holds channel 8c + AWQ_ORDER[f].
 AWQ_ORDER = np.array([0, 2, 4, 6, 1, 3, 5, 7])
@@ -23,19 +23,6 @@ _AWQ_INVERSE = np.argsort(AWQ_ORDER)  # channel j within 8 lives in bit field _A
 
 class Int4LayoutError(ExportError, ValueError):
     """An INT4 tensor has a shape/dtype the format or the plugin cannot take."""
-
-
-class Int4RangeError(UnsupportedError, ValueError):
-    """Folding zero points would push ``count`` of ``total`` weights outside the plugin's [-8, 7]."""
-
-    def __init__(self, count: int, total: int, name: str | None = None):
-        self.count, self.total, self.name = int(count), int(total), name
-        where = f"{name}: " if name else ""
-        super().__init__(
-            f"{where}{self.count} of {self.total} INT4 weights have q - zero outside [-8, 7]; the "
-            "Int4GroupwiseGemmPlugin has no zero-point input, so they cannot be represented exactly "
-            "(the reference exporter clamps them silently). Re-quantize with a symmetric zero point "
-            "or keep this layer in FP16.")
 
 
 def _fail(message: str, name: str | None) -> Int4LayoutError:
@@ -146,23 +133,48 @@ def dequant_plugin(packed: np.ndarray, scales: np.ndarray, n: int, k: int, group
     return u * np.repeat(scales.astype(np.float32).T, group, axis=1)
 
 
-# --------------------------------------------------------------------------- zero-point folding
+# --------------------------------------------------------------------------- zero points
 
-def fold_zero_points(q: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, int]:
-    """``U = clamp(q - z + 8, 0, 15)`` (same shapes) and how many entries the clamp changed.
+def split_zero_points(q: np.ndarray, z: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact split of asymmetric INT4 weights: ``(U [K, N] uint8, d [K/group, N] int8)``.
 
-    The low-level step; the repack functions call it and refuse when the count is not zero.
+    ``q [K, N]`` holds contiguous groups of ``group`` rows, ``z [K/group, N]`` their zeros (any small
+    integers: GPTQ v1 zeros reach 16). Per group and column, ``c`` is the value nearest ``z`` that
+    keeps every ``q - c`` in the plugin's [-8, 7], i.e. in ``[qmax - 7, qmin + 8]`` (which always
+    holds 8, so ``|d| <= |8 - z| <= 8``); ``U = q - c + 8`` and ``d = c - z``, hence
+    ``q - z = (U - 8) + d`` exactly. ``d`` is zero wherever the group fits: there ``U`` is the
+    plain fold, and a layer that fits everywhere needs no correction at all.
     """
-    d = q.astype(np.int16) - z.astype(np.int16)
-    outside = int(np.count_nonzero((d < -8) | (d > 7)))
-    return (np.clip(d, -8, 7) + 8).astype(np.uint8), outside
+    k, n = q.shape
+    qg = q.astype(np.int16).reshape(k // group, group, n)
+    z = np.asarray(z, dtype=np.int16)
+    c = np.clip(z, qg.max(1) - 7, qg.min(1) + 8)
+    u = (qg - c[:, None, :] + 8).astype(np.uint8).reshape(k, n)
+    return u, (c - z).astype(np.int8)
 
 
-def _fold_or_refuse(q: np.ndarray, z: np.ndarray, name: str | None) -> np.ndarray:
-    u, outside = fold_zero_points(q, z)
-    if outside:
-        raise Int4RangeError(outside, q.size, name)
-    return u
+def zero_correction(d: np.ndarray, scales: np.ndarray, group: int, name: str | None = None) -> np.ndarray:
+    """fp16 ``[K/g, N]`` = ``group * d * scales``: what the graph multiplies the group *means* of x by.
+
+    ``scales`` are the plugin's fp16 scales, so the term matches the plugin's weights; ``group * d *
+    s`` is exact in fp32 (a power of two times at most 4 + 11 bits) and rounded once to fp16. Means
+    rather than sums keep the activation side within fp16 (a mean never exceeds max |x|); the
+    factor ``group`` moves to this side, which refuses when that overflows (scales beyond ~64).
+    """
+    c = np.float32(group) * d.astype(np.float32) * np.asarray(scales).astype(np.float32)
+    with np.errstate(over="ignore"):
+        out = c.astype(np.float16)
+    if not np.isfinite(out).all():
+        raise _fail(f"the zero-point correction (group size x (c - zero) x scale) exceeds fp16 "
+                    f"(largest {float(np.abs(c).max()):g}); the scales are beyond any real checkpoint's", name)
+    return out
+
+
+def zeros_are_eight(qzeros: np.ndarray, zero_offset: int = 0) -> bool:
+    """True when every packed zero is 8 (stored ``8 - zero_offset``), whatever the nibble order:
+    then every ``q - z`` fits and the qweight need not be read to know it."""
+    word = np.uint32((8 - zero_offset) * 0x11111111)
+    return bool(np.all(np.asarray(qzeros).view(np.uint32) == word))
 
 
 def _group_size(k: int, rows: int, group: int | None, what: str, name: str | None) -> int:
@@ -196,15 +208,17 @@ def unpack_autoawq(qweight: np.ndarray, qzeros: np.ndarray, name: str | None = N
 
 
 def repack_autoawq(qweight: np.ndarray, qzeros: np.ndarray, group: int | None = None,
-                   name: str | None = None) -> np.ndarray:
-    """AutoAWQ GEMM -> biased nibbles ``U[N, K]`` with ``U - 8 == q - z`` exactly.
+                   name: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """AutoAWQ GEMM -> (biased nibbles ``U[N, K]``, zero correction ``d [K/g, N]`` int8).
 
-    ``group`` defaults to ``K / qzeros.shape[0]`` (what the reference uses); if given it must agree.
-    Raises :class:`Int4RangeError` instead of clamping when some ``q - z`` is outside [-8, 7].
+    ``U - 8 + d[k // g] == q - z`` exactly (:func:`split_zero_points`); ``d`` is all zero when every
+    ``q - z`` fits [-8, 7]. ``group`` defaults to ``K / qzeros.shape[0]`` (what the reference uses);
+    if given it must agree.
     """
     q, z = unpack_autoawq(qweight, qzeros, name)
     g = _group_size(q.shape[0], z.shape[0], group, "AutoAWQ qzeros", name)
-    return _fold_or_refuse(q, np.repeat(z, g, axis=0), name).T.copy()
+    u, d = split_zero_points(q, z, g)
+    return u.T.copy(), d
 
 
 # --------------------------------------------------------------------------- GPTQ (§3.7)
@@ -249,13 +263,14 @@ def gptq_perm(g_idx: np.ndarray, group: int, name: str | None = None) -> np.ndar
 
 
 def repack_gptq(qweight: np.ndarray, qzeros: np.ndarray, g_idx: np.ndarray | None, group: int | None = None,
-                zero_offset: int = 1, name: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """GPTQ -> (biased nibbles ``U[N, K]`` in permuted K order, ``perm`` int64 ``[K]``).
+                zero_offset: int = 1, name: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GPTQ -> (biased nibbles ``U[N, K]`` in permuted K order, ``perm`` int64 ``[K]``, ``d [G, N]`` int8).
 
-    ``U[:, j] - 8 == q[perm[j]] - (z_stored[g_idx[perm[j]]] + zero_offset)``, so the graph must gather
-    the activation as ``x[..., perm]`` (emitted even when perm is the identity). ``zero_offset`` is 1
-    for GPTQ v1 files (stored ``zero - 1``), 0 for v2. ``g_idx=None`` means ``arange(K) // group``.
-    Raises :class:`Int4RangeError` instead of clamping.
+    ``U[:, j] - 8 + d[j // group] == q[perm[j]] - (z_stored[g_idx[perm[j]]] + zero_offset)``: the graph
+    gathers the activation as ``x[..., perm]``, after which every group is contiguous and group
+    ``j // group`` is the checkpoint's group (:func:`gptq_perm`). ``zero_offset`` is 1 for GPTQ v1
+    files (stored ``zero - 1``), 0 for v2. ``g_idx=None`` means ``arange(K) // group``. ``d`` is all
+    zero when every ``q - z`` fits [-8, 7].
     """
     q, z = unpack_gptq(qweight, qzeros, name)
     k = q.shape[0]
@@ -265,10 +280,8 @@ def repack_gptq(qweight: np.ndarray, qzeros: np.ndarray, g_idx: np.ndarray | Non
     elif np.asarray(g_idx).shape != (k,):
         raise _fail(f"GPTQ g_idx must have shape [{k}], got {list(np.asarray(g_idx).shape)}", name)
     perm = gptq_perm(g_idx, g, name)
-    g_idx = np.asarray(g_idx, dtype=np.int64)
-    zeros = z.astype(np.int16)[g_idx] + np.int16(zero_offset)
-    u = _fold_or_refuse(q, zeros, name)
-    return u[perm].T.copy(), perm
+    u, d = split_zero_points(q[perm], z.astype(np.int16) + np.int16(zero_offset), g)
+    return u.T.copy(), perm, d
 
 
 # --------------------------------------------------------------------------- ModelOpt W4A16 (§3.5)

@@ -94,6 +94,8 @@ def _modelopt_linear(entry: dict, where: Path) -> LinearQuant:
         group = FIXED_GROUP[fmt]
     if fmt in INT4_FORMATS:
         group = _int4_group(group if group is not None else 128, algo, where)
+        if entry.get("has_zero_point"):  # ModelOpt's W4A16 is symmetric; no zero tensor is defined
+            raise _refuse(algo, where, "has_zero_point: true (ModelOpt writes signed INT4 without zero points)")
     return LinearQuant(fmt, group, str(algo))
 
 

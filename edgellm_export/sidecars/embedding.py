@@ -16,8 +16,8 @@ from .. import interrupts
 from ..checkpoint.reader import TensorRef
 from ..errors import ExportError
 from ..models.weights import check_fp16_range
+from ..ops.schemas import FP8_E4M3_MAX
 
-FP8_MAX = 448.0
 FP8_BLOCK = 128
 _ROWS_PER_SLICE = 4096
 
@@ -64,8 +64,8 @@ def write_embedding(ref: TensorRef, path: Path, *, fp8: bool = False, clamp: boo
         for r0 in range(0, vocab, _ROWS_PER_SLICE):
             interrupts.check()
             block = src[r0 : r0 + _ROWS_PER_SLICE].float().view(-1, groups, FP8_BLOCK)
-            scale = block.abs().amax(dim=-1).clamp_min(1e-4) / FP8_MAX
-            q = (block / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+            scale = block.abs().amax(dim=-1).clamp_min(1e-4) / FP8_E4M3_MAX
+            q = (block / scale[..., None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
             f.seek(scale_pos + r0 * groups * 4)
             f.write(scale.numpy().astype("<f4").tobytes())
             f.seek(data_pos + r0 * hidden)

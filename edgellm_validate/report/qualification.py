@@ -21,10 +21,15 @@ import socket
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError
 
 from edgellm_export import __version__
+from edgellm_export.digests import sha256_file
 from edgellm_export.errors import ExportError
-from edgellm_export.manifest import MANIFEST, sha256_file
+from edgellm_export.manifest import MANIFEST
+from edgellm_export.schema import StrictModel, case_label, explain, no_default
 
 SCHEMA = "edgellm-qualification"
 SCHEMA_VERSION = 1
@@ -41,7 +46,7 @@ THRESHOLD_CHECKS = {
 # Distributions recorded in the environment; null means "not installed" (itself worth recording: a device
 # image without torch proves that validation did not need it).
 PACKAGES = ("edgellm-export", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "safetensors", "ml_dtypes",
-            "jinja2", "PyYAML", "torch", "tensorrt", "pycuda", "cuda-python", "polygraphy")
+            "jinja2", "PyYAML", "pydantic", "torch", "tensorrt", "pycuda", "cuda-python", "polygraphy")
 _TENSORRT_DISTS = ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt_cu13", "tensorrt_cu12")
 
 
@@ -171,7 +176,8 @@ def check_message(check: Mapping) -> str:
 
 def _case(name: str, *, outcome: str, reason: str, expect: str, target, backend, release, checkpoint,
           precision, export=None, backend_details=None, thresholds=None, thresholds_source=None, metrics=None,
-          checks=None, failures=None, steps=None, artifacts=None, seconds=None, stage=None, judge: bool = True) -> dict:
+          checks=None, failures=None, steps=None, artifacts=None, seconds=None, stage=None, judge: bool = True,
+          checkpoint_hub=None) -> dict:
     if expect not in EXPECTATIONS:
         raise ValueError(f"expect must be one of {EXPECTATIONS}, not {expect!r}")
     verdict, reason = _judge(outcome, expect, reason) if judge else (outcome, reason)
@@ -181,6 +187,7 @@ def _case(name: str, *, outcome: str, reason: str, expect: str, target, backend,
         "backend": None if backend is None else str(backend),
         "edgellm_release": None if release is None else str(release),
         "checkpoint": None if checkpoint is None else str(checkpoint),
+        "checkpoint_hub": dict(checkpoint_hub) if checkpoint_hub else None,
         "export": None if export is None else str(export),
         "precision": precision,
         "expect": expect,
@@ -219,10 +226,11 @@ def _identity(target, backend, release, checkpoint, precision, expect):
 def case_from_validation(name: str, validation: Mapping, *, target: str | None, release: str | None = None,
                          export_dir: str | Path | None = None, artifacts: dict | None = None,
                          checkpoint: str | Path | None = None, expect: str = "pass",
-                         thresholds: Mapping | None = None, precision: str | None = None) -> dict:
+                         thresholds: Mapping | None = None, precision: str | None = None,
+                         checkpoint_hub: Mapping | None = None) -> dict:
     """One case from `edgellm validate`'s result (the dict it returns, or OUT/validation.json loaded).
 
-    `target` is the platform-matrix target the case ran on (containers/platforms.json, e.g. "x86-cpu",
+    `target` is the platform-matrix target the case ran on (edgellm_validate/data/platforms.json, e.g. "x86-cpu",
     "orin-jp6"); `release` the Edge-LLM release exported for (`edgellm export --target`). The backend is
     the one the validation names (what actually ran).
 
@@ -231,7 +239,10 @@ def case_from_validation(name: str, validation: Mapping, *, target: str | None, 
     case expects the export to be: a different precision fails the case (a checkpoint that silently stayed
     fp16 is not what was meant to be qualified). Artifact hashes come from the export's manifest.json
     (`export_dir`, else the validation's `export` path); an unidentifiable artifact is an error."""
-    ident = _identity(target, validation.get("backend"), release, checkpoint, precision, expect)
+    # The case's precision: what the suite expects, else what the export is (e.g. "fp16"), never blank.
+    ident = _identity(target, validation.get("backend"), release, checkpoint,
+                      precision if precision is not None else validation.get("precision"), expect)
+    ident["checkpoint_hub"] = checkpoint_hub  # a hub checkpoint: repo_id, revision, commit, snapshot
     export = export_dir if export_dir is not None else validation.get("export")
     if artifacts is None:
         try:
@@ -321,11 +332,11 @@ def case_error(name: str, message: str, *, stage: str | None = None, target: str
                backend: str | None = None, release: str | None = None,
                checkpoint: str | Path | None = None, precision: str | None = None,
                expect: str = "pass", export: str | Path | None = None, artifacts: dict | None = None,
-               seconds: float | None = None) -> dict:
+               seconds: float | None = None, checkpoint_hub: Mapping | None = None) -> dict:
     """A case that could not be judged: export refused the checkpoint, the backend is missing, ...
     With expect="error" (a checkpoint that must be refused) it is a pass."""
     return _case(name, outcome="error", reason=" ".join(str(message).split()), stage=stage, export=export,
-                 artifacts=artifacts, seconds=seconds,
+                 artifacts=artifacts, seconds=seconds, checkpoint_hub=checkpoint_hub,
                  **_identity(target, backend, release, checkpoint, precision, expect))
 
 
@@ -430,8 +441,88 @@ def merge_reports(reports: Iterable[Mapping], *, environment: Mapping | None = N
 # ---------------------------------------------------------------- schema check, load, dump
 
 
+class Check(StrictModel):
+    """One threshold (or precision) check of a case: `value op threshold` passed or not."""
+
+    metric: str
+    value: float | str | None = Field(description="the measured value; null: not finite or not measured")
+    op: Literal[">=", "<=", "=="]
+    threshold: float | str
+    passed: bool
+
+
+class SuiteMeta(StrictModel):
+    """The suite a report qualifies (edgellm qualify), as the report's `suite` object."""
+
+    name: str
+    file: str | None = Field(None, json_schema_extra=no_default)
+    sha256: str | None = Field(None, json_schema_extra=no_default)
+    format: int | None = Field(None, json_schema_extra=no_default)
+    cases: list[str] | None = Field(None, description="the suite's case names, in order",
+                                    json_schema_extra=no_default)
+
+
+class Summary(StrictModel):
+    """Cases per verdict."""
+
+    pass_: int = Field(alias="pass", ge=0)
+    fail: int = Field(ge=0)
+    error: int = Field(ge=0)
+    skipped: int = Field(ge=0)
+    total: int = Field(ge=0)
+
+
+class ReportCase(StrictModel):
+    """One qualified case: what ran where, its outcome, and the verdict against what it expects."""
+
+    name: str = Field(min_length=1)
+    target: str | None = Field(None, description="platform-matrix target")
+    backend: str | None = None
+    edgellm_release: str | None = None
+    checkpoint: str | None = None
+    checkpoint_hub: dict[str, str | None] | None = Field(
+        None, description="a checkpoint named by hub id: repo_id, revision asked for, commit, snapshot path")
+    export: str | None = None
+    precision: str | None = None
+    expect: Literal[EXPECTATIONS]
+    outcome: Literal[VERDICTS] = Field(description="what happened")
+    verdict: Literal[VERDICTS] = Field(description="the outcome judged against `expect`")
+    reason: str
+    stage: str | None = None
+    thresholds: dict[str, float | None]
+    thresholds_source: Literal["default", "override"] | None = None
+    metrics: dict[str, float | None]
+    checks: list[Check]
+    failures: list[str]
+    steps: list[dict[str, Any]]
+    artifacts: dict[str, Any] | None = Field(None, description="the export's identity from its manifest.json")
+    backend_details: dict[str, Any] | None = None
+    seconds: float | None = None
+    environment: dict[str, Any] | None = Field(None, description="where the case ran, when not where the report "
+                                                                 "was merged", json_schema_extra=no_default)
+
+
+class QualificationReport(StrictModel):
+    """qualification.json, schema version 1."""
+
+    model_config = {"title": "edgellm qualification report"}
+
+    schema_: Literal[SCHEMA] = Field(alias="schema")
+    schema_version: int = Field(ge=1, le=SCHEMA_VERSION)
+    created: str = Field(description="UTC, ISO 8601")
+    suite: SuiteMeta | None = None
+    environment: dict[str, Any] = Field(description="host, python, tool, device, tensorrt, packages, extra")
+    verdict: Literal[OVERALL_VERDICTS]
+    verdict_reason: str
+    summary: Summary
+    cases: list[ReportCase]
+
+
 def validate_qualification(doc, source: str | Path = REPORT_FILE) -> dict:
-    """Return `doc` if it is a qualification report this version can read, else raise ReportError."""
+    """Return `doc` if it is a qualification report this version can read, else raise ReportError.
+
+    The schema is the QualificationReport model (`edgellm schema report`); beyond it, case names must be
+    unique and the verdict and summary must be the ones the cases give."""
 
     def bad(msg: str):
         raise ReportError(f"is not a valid qualification report: {msg}", source)
@@ -447,37 +538,15 @@ def validate_qualification(doc, source: str | Path = REPORT_FILE) -> dict:
         raise ReportError(f"was written with qualification schema version {version}, newer than this "
                           f"edgellm-export {__version__} reads (up to {SCHEMA_VERSION}); upgrade edgellm-export",
                           source)
-    for key, typ in (("created", str), ("environment", dict), ("verdict_reason", str), ("summary", dict),
-                     ("cases", list)):
-        if not isinstance(doc.get(key), typ):
-            bad(f"{key!r} must be a {typ.__name__}, found {type(doc.get(key)).__name__}")
-    if doc.get("suite") is not None and not isinstance(doc["suite"], dict):
-        bad("'suite' must be an object or null")
-    if doc.get("verdict") not in OVERALL_VERDICTS:
-        bad(f"'verdict' must be one of {', '.join(OVERALL_VERDICTS)}, found {doc.get('verdict')!r}")
-    names = set()
+    try:
+        QualificationReport.model_validate(doc)
+    except ValidationError as e:
+        bad(explain(e, QualificationReport, doc, label=case_label))
+    names: dict[str, int] = {}
     for i, c in enumerate(doc["cases"]):
-        where = f"case {i + 1}"
-        if not isinstance(c, dict):
-            bad(f"{where} is not an object")
-        if not isinstance(c.get("name"), str) or not c["name"]:
-            bad(f"{where} has no name")
-        where = f"case {i + 1} ({c['name']!r})"
         if c["name"] in names:
-            bad(f"{where}: duplicate case name")
-        names.add(c["name"])
-        for key, allowed in (("verdict", VERDICTS), ("outcome", VERDICTS), ("expect", EXPECTATIONS)):
-            if c.get(key) not in allowed:
-                bad(f"{where}: {key!r} must be one of {', '.join(allowed)}, found {c.get(key)!r}")
-        for key, typ in (("reason", str), ("metrics", dict), ("thresholds", dict), ("checks", list),
-                         ("failures", list), ("steps", list)):
-            if not isinstance(c.get(key), typ):
-                bad(f"{where}: {key!r} must be a {typ.__name__}")
-        for chk in c["checks"]:
-            if not isinstance(chk, dict) or not {"metric", "value", "op", "threshold", "passed"} <= set(chk):
-                bad(f"{where}: a check lacks metric/value/op/threshold/passed")
-        if c.get("artifacts") is not None and not isinstance(c["artifacts"], dict):
-            bad(f"{where}: 'artifacts' must be an object or null")
+            bad(f"cases[{i}]: duplicate case name {c['name']!r} (also cases[{names[c['name']]}])")
+        names[c["name"]] = i
     verdict, _, counts = overall(doc["cases"])
     if doc["verdict"] != verdict or doc["summary"] != counts:
         bad(f"its verdict {doc['verdict']!r} / summary disagree with its cases (they give {verdict!r}, "

@@ -9,7 +9,7 @@ New cases, fixed cases, changed artifacts and a changed environment are noted wi
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from .qualification import fmt_metric, validate_qualification
 
@@ -44,10 +44,6 @@ class Comparison:
     @property
     def regressed(self) -> bool:
         return bool(self.regressions)
-
-    def to_dict(self) -> dict:
-        return {"previous_created": self.previous_created, "current_created": self.current_created,
-                "regressed": self.regressed, "findings": [asdict(f) for f in self.findings]}
 
 
 def _tolerances(overrides: Mapping | None) -> dict[str, tuple[bool, float, float]]:
@@ -99,6 +95,10 @@ def compare(previous: Mapping, current: Mapping, *, tolerances: Mapping | None =
         if old_art and new_art and old_art != new_art:
             add(Finding(name, "artifact", f"artifact changed (manifest sha256 {old_art[:12]} -> {new_art[:12]})",
                         False))
+        old_hub, new_hub = old.get("checkpoint_hub") or {}, new.get("checkpoint_hub") or {}
+        if old_hub.get("commit") and new_hub.get("commit") and old_hub["commit"] != new_hub["commit"]:
+            add(Finding(name, "checkpoint", f"hub checkpoint {new_hub.get('repo_id')} commit "
+                        f"{old_hub['commit'][:12]} -> {new_hub['commit'][:12]}", False))
     for name in now:
         if name not in before:
             add(Finding(name, "new", f"new case ({now[name]['verdict']})", False))
@@ -193,6 +193,7 @@ def render_summary(q: Mapping, previous: Mapping | None = None, *, tolerances: M
             lines.append("")
 
     lines += _environment_section(q)
+    lines += _checkpoint_section(q)
     lines += _artifact_section(q)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -233,6 +234,20 @@ def _environment_section(q: Mapping) -> list[str]:
     others = [c["name"] for c in q["cases"] if c.get("environment")]
     if others:
         out.append(f"- cases run in another environment (see qualification.json): {_cell(', '.join(others))}")
+    out.append("")
+    return out
+
+
+def _checkpoint_section(q: Mapping) -> list[str]:
+    """Cases whose checkpoint was a hub id: which repository, the revision asked for, the commit exported."""
+    rows = [c for c in q["cases"] if isinstance(c.get("checkpoint_hub"), Mapping)]
+    if not rows:
+        return []
+    out = ["## Hub checkpoints", "", "| Case | Repository | Revision | Commit |", "|---|---|---|---|"]
+    for c in rows:
+        h = c["checkpoint_hub"]
+        out.append(f"| {_cell(c['name'])} | {_cell(h.get('repo_id'))} | {_cell(h.get('revision'))} "
+                   f"| `{_cell(h.get('commit'))}` |")
     out.append("")
     return out
 

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgellm_export import __version__
+from edgellm_export.digests import sha256_file
 from edgellm_export.errors import EnvironmentProblem, ExportError
-from edgellm_export.manifest import sha256_file
 
+from ..export_dir import find_llm_dir
 from ..runtime_rules import RuntimeRefusal
-from ..targets import find_llm_dir
 from . import plugin as plugin_mod
 from .profiles import BuildLimits, check_inputs_covered, optimization_profiles, profiles_to_json
 from .trt_api import SINK, import_tensorrt, process_logger, required_plugins, tensorrt_version

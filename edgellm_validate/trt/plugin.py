@@ -16,8 +16,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgellm_export.digests import sha256_file
 from edgellm_export.errors import EnvironmentProblem
-from edgellm_export.manifest import sha256_file
 
 PLUGIN_ENV = "EDGELLM_PLUGIN_PATH"
 LIBRARY_NAME = "libNvInfer_edgellm_plugin.so"
@@ -98,10 +98,6 @@ def load_plugin_library(path: str | os.PathLike | None = None, environ: dict | N
         plugin = LoadedPlugin(resolved, source, handle)
         _loaded[resolved] = plugin
         return plugin
-
-
-def loaded_plugins() -> list[LoadedPlugin]:
-    return list(_loaded.values())
 
 
 def missing_creators(registry, wanted: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
