@@ -249,14 +249,14 @@ def run(argv: list[str] | None = None) -> int:
         _print_summary(export_checkpoint(source, args.out, _options(args), progress), args.quiet)
         return EXIT_OK
     if args.command == "validate":
-        from .make.pipeline import validate_command
+        from .make.pipeline import validate_and_report
 
         if not args.report and (args.previous or args.fail_on_regression):
             raise ExportError("--previous and --fail-on-regression need --report DIR")
-        res, outcome = validate_command(args.out, backend=args.backend, target=args.target, engine_dir=args.engine_dir,
-                                        plugin=args.plugin, result=args.result, report_dir=args.report,
-                                        previous=args.previous, fail_on_regression=args.fail_on_regression,
-                                        verify=args.verify)
+        res, outcome = validate_and_report(args.out, backend=args.backend, target=args.target,
+                                           engine_dir=args.engine_dir, plugin=args.plugin, result=args.result,
+                                           report_dir=args.report, previous=args.previous,
+                                           fail_on_regression=args.fail_on_regression, verify=args.verify)
         _print_validation(res, args.quiet)
         if outcome is None:
             return EXIT_OK if res["passed"] else EXIT_VALIDATION_FAILED

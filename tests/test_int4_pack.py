@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from edgellm_export.errors import ExportError
 from edgellm_export.quant.int4_pack import (
     Int4LayoutError,
-    dequant_plugin,
     gptq_perm,
     pack_plugin,
     repack_autoawq,
@@ -168,6 +167,16 @@ def test_pack_plugin_rejects_non_nibbles():
         pack_plugin(np.full((4, 64), -1, dtype=np.int16))
     with pytest.raises(ValueError, match="int8"):
         unpack_plugin(np.zeros((4, 64), dtype=np.int8), 4, 64)  # wrong row count
+
+
+def dequant_plugin(packed: np.ndarray, scales: np.ndarray, n: int, k: int, group: int) -> np.ndarray:
+    """The plugin's semantics (quant.md §3.8) in float32: ``W[n, k] = (U[n, k] - 8) * scales[k // group, n]``,
+    read back from a packed buffer with the exporter's unpacking (itself held against packing above)."""
+    scales = np.asarray(scales)
+    if scales.shape != (k // group, n):
+        raise ValueError(f"INT4 scales must be [K/g, N] = [{k // group}, {n}], got {list(scales.shape)}")
+    u = unpack_plugin(packed, n, k).astype(np.float32) - 8.0
+    return u * np.repeat(scales.astype(np.float32).T, group, axis=1)
 
 
 def test_dequant_plugin_semantics():

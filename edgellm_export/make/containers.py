@@ -451,7 +451,7 @@ def smoke(target, image: str, *, client=None, timeout: float | None = 300) -> di
     return report
 
 
-def validate_command(target, backend: str, result_name: str, extra_args: Iterable[str] = ()) -> list[str]:
+def container_validate_argv(target, backend: str, result_name: str, extra_args: Iterable[str] = ()) -> list[str]:
     cmd = ["python", "-m", "edgellm_validate", EXPORT_MOUNT, "--backend", backend,
            "--result", f"{OUT_MOUNT}/{result_name}", "--target", _target(target).name]
     if backend == "trt":
@@ -493,7 +493,7 @@ def run_validate(target, image: str, export_dir: str | os.PathLike, result_path:
     ca_volumes, environment = _ca_mount(ca_bundle)
     volumes.update(ca_volumes)
     client = docker_client(client)
-    command = validate_command(t, backend, result_path.name, extra_args)
+    command = container_validate_argv(t, backend, result_path.name, extra_args)
     code, log, seconds = _run(client, image, command, target=t, volumes=volumes, environment=environment,
                               user=_default_user(t) if user == "auto" else user, timeout=timeout,
                               purpose="validate")

@@ -420,7 +420,7 @@ def _check_pipeline_dir(out: Path, checkpoint: Path | HubId) -> None:
 # ---------------------------------------------------------------- `edgellm validate --report`
 
 
-def validate_command(out: Path, *, backend: str | None = None, target: str | None = None,
+def validate_and_report(out: Path, *, backend: str | None = None, target: str | None = None,
                      engine_dir: Path | None = None, plugin: str | None = None, result: Path | None = None,
                      report_dir: Path | None = None, previous: Path | None = None,
                      fail_on_regression: bool = False, platforms_path: Path | None = None,

@@ -119,20 +119,6 @@ def unpack_plugin(packed: np.ndarray, n: int, k: int, name: str | None = None) -
     return u.reshape(n, k)
 
 
-def dequant_plugin(packed: np.ndarray, scales: np.ndarray, n: int, k: int, group: int) -> np.ndarray:
-    """Reference dequant of a plugin buffer: ``W[n, k] = (U[n, k] - 8) * scales[k // group, n]``.
-
-    The plugin's semantics (§3.8), in float32, for golden tests and CPU parity checks.
-    """
-    if group <= 0 or k % group:
-        raise _fail(f"group size {group} does not divide K={k}", None)
-    scales = np.asarray(scales)
-    if scales.shape != (k // group, n):
-        raise _fail(f"INT4 scales must be [K/g, N] = [{k // group}, {n}], got {list(scales.shape)}", None)
-    u = unpack_plugin(packed, n, k).astype(np.float32) - 8.0
-    return u * np.repeat(scales.astype(np.float32).T, group, axis=1)
-
-
 # --------------------------------------------------------------------------- zero points
 
 def split_zero_points(q: np.ndarray, z: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
