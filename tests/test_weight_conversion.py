@@ -14,10 +14,10 @@ from edgellm_export.models import weights
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 @pytest.mark.parametrize("chunk_bytes", [1 << 10, 3000, 1 << 20])
-@pytest.mark.parametrize("shape", [(777, 33), (300, 257), (5,)])
+@pytest.mark.parametrize("shape", [(777, 33), (300, 257), (1200, 300), (5,)])  # (1200, 300): blocked transposes
 def test_to_fp16_matches_torch(tmp_path, monkeypatch, dtype, chunk_bytes, shape):
     monkeypatch.setattr(weights, "_CHUNK_BYTES", chunk_bytes)
-    monkeypatch.setattr(weights, "_TRANSPOSE_ROWS", 64)
+    monkeypatch.setattr(weights, "_TILE_BYTES", chunk_bytes)
     t = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
     save_file({"w": t}, str(tmp_path / "m.safetensors"))
     ref = TensorRef(SafetensorsFile(tmp_path / "m.safetensors"), "w")

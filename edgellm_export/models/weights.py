@@ -18,11 +18,15 @@ FP16_MAX = 65504.0
 
 
 _CHUNK_BYTES = 32 << 20  # convert big tensors in slices so source pages never pile up
-_TRANSPOSE_ROWS = 256  # row blocks this small keep a transposing copy cache-friendly
+_TILE_BYTES = 2 << 20  # transposing conversion: one row block's transpose stays in cache
+# ATen transposes a 2-D tensor into a contiguous one of the same dtype with a blocked, cache-friendly
+# loop only from this many elements on (copy_transpose_valid); below it a strided copy is used, which is
+# fine for small tensors.
+_BLOCKED_TRANSPOSE_MIN = 360 * 360
 
 
 def to_fp16(ref: TensorRef, transpose: bool = False, clamp: bool = False):
-    """Read one tensor from the mapping into a new contiguous fp16 torch tensor.
+    """Read one tensor from the mapping into a new contiguous fp16 torch tensor (`transpose`: `[in, out]`).
 
     Works in row blocks and drops each block's mapped pages right after use, so
     the resident cost is the fp16 result plus one block, not result + source.
@@ -32,23 +36,44 @@ def to_fp16(ref: TensorRef, transpose: bool = False, clamp: bool = False):
     src = ref.view()
     if src.dim() == 0:
         src = src.reshape(1)
-    shape = tuple(src.shape)
-    out = torch.empty(shape[::-1] if transpose else shape, dtype=torch.float16)
-    rows = shape[0]
-    row_bytes = max(1, ref.nbytes // max(rows, 1))
-    step = max(1, _CHUNK_BYTES // row_bytes)
+    if transpose:
+        return _to_fp16_transposed(ref, src, clamp)
+    out = torch.empty(tuple(src.shape), dtype=torch.float16)
+    rows = src.shape[0]
+    step = max(1, _CHUNK_BYTES // max(1, ref.nbytes // max(rows, 1)))
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        if transpose:
-            for b0 in range(r0, r1, _TRANSPOSE_ROWS):
-                b1 = min(r1, b0 + _TRANSPOSE_ROWS)
-                out[:, b0:b1].copy_(src[b0:b1].t())
-        else:
-            out[r0:r1].copy_(src[r0:r1])
+        out[r0:r1].copy_(src[r0:r1])
         if src.dtype != torch.float16 and src.is_floating_point():
-            check_fp16_range(ref, src[r0:r1], out[:, r0:r1] if transpose else out[r0:r1], clamp)
+            check_fp16_range(ref, src[r0:r1], out[r0:r1], clamp)
         ref.release_rows(r0, r1)
-    return out.reshape(ref.shape[::-1] if transpose else ref.shape)
+    return out.reshape(ref.shape)
+
+
+def _to_fp16_transposed(ref: TensorRef, src, clamp: bool):
+    """`[out, in]` -> contiguous fp16 `[in, out]`, a block of rows at a time.
+
+    A cast through a transposed view walks the source column by column (cache-hostile,
+    4x the cost of a plain cast). Instead each row block is first transposed in its own dtype
+    into a cache-sized tile (ATen's blocked transpose), then cast into its columns of the result
+    in runs of contiguous elements; the range check reads the block while it is still in cache.
+    """
+    import torch
+
+    rows, cols = src.shape
+    out = torch.empty((cols, rows), dtype=torch.float16)
+    step = max(8, _TILE_BYTES // max(1, cols * src.element_size()), -(-_BLOCKED_TRANSPOSE_MIN // max(cols, 1)))
+    tile = torch.empty(cols * min(step, rows), dtype=src.dtype)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        block = tile[: cols * (r1 - r0)].view(cols, r1 - r0)
+        block.copy_(src[r0:r1].t())
+        dst = out[:, r0:r1]
+        dst.copy_(block)
+        if src.dtype != torch.float16 and src.is_floating_point():
+            check_fp16_range(ref, src[r0:r1], dst, clamp)
+        ref.release_rows(r0, r1)
+    return out
 
 
 def check_fp16_range(ref: TensorRef, src, converted, clamp: bool = False) -> None:
