@@ -53,7 +53,7 @@ def _size(n: int) -> str:
 def _print_summary(result, quiet: bool) -> None:
     if quiet:
         return
-    print(f"Exported to {result.out_dir} in {result.seconds:.1f} s:")
+    print(f"Exported to {result.out_dir} in {result.seconds:.1f} s (CPU {result.cpu_seconds:.1f} s):")
     for name, size in result.files.items():
         print(f"  {name:<40} {_size(size):>12}")
     print(f"  {'total':<40} {_size(sum(result.files.values())):>12}")

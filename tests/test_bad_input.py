@@ -290,7 +290,7 @@ def test_keyboard_interrupt_while_writing_weights(previous, ckpt, tmp_path, caps
 
     def interrupted(*args, **kwargs):
         # Something was already written into the temporary sibling when Ctrl-C hits.
-        path = args[1]
+        path = args[2]  # (graph, writer, path, ...)
         assert path.parent.parent.name.startswith(".out.partial-")
         assert (path.parent / "model.onnx").stat().st_size > 0
         reached.append(path)
@@ -430,7 +430,7 @@ def test_write_error_in_writer_thread_propagates(tmp_path, capsys, monkeypatch):
     """The weight writer runs on a thread; its disk-full error still ends the export cleanly."""
     import errno
 
-    import edgellm_export.export as export_mod
+    import edgellm_export.stream_writer as stream_writer
     from edgellm_export.cli import main as _main
     from edgellm_export.demo_checkpoint import write_demo_checkpoint as _demo
 
@@ -442,7 +442,7 @@ def test_write_error_in_writer_thread_propagates(tmp_path, capsys, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return len(data)
 
-    monkeypatch.setattr(export_mod.os, "pwrite", pwrite)
+    monkeypatch.setattr(stream_writer.os, "pwrite", pwrite)
     ckpt = _demo(tmp_path / "ckpt")
     assert _main(["-q", "export", str(ckpt), str(tmp_path / "out")]) == 3
     err = capsys.readouterr().err

@@ -241,9 +241,9 @@ def test_sigkill_keeps_previous_output_and_next_run_cleans_up(tmp_path):
     before = digests(out)
     proc = _start_export(ckpt, out)
     assert _wait_for_partial(tmp_path, proc)
-    time.sleep(0.5)
+    time.sleep(0.1)
     proc.kill()
-    proc.wait(timeout=60)
+    assert proc.wait(timeout=60) == -signal.SIGKILL  # killed mid-export, not finished before
     assert digests(out) == before
     assert ".out.lock" in {p.name for p in tmp_path.iterdir()}  # a SIGKILLed holder cannot clean up
     assert main(["-q", "export", str(ckpt), str(out)]) == 0  # the clean-up run

@@ -38,3 +38,19 @@ def test_values_fp16_cannot_hold_are_refused(tmp_path, value, phrase):
     with pytest.raises(ExportError, match=phrase) as e:
         weights.to_fp16(ref, transpose=True)
     assert "m.safetensors" in str(e.value)
+
+
+@pytest.mark.parametrize("value,finite", [(65519.99, True), (65520.0, False), (-65520.0, False)])
+def test_fp16_overflow_edge_is_found_in_blocked_transposes(tmp_path, value, finite):
+    """The transposed path checks each source block against 65520 (what rounds to inf), not 65504."""
+    t = torch.zeros(1200, 300, dtype=torch.float32)
+    t[700, 123] = value
+    save_file({"w": t}, str(tmp_path / "m.safetensors"))
+    ref = TensorRef(SafetensorsFile(tmp_path / "m.safetensors"), "w")
+    if finite:
+        assert torch.equal(weights.to_fp16(ref, transpose=True), t.t().to(torch.float16))
+    else:
+        with pytest.raises(ExportError, match="beyond fp16's range"):
+            weights.to_fp16(ref, transpose=True)
+        clamped = weights.to_fp16(ref, transpose=True, clamp=True)
+        assert float(clamped[123, 700]) == (65504.0 if value > 0 else -65504.0)

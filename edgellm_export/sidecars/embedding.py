@@ -8,6 +8,7 @@ Rows are converted and written in slices, never the whole table at once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 from pathlib import Path
@@ -17,6 +18,7 @@ from ..checkpoint.reader import TensorRef
 from ..errors import ExportError
 from ..models.weights import check_fp16_range
 from ..ops.schemas import FP8_E4M3_MAX
+from ..stream_writer import StreamWriter
 
 FP8_BLOCK = 128
 _ROWS_PER_SLICE = 4096
@@ -32,22 +34,41 @@ def _header(entries: list[tuple[str, str, list[int], int]]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write_embedding(ref: TensorRef, path: Path, *, fp8: bool = False, clamp: bool = False) -> None:
+def write_embedding(ref: TensorRef, path: Path, *, fp8: bool = False, clamp: bool = False,
+                    writer: StreamWriter | None = None) -> None:
+    """Write the sidecar; the fp16 table goes through `writer` (written and hashed beside the
+    conversion of the next rows; its digest lands in `writer.digests`)."""
     import torch
 
     vocab, hidden = ref.shape
     src = ref.view()
-    with open(path, "wb") as f:
-        if not fp8:
-            f.write(_header([("embedding", "F16", [vocab, hidden], vocab * hidden * 2)]))
+    if not fp8:
+        own = writer is None
+        writer = writer or StreamWriter()
+        fd = writer.open(path)
+        try:
+            header = _header([("embedding", "F16", [vocab, hidden], vocab * hidden * 2)])
+            writer.write(fd, 0, header)
+            offset = len(header)
             for r0 in range(0, vocab, _ROWS_PER_SLICE):
                 interrupts.check()
                 block = src[r0 : r0 + _ROWS_PER_SLICE]
                 half = block.to(torch.float16)
                 check_fp16_range(ref, block, half, clamp)
-                f.write(half.numpy().tobytes())
+                data = half.view(-1).view(torch.uint8).numpy()
+                writer.write(fd, offset, data)
+                offset += data.nbytes
                 ref.release_rows(r0, r0 + block.shape[0])
-            return
+            writer.close(fd, offset)
+        except BaseException:
+            if own:
+                with contextlib.suppress(BaseException):
+                    writer.finish()
+            raise
+        if own:
+            writer.finish()
+        return
+    with open(path, "wb") as f:
         if hidden % FP8_BLOCK:
             raise ExportError(
                 f"--fp8-embedding needs hidden_size divisible by {FP8_BLOCK} (the runtime's "
