@@ -60,43 +60,6 @@ def _cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-_HEAP_MAX_BLOCK = 256 << 20
-
-
-@contextlib.contextmanager
-def _reused_heap():
-    """Let glibc keep freed tensor buffers for the next ones instead of unmapping them.
-
-    glibc serves allocations above its mmap threshold (at most 32 MiB) with fresh mmaps, so every
-    converted weight (a 1B model's MLP weights are 32 MiB, an 8B's 112 MiB) costs a page fault per
-    4 KiB: about 0.9 s of kernel time per 2.5 GB. Raising the threshold for the export keeps them in
-    the heap, where a freed buffer is reused. One-off giants (embedding, lm_head) stay mmapped, so
-    the heap holds at most a few layer-sized buffers beyond what is live (1B: +0.1 GB peak RSS), and
-    it is trimmed back at the end. No-op off glibc."""
-    libc = None
-    try:
-        import ctypes
-        import ctypes.util
-
-        name = ctypes.util.find_library("c")
-        libc = ctypes.CDLL(name) if name else None
-        if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "malloc_trim"):
-            libc = None
-    except OSError:
-        libc = None
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    if libc is not None:
-        libc.mallopt(m_mmap_threshold, _HEAP_MAX_BLOCK)
-        libc.mallopt(m_trim_threshold, _HEAP_MAX_BLOCK)
-    try:
-        yield
-    finally:
-        if libc is not None:
-            libc.mallopt(m_mmap_threshold, 128 << 10)  # glibc's defaults
-            libc.mallopt(m_trim_threshold, 128 << 10)
-            libc.malloc_trim(0)
-
-
 @contextlib.contextmanager
 def _one_torch_thread():
     """The conversion and the golden pass run on one intra-op thread. Their ops are small (a
@@ -131,7 +94,7 @@ def export_checkpoint(checkpoint: str | Path | CheckpointRef, out_dir: str | Pat
     out_path = Path(out_dir).resolve()
     if out_path == ckpt_path.resolve() or out_path in ckpt_path.resolve().parents:
         raise ExportError("the output directory would replace the checkpoint itself; choose another OUT", out_dir)
-    with open_checkpoint(ckpt_path, allow_pickle=opts.convert_pickle) as ckpt, _one_torch_thread(), _reused_heap():
+    with open_checkpoint(ckpt_path, allow_pickle=opts.convert_pickle) as ckpt, _one_torch_thread():
         planned = plan_export(ckpt, contract, opts)
         cfg, family, g, embed_ref = planned.cfg, planned.family, planned.graph, planned.embed_ref
         report(f"{cfg.model_type}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "

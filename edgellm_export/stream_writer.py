@@ -19,7 +19,7 @@ _CLOSE = object()
 
 
 class StreamWriter:
-    def __init__(self, depth: int = 2):
+    def __init__(self, depth: int = 1):
         self._writes: queue.Queue = queue.Queue(maxsize=depth)
         self._hashes: queue.Queue = queue.Queue(maxsize=depth)
         self._failure: list[tuple[BaseException, str]] = []
@@ -93,17 +93,25 @@ class StreamWriter:
     def _hash_loop(self) -> None:
         while (item := self._hashes.get()) is not None:
             fd, offset, view = item
-            h = self._hashing[fd]
-            if view is _CLOSE:
-                if offset is not None and offset > h[1]:
-                    h[0].update(bytes(offset - h[1]))
-                self.digests[self._paths[fd]] = h[0].hexdigest()
-                self._close(fd)
-                continue
-            if offset > h[1]:
-                h[0].update(bytes(offset - h[1]))  # an alignment gap: zeros in the file
-            h[0].update(view)
-            h[1] = offset + len(view)
+            if self._failure:
+                continue  # keep draining: the writer must never block on this queue
+            try:
+                self._hash(fd, offset, view)
+            except BaseException as e:  # noqa: BLE001  (re-raised in the producer)
+                self._failure.append((e, self._paths.get(fd, "")))
+
+    def _hash(self, fd: int, offset, view) -> None:
+        h = self._hashing[fd]
+        if view is _CLOSE:
+            if offset is not None and offset > h[1]:
+                h[0].update(bytes(offset - h[1]))
+            self.digests[self._paths[fd]] = h[0].hexdigest()
+            self._close(fd)
+            return
+        if offset > h[1]:
+            h[0].update(bytes(offset - h[1]))  # an alignment gap: zeros in the file
+        h[0].update(view)
+        h[1] = offset + len(view)
 
     def _close(self, fd: int) -> None:
         self._paths.pop(fd, None)
