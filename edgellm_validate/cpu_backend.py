@@ -43,10 +43,6 @@ class CpuBackend:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.fp8_inputs = {i.name for i in self.session.get_inputs() if i.type == "tensor(float8e4m3fn)"}
 
-    def kv_cache_dtype(self):
-        """numpy dtype of the KV buffers the twin allocates: raw bytes for an FP8 cache."""
-        return np.uint8 if "past_key_values_0" in self.fp8_inputs else np.float16
-
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import onnxruntime as ort
 

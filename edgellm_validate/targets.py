@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
+from edgellm_export.contract.bindings import Bindings, bindings_for
 from edgellm_export.errors import ExportError, UnsupportedError
 from edgellm_export.schema import StrictModel, explain, no_default
 
@@ -272,7 +273,7 @@ def _bundle_precision(llm: Path) -> str | None:
     return label if isinstance(label, str) else None
 
 
-def _scan_graph(model, note) -> list[tuple[str, str]]:
+def _scan_graph(model, note, bindings: Bindings) -> list[tuple[str, str]]:
     """Call `note(precision, evidence)` for every precision the graph's nodes, initializers and KV inputs
     show; returns the (domain, op_type) of its non-standard nodes."""
     g = model.graph
@@ -283,7 +284,7 @@ def _scan_graph(model, note) -> list[tuple[str, str]]:
             consumers.setdefault(name, []).append((node, k))
 
     for inp in g.input:
-        if inp.name.startswith("past_key_values_") and inp.type.tensor_type.elem_type in _FP8_TYPES:
+        if bindings.kv_ordinal(inp.name) is not None and inp.type.tensor_type.elem_type in _FP8_TYPES:
             note("fp8_kv", f"input {inp.name} is FP8")
     custom: dict[tuple[str, str], None] = {}
     for node in g.node:
@@ -351,7 +352,12 @@ def inspect_export(export_dir: str | os.PathLike) -> ExportFeatures:
         if len(seen) < 3 and what not in seen:
             seen.append(what)
 
-    custom = _scan_graph(model, note)
+    release = config.get("edgellm_version") if isinstance(config.get("edgellm_version"), str) else None
+    try:
+        bindings = bindings_for(release)
+    except ExportError:  # a release this tool does not know is one of the reasons reported; scan by 0.7's names
+        bindings = bindings_for(None)
+    custom = _scan_graph(model, note, bindings)
     emb = _embedding_dtype(llm / "embedding.safetensors")
     if emb == "F8_E4M3":
         note("fp8_embedding", "embedding.safetensors holds F8_E4M3")

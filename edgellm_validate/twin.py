@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from edgellm_export.contract.bindings import Bindings, bindings_for
+
 from .runtime_rules import EmbeddingTable, read_safetensors, rope_table
 
 BUNDLE = Path("golden") / "bundle.json"
 LOGITS = Path("golden") / "logits.safetensors"
-# The inputs the runtime computes per step; every other graph input with a present_* output is state.
-STEP_INPUTS = ("inputs_embeds", "rope_rotary_cos_sin", "context_lengths", "kvcache_start_index", "last_token_ids")
 
 
 @dataclass
@@ -71,21 +71,18 @@ def _numpy_dtype(elem_type: int) -> np.dtype:
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
 
 
-def state_specs(llm_dir: Path) -> list[StateSpec]:
-    """The graph's carried state, read from model.onnx's inputs and outputs (no weights are loaded).
-
-    An input N is state when the graph has an output `present_N`, or `present_X` for N = `past_X`:
-    past_key_values_i -> present_key_values_i, conv_state_i -> present_conv_state_i, ..."""
+def state_specs(llm_dir: Path, bindings: Bindings) -> list[StateSpec]:
+    """The graph's carried state, read from model.onnx's inputs and outputs (no weights are loaded):
+    every input that is not a per-step input and has an output that carries it (`Bindings.presents_of`)."""
     import onnx
 
     model = onnx.load(str(llm_dir / "model.onnx"), load_external_data=False)
     outputs = {o.name for o in model.graph.output}
     specs = []
     for inp in model.graph.input:
-        if inp.name in STEP_INPUTS:
+        if inp.name in bindings.step_inputs:
             continue
-        cands = [f"present_{inp.name}"] + ([f"present_{inp.name[5:]}"] if inp.name.startswith("past_") else [])
-        present = next((c for c in cands if c in outputs), None)
+        present = next((c for c in bindings.presents_of(inp.name) if c in outputs), None)
         if present is None:
             continue
         tt = inp.type.tensor_type
@@ -108,9 +105,10 @@ class Twin:
         self.backend = backend
         self.capacity = int(capacity)
         self.config = json.loads((self.llm_dir / "config.json").read_text())
+        self.bindings = bindings_for(self.config.get("edgellm_version"))
         self.rope = rope_table(self.config, self.capacity)
         self.embedding = EmbeddingTable(self.llm_dir / "embedding.safetensors")
-        self.states = state_specs(self.llm_dir)
+        self.states = state_specs(self.llm_dir, self.bindings)
 
     def new_state(self, batch: int) -> dict[str, np.ndarray]:
         """Zeroed full-capacity buffers for a fresh sequence batch, keyed by input name."""
@@ -123,18 +121,19 @@ class Twin:
         kvcache_start_index [B], or empty for a plain prefill; last_token_ids [B] or [B, 1]."""
         tokens = np.asarray(token_ids, dtype=np.int64)
         batch = tokens.shape[0]
+        b = self.bindings
         feeds = {
-            "inputs_embeds": self.embedding.lookup(tokens),
-            "rope_rotary_cos_sin": self.rope,
-            "context_lengths": np.asarray(context_lengths, np.int32),
-            "kvcache_start_index": np.asarray(kvcache_start_index, np.int32).reshape(-1),
-            "last_token_ids": np.asarray(last_token_ids, np.int64).reshape(batch, 1),
+            b.inputs_embeds: self.embedding.lookup(tokens),
+            b.rope_cos_sin: self.rope,
+            b.context_lengths: np.asarray(context_lengths, np.int32),
+            b.kvcache_start_index: np.asarray(kvcache_start_index, np.int32).reshape(-1),
+            b.last_token_ids: np.asarray(last_token_ids, np.int64).reshape(batch, 1),
         }
         feeds.update(state)
         out = self.backend.run(feeds)
         # The presents are the full-capacity buffers, fed back in place (on TensorRT, device handles).
         new_state = {s.past: out[s.present] for s in self.states}
-        return out["logits"][:, 0, :].astype(np.float32), new_state
+        return out[b.logits][:, 0, :].astype(np.float32), new_state
 
 
 def load_bundle(llm_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:

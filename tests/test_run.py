@@ -246,6 +246,7 @@ def test_state_specs_are_generic_over_past_present(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
+    from edgellm_export.contract.bindings import bindings_for
     from edgellm_validate.twin import state_specs
 
     def vi(name, elem, dims):
@@ -262,7 +263,7 @@ def test_state_specs_are_generic_over_past_present(tmp_path):
                vi("present_recurrent_state_0", TensorProto.FLOAT, ["batch", 4, 16, 32])]
     graph = helper.make_graph([], "g", inputs, outputs)
     onnx.save(helper.make_model(graph), str(tmp_path / "model.onnx"))
-    specs = {s.past: s for s in state_specs(tmp_path)}
+    specs = {s.past: s for s in state_specs(tmp_path, bindings_for("0.7"))}
     assert {k: s.present for k, s in specs.items()} == {
         "past_key_values_0": "present_key_values_0", "conv_state_0": "present_conv_state_0",
         "recurrent_state_0": "present_recurrent_state_0"}

@@ -14,9 +14,11 @@ from ..onnx_graph.builder import FLOAT, FLOAT8E4M3FN, FLOAT16, INT32, INT64, Gra
 from ..ops import attention_plugin
 from ..ops.schemas import ONNX_OPSET
 from . import rope_v0_7
+from .bindings import bindings_for
 
 log = logging.getLogger(__name__)
 RELEASE = "0.7.1"
+BINDINGS = bindings_for(RELEASE)
 IR_VERSION = 10
 OPSETS = {"": ONNX_OPSET, attention_plugin.DOMAIN: 1}
 TRT_DOMAIN = "trt"  # TensorRT's own custom ops (NVFP4 / MXFP8 activations); imported only when used
@@ -53,12 +55,13 @@ def declare_io(g: GraphBuilder, cfg: ModelConfig, kv_fp8: bool = False) -> Graph
     """Graph inputs; an FP8 KV cache makes every past/present tensor float8e4m3fn (quant.md §3.10)."""
     kv_dtype = FLOAT8E4M3FN if kv_fp8 else FLOAT16
     kv_shape = [BATCH, 2, cfg.num_key_value_heads, PAST, cfg.head_dim]
-    emb = g.input("inputs_embeds", FLOAT16, [BATCH, SEQ, cfg.hidden_size])
-    past = [g.input(f"past_key_values_{i}", kv_dtype, kv_shape) for i in range(cfg.num_hidden_layers)]
-    rope = g.input("rope_rotary_cos_sin", FLOAT, [ROPE_BATCH, MAX_POS, cfg.rotary_dim])
-    ctx = g.input("context_lengths", INT32, [BATCH])
-    start = g.input("kvcache_start_index", INT32, [KV_BATCH])
-    last = g.input("last_token_ids", INT64, [BATCH, 1])
+    b = BINDINGS
+    emb = g.input(b.inputs_embeds, FLOAT16, [BATCH, SEQ, cfg.hidden_size])
+    past = [g.input(b.past(i), kv_dtype, kv_shape) for i in range(cfg.num_hidden_layers)]
+    rope = g.input(b.rope_cos_sin, FLOAT, [ROPE_BATCH, MAX_POS, cfg.rotary_dim])
+    ctx = g.input(b.context_lengths, INT32, [BATCH])
+    start = g.input(b.kvcache_start_index, INT32, [KV_BATCH])
+    last = g.input(b.last_token_ids, INT64, [BATCH, 1])
     return GraphIO(emb, past, rope, ctx, start, last, [None] * cfg.num_hidden_layers, kv_dtype)
 
 
@@ -83,10 +86,10 @@ def attention(g: GraphBuilder, io: GraphIO, cfg: ModelConfig, layer: int, q: str
 
 
 def finish_outputs(g: GraphBuilder, io: GraphIO, cfg: ModelConfig, logits: str) -> None:
-    g.output(logits, "logits", FLOAT, [BATCH, 1, cfg.vocab_size])
+    g.output(logits, BINDINGS.logits, FLOAT, [BATCH, 1, cfg.vocab_size])
     kv_out = [BATCH, 2, cfg.num_key_value_heads, "present_len", cfg.head_dim]
     for i, p in enumerate(io.presents):
-        g.output(p, f"present_key_values_{i}", io.kv_dtype, kv_out)
+        g.output(p, BINDINGS.present(i), io.kv_dtype, kv_out)
 
 
 def runtime_config(cfg: ModelConfig, *, allow_rope_passthrough: bool = False) -> dict:

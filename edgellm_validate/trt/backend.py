@@ -18,8 +18,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
-
 from ..targets import (
     TargetRefusal,
     check_target_can_run,
@@ -59,8 +57,6 @@ class TrtBackend:
         self.plugin = plugin_mod.load_plugin_library(plugin_path)
         model = onnx.load(str(self.llm_dir / "model.onnx"), load_external_data=False)
         plugin_mod.check_creators(self.trt, self.plugin, required_plugins(model))
-        self._fp8_kv = any(i.name == "past_key_values_0" and i.type.tensor_type.elem_type
-                           == onnx.TensorProto.FLOAT8E4M3FN for i in model.graph.input)
         del model
         config = json.loads((self.llm_dir / "config.json").read_text())
         self.limits = limits_for_bundle(meta, limits)
@@ -90,10 +86,6 @@ class TrtBackend:
                         "tensorrt_version": tensorrt_version(self.trt), "plugin": str(self.plugin.path),
                         "engine_dir": str(self.engine_dir), "limits": self.limits.as_dict()}
         self._runner = None
-
-    def kv_cache_dtype(self):
-        """dtype of the KV buffers the twin allocates: raw bytes (uint8) for an FP8 cache, as on the CPU."""
-        return np.uint8 if self._fp8_kv else np.float16
 
     def _start(self) -> None:
         from .runner import TrtRunner

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from edgellm_export.contract.bindings import bindings_for
 from edgellm_export.errors import ExportError, UnsupportedError
 
 # llm_build 0.7.1 defaults (LLMBuilderConfig): --maxBatchSize 4, --maxInputLen 1024, --maxKVCacheCapacity 4096.
@@ -35,14 +36,11 @@ DEFAULT_MAX_KV_CACHE_CAPACITY = 4096
 CONTEXT, GENERATION = "context", "generation"
 PROFILE_ORDER = (CONTEXT, GENERATION)  # profile index = position here
 
-INPUTS_EMBEDS = "inputs_embeds"
-CONTEXT_LENGTHS = "context_lengths"
-KVCACHE_START_INDEX = "kvcache_start_index"
-ROPE_COS_SIN = "rope_rotary_cos_sin"
-LAST_TOKEN_IDS = "last_token_ids"
-PAST_KV = "past_key_values_{}"
-PRESENT_KV = "present_key_values_{}"
-LOGITS = "logits"
+# These profiles are 0.7's (unpaged cache); the names come from its contract.
+_B = bindings_for("0.7")
+INPUTS_EMBEDS, CONTEXT_LENGTHS, KVCACHE_START_INDEX = _B.inputs_embeds, _B.context_lengths, _B.kvcache_start_index
+ROPE_COS_SIN, LAST_TOKEN_IDS, LOGITS = _B.rope_cos_sin, _B.last_token_ids, _B.logits
+PAST_KV, PRESENT_KV = _B.past_kv, _B.present_kv
 
 # config.json `model_type` values whose profiles differ from the vanilla ones (EAGLE/MTP/hybrid).
 _NON_VANILLA = {"eagle3_base", "eagle3_draft", "mtp_base", "mtp_draft", "hybrid_mamba"}

@@ -1,0 +1,73 @@
+"""The runtime's graph bindings per Edge-LLM release: the only place their names are spelled.
+
+The exporter declares them, and the golden pass, the CPU twin, `edgellm run`, the TensorRT profiles and
+runner, and the target checks bind them, all through `bindings_for(release)`. Torch- and onnx-free, so
+a device imports it cheaply. (`tests/test_bindings_single_home.py` fails on a binding name written
+anywhere else in the packages.)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Bindings:
+    release: str
+    inputs_embeds: str
+    rope_cos_sin: str
+    context_lengths: str
+    kvcache_start_index: str
+    last_token_ids: str
+    logits: str
+    past_kv: str  # format with the attention ordinal
+    present_kv: str
+
+    def past(self, i: int) -> str:
+        return self.past_kv.format(i)
+
+    def present(self, i: int) -> str:
+        return self.present_kv.format(i)
+
+    @property
+    def step_inputs(self) -> tuple[str, ...]:
+        """What the runtime computes for every call; every other graph input is carried state."""
+        return (self.inputs_embeds, self.rope_cos_sin, self.context_lengths, self.kvcache_start_index,
+                self.last_token_ids)
+
+    def presents_of(self, past: str) -> tuple[str, ...]:
+        """The output names that can carry state input `past` to the next call: `present_N` for `N`,
+        and `present_X` for `past_X` (past_key_values_i -> present_key_values_i; hybrids' conv_state_i ->
+        present_conv_state_i)."""
+        return (f"present_{past}",) + ((f"present_{past[5:]}",) if past.startswith("past_") else ())
+
+    def kv_ordinal(self, name: str, *, present: bool = False) -> int | None:
+        """i for `past_key_values_i` (or `present_key_values_i`), else None."""
+        pattern = (self.present_kv if present else self.past_kv).replace("{}", r"(\d+)")
+        m = re.fullmatch(pattern, name)
+        return int(m.group(1)) if m else None
+
+
+V0_7 = Bindings(
+    release="0.7",
+    inputs_embeds="inputs_embeds",
+    rope_cos_sin="rope_rotary_cos_sin",
+    context_lengths="context_lengths",
+    kvcache_start_index="kvcache_start_index",
+    last_token_ids="last_token_ids",
+    logits="logits",
+    past_kv="past_key_values_{}",
+    present_kv="present_key_values_{}",
+)
+RELEASES = {"0.7": V0_7}
+
+
+def bindings_for(release: str | None = None) -> Bindings:
+    """The bindings of an Edge-LLM release ("0.7", "0.7.1", ...; None: the only one so far)."""
+    key = ".".join((release or "0.7").split(".")[:2])
+    if key not in RELEASES:
+        from ..errors import ExportError
+
+        raise ExportError(f"unknown Edge-LLM release {release!r}; supported: {', '.join(sorted(RELEASES))}")
+    return RELEASES[key]

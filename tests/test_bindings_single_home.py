@@ -1,0 +1,50 @@
+"""The runtime's binding names are spelled in one place per release (contract/bindings.py); everything
+else (exporter, golden, twin, `edgellm run`, TensorRT profiles and runner, target checks) gets them from
+there, so a new release or a renamed binding is one edit, not a hunt."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from edgellm_export.contract.bindings import V0_7, bindings_for
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = {V0_7.inputs_embeds, V0_7.rope_cos_sin, V0_7.context_lengths, V0_7.kvcache_start_index,
+         V0_7.last_token_ids, V0_7.logits}
+PREFIXES = (V0_7.past_kv.split("{")[0], V0_7.present_kv.split("{")[0])
+# Files where these strings are something else that merely shares the word.
+NOT_BINDINGS = {
+    "edgellm_export/contract/bindings.py": "the one home",
+    "edgellm_export/ops/attention_plugin.py": "the plugin's formal input names (its ONNX schema)",
+    "edgellm_export/golden.py": "golden bundle JSON fields, named after the inputs they replay",
+    "edgellm_validate/twin.py": "reads those golden bundle fields",
+    "edgellm_validate/trt/profiles.py": "reads those golden bundle fields (batch size of a step)",
+}
+
+
+def _strings(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            yield node.lineno, node.value
+
+
+def test_binding_names_live_in_the_contract_only():
+    offenders = []
+    for pkg in ("edgellm_export", "edgellm_validate"):
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            for line, text in _strings(ast.parse(path.read_text())):
+                hit = text in NAMES or (text.startswith(PREFIXES) and " " not in text)
+                if hit and rel not in NOT_BINDINGS:
+                    offenders.append(f"{rel}:{line}: {text!r}")
+    assert offenders == []
+
+
+def test_bindings_lookup():
+    b = bindings_for("0.7.1")
+    assert b is V0_7 and b.past(3) == "past_key_values_3" and b.present(3) == "present_key_values_3"
+    assert b.kv_ordinal("past_key_values_12") == 12 and b.kv_ordinal("present_key_values_1") is None
+    assert b.kv_ordinal("present_key_values_1", present=True) == 1
+    assert b.presents_of("past_key_values_0") == ("present_past_key_values_0", "present_key_values_0")
+    assert b.presents_of("conv_state_2") == ("present_conv_state_2",)
