@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ModelConfig
+from .contract.bindings import V0_7
 from .rope import reference_inv_freq_and_scale
 
 BUNDLE_DIR = "golden"
@@ -133,8 +134,9 @@ class GoldenRun:
         torch = self.torch
         c = self.cfg
         layer = self.layer_cls(self.cfg, self.pending, self.quant, self.pending_layer)
-        caches = [torch.zeros((sc.steps[0].token_ids.shape[0], 2, c.num_key_value_heads, KV_CAPACITY,
-                               c.head_dim), dtype=torch.float16) for sc in self.scenarios]  # as the runtime's
+        caches = [torch.zeros(V0_7.kv_cache_dims(sc.steps[0].token_ids.shape[0], c.num_key_value_heads, KV_CAPACITY,
+                                                 c.head_dim), dtype=torch.float16)
+                  for sc in self.scenarios]  # as the runtime's
         self.hidden, _ = layer.forward_steps(self.hidden, caches, self.table, self._calls())
         self.pending = {}
 

@@ -1,4 +1,5 @@
-"""The runtime's graph bindings per Edge-LLM release: the only place their names are spelled.
+"""The runtime's graph bindings per Edge-LLM release: the only place their names (and the KV cache's
+layout) are spelled.
 
 The exporter declares them, and the golden pass, the CPU twin, `edgellm run`, the TensorRT profiles and
 runner, and the target checks bind them, all through `bindings_for(release)`. Torch- and onnx-free, so
@@ -35,6 +36,12 @@ class Bindings:
         """What the runtime computes for every call; every other graph input is carried state."""
         return (self.inputs_embeds, self.rope_cos_sin, self.context_lengths, self.kvcache_start_index,
                 self.last_token_ids)
+
+    @staticmethod
+    def kv_cache_dims(batch, num_kv_heads: int, capacity, head_dim: int) -> tuple:
+        """One attention layer's cache, `[batch, 2 (K, V), kv_heads, capacity, head_dim]` (0.7's unpaged
+        layout; dims may be symbolic names). The plugin reads K at [:, 0] and V at [:, 1]."""
+        return (batch, 2, num_kv_heads, capacity, head_dim)
 
     def presents_of(self, past: str) -> tuple[str, ...]:
         """The output names that can carry state input `past` to the next call: `present_N` for `N`,

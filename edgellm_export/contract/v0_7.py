@@ -54,7 +54,7 @@ class GraphIO:
 def declare_io(g: GraphBuilder, cfg: ModelConfig, kv_fp8: bool = False) -> GraphIO:
     """Graph inputs; an FP8 KV cache makes every past/present tensor float8e4m3fn (quant.md §3.10)."""
     kv_dtype = FLOAT8E4M3FN if kv_fp8 else FLOAT16
-    kv_shape = [BATCH, 2, cfg.num_key_value_heads, PAST, cfg.head_dim]
+    kv_shape = list(BINDINGS.kv_cache_dims(BATCH, cfg.num_key_value_heads, PAST, cfg.head_dim))
     b = BINDINGS
     emb = g.input(b.inputs_embeds, FLOAT16, [BATCH, SEQ, cfg.hidden_size])
     past = [g.input(b.past(i), kv_dtype, kv_shape) for i in range(cfg.num_hidden_layers)]
@@ -87,7 +87,7 @@ def attention(g: GraphBuilder, io: GraphIO, cfg: ModelConfig, layer: int, q: str
 
 def finish_outputs(g: GraphBuilder, io: GraphIO, cfg: ModelConfig, logits: str) -> None:
     g.output(logits, BINDINGS.logits, FLOAT, [BATCH, 1, cfg.vocab_size])
-    kv_out = [BATCH, 2, cfg.num_key_value_heads, "present_len", cfg.head_dim]
+    kv_out = list(BINDINGS.kv_cache_dims(BATCH, cfg.num_key_value_heads, "present_len", cfg.head_dim))
     for i, p in enumerate(io.presents):
         g.output(p, BINDINGS.present(i), io.kv_dtype, kv_out)
 

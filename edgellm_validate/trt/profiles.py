@@ -183,7 +183,8 @@ def optimization_profiles(config: dict, limits: BuildLimits | None = None,
         ROPE_COS_SIN: rng([1, cap, r], [b, cap, r], [b, cap, r]),
         LAST_TOKEN_IDS: rng([1, 1], [b, 1], [b, 1]),
     }
-    kv = {PAST_KV.format(i): rng([1, 2, hkv, 0, d], [b, 2, hkv, cap, d], [b, 2, hkv, cap, d])
+    kvd = _B.kv_cache_dims
+    kv = {PAST_KV.format(i): rng(kvd(1, hkv, 0, d), kvd(b, hkv, cap, d), kvd(b, hkv, cap, d))
           for i in range(dims.num_kv_inputs)}
     context = {
         INPUTS_EMBEDS: rng([1, 1, h], [b, seq // 2, h], [b, seq, h]),
