@@ -39,6 +39,7 @@ RUN CA_BUNDLE="$CA_BUNDLE" NUMPY_VERSION="$NUMPY_VERSION" ONNX_VERSION="$ONNX_VE
 
 FROM deps AS package
 COPY pyproject.toml README.md /src/
+COPY edgellm_core/ /src/edgellm_core/
 COPY edgellm_export/ /src/edgellm_export/
 COPY edgellm_validate/ /src/edgellm_validate/
 RUN NO_TORCH=1 sh /src/containers/install_validate.sh package

@@ -1,3 +1,5 @@
 """edgellm-export: HuggingFace checkpoints to TensorRT Edge-LLM ONNX exports."""
 
-__version__ = "0.1.0"
+from edgellm_core import __version__
+
+__all__ = ["__version__"]

@@ -10,8 +10,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from edgellm_core.errors import ExportError
+
 from . import __version__, interrupts
-from .errors import ExportError
 
 log = logging.getLogger("edgellm")
 EXIT_OK, EXIT_VALIDATION_FAILED, EXIT_BAD_INPUT, EXIT_ENVIRONMENT = 0, 1, 2, 3
@@ -273,7 +274,7 @@ def run(argv: list[str] | None = None) -> int:
         print(f"Built {info['tag']} ({info['id']}); smoke check passed")
         return EXIT_OK
     if args.command == "schema":
-        from .schema import schema_text
+        from .published_schemas import schema_text
 
         sys.stdout.write(schema_text(args.name))
         return EXIT_OK

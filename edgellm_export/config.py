@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ExportError
+from edgellm_core.errors import ExportError
 
 
 @dataclass(frozen=True)

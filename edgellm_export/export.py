@@ -10,6 +10,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgellm_core.errors import ExportError
+from edgellm_core.manifest import write_manifest
+from edgellm_core.onnx_graph.builder import GraphBuilder
+
 from . import __version__, interrupts
 from . import golden as golden_mod
 from .checkpoint import open_checkpoint
@@ -17,12 +21,9 @@ from .checkpoint.hub import CheckpointRef
 from .checkpoint.reader import TensorRef
 from .config import ModelConfig, build_model_config
 from .contract import DEFAULT_TARGET, get_contract
-from .errors import ExportError
-from .manifest import write_manifest
 from .models import family_for
 from .models.registry import Family
 from .models.weights import WeightSource
-from .onnx_graph.builder import GraphBuilder
 from .output_dir import atomic_output_dir
 from .quant.plan import FP8, QuantDecisions, parse_quant_plan, resolve
 from .sidecars.chat_template import write_processed_chat_template

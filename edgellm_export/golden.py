@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from edgellm_core.bindings import V0_7
+
 from .config import ModelConfig
-from .contract.bindings import V0_7
 from .rope import reference_inv_freq_and_scale
 
 BUNDLE_DIR = "golden"

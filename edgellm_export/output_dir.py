@@ -8,8 +8,9 @@ import os
 import shutil
 from pathlib import Path
 
+from edgellm_core.errors import EnvironmentProblem, ExportError
+
 from . import interrupts
-from .errors import EnvironmentProblem, ExportError
 
 
 def lock_path_for(final: Path) -> Path:

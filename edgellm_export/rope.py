@@ -11,8 +11,9 @@ import math
 
 import numpy as np
 
+from edgellm_core.errors import UnsupportedError
+
 from .config import ModelConfig, RopeSpec
-from .errors import UnsupportedError
 
 
 def base_inv_freq(theta: float, rotary_dim: int) -> np.ndarray:

@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from edgellm_export.errors import ExportError
+from edgellm_core.errors import ExportError
 
 EXIT_OK, EXIT_FAILED = 0, 1
 

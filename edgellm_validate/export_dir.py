@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from edgellm_export.errors import ExportError
+from edgellm_core.errors import ExportError
 
 GOLDEN_BUNDLE = Path("golden") / "bundle.json"
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgellm_export.errors import EnvironmentProblem, ExportError
+from edgellm_core.errors import EnvironmentProblem, ExportError
 
 from .export_dir import find_llm_dir
 from .runtime_rules import RuntimeRefusal

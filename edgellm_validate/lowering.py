@@ -8,9 +8,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from edgellm_export.onnx_graph.builder import GraphBuilder
-from edgellm_export.ops import CUSTOM_OPS, fp4
-from edgellm_export.ops.schemas import LOWERING_DOMAIN, ONNX_OPSET
+from edgellm_core.onnx_graph.builder import GraphBuilder
+from edgellm_core.ops import CUSTOM_OPS, fp4
+from edgellm_core.ops.schemas import LOWERING_DOMAIN, ONNX_OPSET
 
 FP4_DQ = "DequantizeLinearFp4Packed"
 

@@ -63,7 +63,7 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     safetensors reader, `SafetensorsFile`)."""
     import ml_dtypes
 
-    from edgellm_export.checkpoint.safetensors_file import SafetensorsFile
+    from edgellm_core.safetensors_file import SafetensorsFile
 
     dtypes = {"F32": np.float32, "F16": np.float16, "I32": np.int32, "I64": np.int64,
               "F8_E4M3": ml_dtypes.float8_e4m3fn, "BF16": ml_dtypes.bfloat16, "U8": np.uint8}

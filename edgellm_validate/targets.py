@@ -21,9 +21,9 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
-from edgellm_export.contract.bindings import Bindings, bindings_for
-from edgellm_export.errors import ExportError, UnsupportedError
-from edgellm_export.schema import StrictModel, explain, no_default
+from edgellm_core.bindings import Bindings, bindings_for
+from edgellm_core.errors import ExportError, UnsupportedError
+from edgellm_core.schema import StrictModel, explain, no_default
 
 from .export_dir import find_llm_dir
 
@@ -251,7 +251,7 @@ _STANDARD = {"", "ai.onnx", "ai.onnx.ml"}
 
 def _embedding_dtype(path: Path) -> str | None:
     """dtype of the `embedding` tensor from the safetensors header (no data read)."""
-    from edgellm_export.checkpoint.safetensors_file import SafetensorsFile
+    from edgellm_core.safetensors_file import SafetensorsFile
 
     if not path.is_file():
         return None
@@ -416,7 +416,7 @@ def target_refusals(target: Target, features: ExportFeatures, *, sm: int | None 
                        f"built from {release}; graphs and engines are not portable across releases")
 
     if target.backend == "cpu":
-        from edgellm_export.ops import CUSTOM_OPS
+        from edgellm_core.ops import CUSTOM_OPS
 
         unlowered = [f"{d}::{op}" for d, op in features.custom_ops if (d, op) not in CUSTOM_OPS]
         if unlowered:

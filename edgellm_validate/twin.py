@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgellm_export.contract.bindings import Bindings, bindings_for
+from edgellm_core.bindings import Bindings, bindings_for
 
 from .runtime_rules import EmbeddingTable, read_safetensors, rope_table
 

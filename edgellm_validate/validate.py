@@ -6,8 +6,8 @@ import json
 import time
 from pathlib import Path
 
-from edgellm_export.errors import EnvironmentProblem, ExportError
-from edgellm_export.manifest import verify_manifest
+from edgellm_core.errors import EnvironmentProblem, ExportError
+from edgellm_core.manifest import verify_manifest
 
 from .compare import step_metrics, verdict
 from .export_dir import find_llm_dir

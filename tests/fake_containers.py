@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edgellm_export.errors import EnvironmentProblem
+from edgellm_core.errors import EnvironmentProblem
 
 
 class ImageGone(EnvironmentProblem):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from onnx import TensorProto
 
-from edgellm_export.onnx_graph.builder import GraphBuilder
-from edgellm_export.ops import attention_plugin as ap
+from edgellm_core.onnx_graph.builder import GraphBuilder
+from edgellm_core.ops import attention_plugin as ap
 from edgellm_validate.lowering import lower_custom_ops
 
 HQ, HKV, D, CAP = 4, 2, 64, 16

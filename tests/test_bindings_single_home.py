@@ -7,7 +7,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from edgellm_export.contract.bindings import V0_7, bindings_for
+from edgellm_core.bindings import V0_7, bindings_for
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = {V0_7.inputs_embeds, V0_7.rope_cos_sin, V0_7.context_lengths, V0_7.kvcache_start_index,
@@ -15,8 +15,8 @@ NAMES = {V0_7.inputs_embeds, V0_7.rope_cos_sin, V0_7.context_lengths, V0_7.kvcac
 PREFIXES = (V0_7.past_kv.split("{")[0], V0_7.present_kv.split("{")[0])
 # Files where these strings are something else that merely shares the word.
 NOT_BINDINGS = {
-    "edgellm_export/contract/bindings.py": "the one home",
-    "edgellm_export/ops/attention_plugin.py": "the plugin's formal input names (its ONNX schema)",
+    "edgellm_core/bindings.py": "the one home",
+    "edgellm_core/ops/attention_plugin.py": "the plugin's formal input names (its ONNX schema)",
     "edgellm_export/golden.py": "golden bundle JSON fields, named after the inputs they replay",
     "edgellm_validate/twin.py": "reads those golden bundle fields",
     "edgellm_validate/trt/profiles.py": "reads those golden bundle fields (batch size of a step)",
@@ -31,7 +31,7 @@ def _strings(tree: ast.AST):
 
 def test_binding_names_live_in_the_contract_only():
     offenders = []
-    for pkg in ("edgellm_export", "edgellm_validate"):
+    for pkg in ("edgellm_core", "edgellm_export", "edgellm_validate"):
         for path in sorted((ROOT / pkg).rglob("*.py")):
             rel = path.relative_to(ROOT).as_posix()
             for line, text in _strings(ast.parse(path.read_text())):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from edgellm_export.errors import ExportError
+from edgellm_core.errors import ExportError
 from edgellm_export.sidecars.chat_template import (
     build_processed_chat_template,
     write_processed_chat_template,

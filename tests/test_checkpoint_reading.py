@@ -19,16 +19,16 @@ import torch
 from conftest import LLAMA3_ROPE, make_hf_model, save_checkpoint
 from safetensors.torch import load_file, save_file
 
+from edgellm_core.errors import ExportError
+from edgellm_core.onnx_graph.builder import GraphBuilder
+from edgellm_core.safetensors_file import SafetensorsFile
 from edgellm_export.checkpoint import Checkpoint, open_checkpoint
 from edgellm_export.checkpoint.reader import canonical_name
-from edgellm_export.checkpoint.safetensors_file import SafetensorsFile
 from edgellm_export.config import build_model_config
 from edgellm_export.contract import get_contract
-from edgellm_export.errors import ExportError
 from edgellm_export.export import ExportOptions, export_checkpoint
 from edgellm_export.models import family_for
 from edgellm_export.models.weights import WeightSource
-from edgellm_export.onnx_graph.builder import GraphBuilder
 from edgellm_validate.validate import validate_export
 
 NO_GOLDEN = ExportOptions(golden=False)

@@ -47,7 +47,7 @@ def test_validate_fails_with_exit_1_on_wrong_logits(tmp_path, capsys):
     key = sorted(logits)[3]
     logits[key] = logits[key][:, ::-1].copy()  # a wrong expectation must be caught
     save_file(logits, str(bundle))
-    from edgellm_export.manifest import write_manifest
+    from edgellm_core.manifest import write_manifest
 
     write_manifest(tmp_path / "out")  # an exporter bug, not tampering: the manifest agrees
     assert main(["validate", str(tmp_path / "out"), "--result", str(tmp_path / "r.json")]) == 1

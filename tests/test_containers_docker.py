@@ -131,7 +131,7 @@ def _copy_export(export: Path, dst: Path) -> Path:
 def test_failed_validation_comes_back_as_a_result(client, image, export, tmp_path):
     from safetensors.numpy import load_file, save_file
 
-    from edgellm_export.manifest import write_manifest
+    from edgellm_core.manifest import write_manifest
 
     bad = _copy_export(export, tmp_path / "bad")
     logits = bad / "llm" / "golden" / "logits.safetensors"

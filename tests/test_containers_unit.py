@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from edgellm_export.errors import EnvironmentProblem, ExportError
+from edgellm_core.errors import EnvironmentProblem, ExportError
 from edgellm_export.make import containers as C
 from edgellm_export.make import trust as T
 from edgellm_validate import smoke as S
@@ -284,7 +284,7 @@ def test_build_image_with_fake_client(tmp_path):
     members = context_members(client)
     assert members[C.CA_CONTEXT_PATH].decode() == CA_PEM
     for rel in ("Dockerfile", "pyproject.toml", "README.md", "edgellm_validate/validate.py",
-                "edgellm_export/errors.py", "edgellm_validate/data/platforms.json", "containers/install_validate.sh"):
+                "edgellm_core/errors.py", "edgellm_validate/data/platforms.json", "containers/install_validate.sh"):
         assert rel in members, rel
     assert not any(m.startswith(("tests/", ".git/", "benchmarks/")) or "__pycache__" in m for m in members)
     with tarfile.open(fileobj=io.BytesIO(gzip.decompress(client.context))) as t:  # cache-stable metadata

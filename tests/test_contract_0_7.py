@@ -32,7 +32,7 @@ def test_model_level_facts(qwen3_export):
     assert {o.domain: o.version for o in m.opset_import} == {"": 24, "trt_edgellm": 1}
     assert len(m.functions) == 0
     # With our schemas registered the checker also type-checks the AttentionPlugin nodes.
-    from edgellm_export.ops import register_schemas
+    from edgellm_core.ops import register_schemas
 
     register_schemas()
     onnx.checker.check_model(str(llm / "model.onnx"), full_check=True)

@@ -15,9 +15,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgellm_export.checkpoint.safetensors_file import SafetensorsFile
+from edgellm_core.errors import ExportError
+from edgellm_core.safetensors_file import SafetensorsFile
 from edgellm_export.config import build_model_config
-from edgellm_export.errors import ExportError
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from edgellm_core.digests import sha256_file
 from edgellm_export.cli import main
 from edgellm_export.demo_checkpoint import write_demo_checkpoint
-from edgellm_export.digests import sha256_file
 
 # (torch version, torch.backends.cpu.get_cpu_capability()) -> sha256 of the demo's golden logits,
 # recorded before the golden pass was restructured (HEAD c8932e4, 2026-12-02).

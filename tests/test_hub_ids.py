@@ -25,10 +25,10 @@ from types import SimpleNamespace
 
 import pytest
 
+from edgellm_core.errors import ExportError
 from edgellm_export.checkpoint.hub import HubId, looks_like_hub_id, parse_checkpoint, resolve_checkpoint
 from edgellm_export.cli import main
 from edgellm_export.demo_checkpoint import write_demo_checkpoint
-from edgellm_export.errors import ExportError
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO = "acme/tiny-llama"

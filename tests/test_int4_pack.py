@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgellm_export.errors import ExportError
+from edgellm_core.errors import ExportError
 from edgellm_export.quant.int4_pack import (
     Int4LayoutError,
     gptq_perm,

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from fake_containers import install
 
+from edgellm_core.errors import EnvironmentProblem
 from edgellm_export.cli import main
 from edgellm_export.demo_checkpoint import write_demo_checkpoint
-from edgellm_export.errors import EnvironmentProblem
 from edgellm_export.make.pipeline import MakeSettings, image_inputs, make
 from edgellm_export.make.suite import SuiteCase
 

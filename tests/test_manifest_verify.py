@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-import edgellm_export.digests as digests_mod
+import edgellm_core.digests as digests_mod
+from edgellm_core.errors import ExportError
+from edgellm_core.manifest import MANIFEST, verified_record, verify_manifest
 from edgellm_export.cli import main
 from edgellm_export.demo_checkpoint import write_demo_checkpoint
-from edgellm_export.errors import ExportError
-from edgellm_export.manifest import MANIFEST, verified_record, verify_manifest
 
 
 @pytest.fixture(scope="module")

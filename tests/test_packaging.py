@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from edgellm_export import __version__
-from edgellm_export.schema import schema_text
+from edgellm_export.published_schemas import schema_text
 
 ROOT = Path(__file__).resolve().parents[1]
 # What an sdist holds (MANIFEST.in) and a wheel is built from.

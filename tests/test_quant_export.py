@@ -235,7 +235,7 @@ def test_graph_has_the_contract_node_pattern(kind, quant_export):
     assert {o.domain: o.version for o in m.opset_import} == want_opsets
     # No attribute the runtime does not define (the reference leaks onnxscript's `_outputs`).
     assert not [a.name for nd in m.graph.node for a in nd.attribute if a.name.startswith("_")]
-    from edgellm_export.ops import register_schemas
+    from edgellm_core.ops import register_schemas
 
     register_schemas()
     onnx.checker.check_model(str(out / "llm" / "model.onnx"), full_check=True)

@@ -12,8 +12,8 @@ import pytest
 import torch
 from onnx import TensorProto as T
 
-from edgellm_export.onnx_graph.builder import GraphBuilder
-from edgellm_export.ops import fp4, int4_gemm, mxfp8, register_schemas
+from edgellm_core.onnx_graph.builder import GraphBuilder
+from edgellm_core.ops import fp4, int4_gemm, mxfp8, register_schemas
 from edgellm_export.quant import int4_pack
 from edgellm_validate.lowering import lower_custom_ops
 

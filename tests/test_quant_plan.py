@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from edgellm_core.errors import ExportError, UnsupportedError
 from edgellm_export.checkpoint import open_checkpoint
 from edgellm_export.cli import main
 from edgellm_export.demo_checkpoint import write_demo_checkpoint
-from edgellm_export.errors import ExportError, UnsupportedError
 from edgellm_export.quant.plan import FP8, FP16, INT4_AWQ_GEMM, INT4_GPTQ, NVFP4, detect_format, parse_quant_plan
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from edgellm_core.digests import sha256_file
+from edgellm_core.manifest import MANIFEST
 from edgellm_export.cli import main
 from edgellm_export.demo_checkpoint import write_demo_checkpoint
-from edgellm_export.digests import sha256_file
-from edgellm_export.manifest import MANIFEST
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgellm_export.digests import sha256_file
-from edgellm_export.manifest import write_manifest
+from edgellm_core.digests import sha256_file
+from edgellm_core.manifest import write_manifest
 from edgellm_validate.compare import step_metrics, verdict
 from edgellm_validate.report import (
     REPORT_FILE,

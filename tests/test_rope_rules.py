@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from edgellm_core.errors import UnsupportedError
 from edgellm_export.config import ModelConfig, RopeSpec
 from edgellm_export.contract import v0_7
-from edgellm_export.errors import UnsupportedError
 from edgellm_validate.runtime_rules import RuntimeRefusal, rope_table
 
 

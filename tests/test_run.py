@@ -246,7 +246,7 @@ def test_state_specs_are_generic_over_past_present(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from edgellm_export.contract.bindings import bindings_for
+    from edgellm_core.bindings import bindings_for
     from edgellm_validate.twin import state_specs
 
     def vi(name, elem, dims):

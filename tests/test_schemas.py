@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from edgellm_export.cli import main
-from edgellm_export.schema import SCHEMA_NAMES, json_schema, model_for, schema_text
+from edgellm_export.published_schemas import SCHEMA_NAMES, json_schema, model_for, schema_text
 from edgellm_validate.targets import DEFAULT_PLATFORMS, PlatformMatrix, load_platforms
 
 yaml = pytest.importorskip("yaml")

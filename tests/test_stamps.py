@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from edgellm_export.digests import DigestCache
-from edgellm_export.errors import ExportError
+from edgellm_core.digests import DigestCache
+from edgellm_core.errors import ExportError
 from edgellm_export.make.stamps import (
     StampStore,
     canonical_json,

@@ -298,7 +298,7 @@ def test_cpu_target_needs_lowerings(tmp_path):
 
 
 def test_not_an_export(tmp_path):
-    from edgellm_export.errors import ExportError
+    from edgellm_core.errors import ExportError
 
     with pytest.raises(ExportError, match="no llm/model.onnx"):
         check_target_can_run("x86-cpu", tmp_path)

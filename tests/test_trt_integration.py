@@ -32,7 +32,7 @@ def gpu(request):
         import pycuda.driver  # noqa: F401
     except ImportError as e:
         skip_or_fail(cfg, f"pycuda cannot be imported ({e})")
-    from edgellm_export.errors import EnvironmentProblem
+    from edgellm_core.errors import EnvironmentProblem
     from edgellm_validate.targets import decode_attention_supported
     from edgellm_validate.trt.cuda_device import PycudaDevice
     from edgellm_validate.trt.plugin import resolve_plugin_path

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edgellm_export.errors import EnvironmentProblem
+from edgellm_core.errors import EnvironmentProblem
 from edgellm_validate.trt import plugin as plugin_mod
 from edgellm_validate.trt.plugin import (
     LIBRARY_NAME,

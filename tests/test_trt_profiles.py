@@ -8,7 +8,7 @@ import json
 import onnx
 import pytest
 
-from edgellm_export.errors import ExportError, UnsupportedError
+from edgellm_core.errors import ExportError, UnsupportedError
 from edgellm_validate.trt.profiles import (
     CONTEXT,
     GENERATION,

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import pytest
 
-from edgellm_export.errors import EnvironmentProblem
+from edgellm_core.errors import EnvironmentProblem
 from edgellm_validate.targets import TargetRefusal
 from edgellm_validate.trt import plugin as plugin_mod
 from edgellm_validate.trt.backend import default_engine_dir

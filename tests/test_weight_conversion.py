@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from edgellm_core.errors import ExportError
+from edgellm_core.safetensors_file import SafetensorsFile
 from edgellm_export.checkpoint.reader import TensorRef
-from edgellm_export.checkpoint.safetensors_file import SafetensorsFile
-from edgellm_export.errors import ExportError
 from edgellm_export.models import weights
 
 

@@ -24,7 +24,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ExportError
+from edgellm_core.errors import ExportError
+
 from .reader import INDEX_NAME
 
 # Everything the exporter reads besides the weights (checkpoint/reader.py, quant/plan.py,

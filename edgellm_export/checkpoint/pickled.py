@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..errors import ExportError
+from edgellm_core.errors import ExportError
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ExportError
+from edgellm_core.errors import ExportError
+from edgellm_core.safetensors_file import SafetensorsFile, TensorInfo
+
 from .pickled import convert_pickled
-from .safetensors_file import SafetensorsFile, TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"
 _WRAPPERS = ("language_model", "text_model", "llm", "model", "transformer")

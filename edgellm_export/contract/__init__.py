@@ -7,7 +7,7 @@ DEFAULT_TARGET = "0.7"
 
 
 def get_contract(target: str):
-    from ..errors import ExportError
+    from edgellm_core.errors import ExportError
 
     key = ".".join(target.split(".")[:2])
     if key not in CONTRACTS:

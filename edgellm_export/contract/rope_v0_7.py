@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 
+from edgellm_core.errors import UnsupportedError
+
 from ..config import ModelConfig
-from ..errors import UnsupportedError
 from ..rope import frequency_factors
 
 log = logging.getLogger(__name__)

@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from edgellm_core.bindings import bindings_for
+from edgellm_core.onnx_graph.builder import FLOAT, FLOAT8E4M3FN, FLOAT16, INT32, INT64, GraphBuilder
+from edgellm_core.ops import attention_plugin
+from edgellm_core.ops.schemas import ONNX_OPSET
+
 from ..config import ModelConfig
-from ..onnx_graph.builder import FLOAT, FLOAT8E4M3FN, FLOAT16, INT32, INT64, GraphBuilder
-from ..ops import attention_plugin
-from ..ops.schemas import ONNX_OPSET
 from . import rope_v0_7
-from .bindings import bindings_for
 
 log = logging.getLogger(__name__)
 RELEASE = "0.7.1"
@@ -119,7 +120,7 @@ def runtime_config(cfg: ModelConfig, *, allow_rope_passthrough: bool = False) ->
 
 def check_supported(cfg: ModelConfig) -> None:
     """Refuse shapes the 0.7 plugin kernels cannot run (they throw at engine build)."""
-    from ..errors import UnsupportedError
+    from edgellm_core.errors import UnsupportedError
 
     if cfg.head_dim not in (64, 128):
         raise UnsupportedError(

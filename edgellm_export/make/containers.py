@@ -34,8 +34,9 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
+from edgellm_core.errors import EnvironmentProblem, ExportError
+
 from .. import __version__
-from ..errors import EnvironmentProblem, ExportError
 from .trust import CA_ENV, CaBundle, load_ca_bundle, resolve_ca_bundle, tls_failure_line, tls_trust_message
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -19,10 +19,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..errors import EnvironmentProblem
+from edgellm_core.errors import EnvironmentProblem
 
 CONTEXT_PACKAGE_DIR = "_image_context"  # inside edgellm_export, in a wheel
-PACKAGES = ("edgellm_export", "edgellm_validate")
+PACKAGES = ("edgellm_core", "edgellm_export", "edgellm_validate")
 # Without these a context cannot build anything (the rest is checked by `docker build` itself).
 REQUIRED = ("Dockerfile", ".dockerignore", "pyproject.toml", "containers/Dockerfile.tensorrt",
             "containers/install_validate.sh")
@@ -60,6 +60,7 @@ def build_root() -> Path:
                                  f"({', '.join(missing)} missing from its package data); build the validation images "
                                  "from a source checkout of edgellm-export, or install a wheel built by its setup.py",
                                  bundled)
+    import edgellm_core
     import edgellm_validate
 
     tmp = Path(tempfile.mkdtemp(prefix="edgellm-image-context-"))
@@ -68,5 +69,6 @@ def build_root() -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", CONTEXT_PACKAGE_DIR)
     shutil.copytree(_PACKAGE_ROOT, tmp / "edgellm_export", ignore=ignore)
     shutil.copytree(Path(edgellm_validate.__file__).resolve().parent, tmp / "edgellm_validate", ignore=ignore)
+    shutil.copytree(Path(edgellm_core.__file__).resolve().parent, tmp / "edgellm_core", ignore=ignore)
     _built = tmp
     return tmp

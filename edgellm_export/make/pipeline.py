@@ -41,9 +41,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgellm_core.errors import ExportError
+
 from .. import interrupts
 from ..checkpoint.hub import CheckpointRef, HubId, resolve_checkpoint
-from ..errors import ExportError
 from .stamps import RACY_WINDOW_NS, Fingerprint, StampStore, input_files
 from .suite import SuiteCase
 from .trust import resolve_ca_bundle

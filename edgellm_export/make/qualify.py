@@ -14,9 +14,10 @@ import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
 
+from edgellm_core.errors import ExportError
+
 from .. import interrupts
 from ..checkpoint.hub import CheckpointRef, resolve_checkpoint
-from ..errors import ExportError
 from .pipeline import (
     REPORT_DIR,
     CaseRun,

@@ -29,9 +29,10 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path, PurePath
 
+from edgellm_core.digests import RACY_WINDOW_NS, DigestCache
+from edgellm_core.errors import ExportError
+
 from .. import __version__
-from ..digests import RACY_WINDOW_NS, DigestCache
-from ..errors import ExportError
 
 log = logging.getLogger(__name__)
 

@@ -45,11 +45,11 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import BeforeValidator, Field, ValidationError
 
+from edgellm_core.errors import ExportError
+from edgellm_core.schema import StrictModel, case_label, explain, found, no_default, problem
 from edgellm_validate.targets import BUNDLE_LABELS
 
 from ..checkpoint.hub import HubId, parse_checkpoint
-from ..errors import ExportError
-from ..schema import StrictModel, case_label, explain, found, no_default, problem
 
 SUITE_FORMAT = 1
 MAX_SUITE_BYTES = 1 << 20

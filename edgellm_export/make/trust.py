@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ExportError
+from edgellm_core.errors import ExportError
 
 CA_OPTION = "--ca-bundle"
 CA_ENV = "EDGELLM_CA_BUNDLE"

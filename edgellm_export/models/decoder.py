@@ -13,8 +13,9 @@ import functools
 
 import numpy as np
 
+from edgellm_core.onnx_graph.builder import FLOAT, FLOAT16, GraphBuilder
+
 from ..config import ModelConfig
-from ..onnx_graph.builder import FLOAT, FLOAT16, GraphBuilder
 from ..quant import linear as qlinear
 from ..quant.plan import FP16, QuantDecisions
 from .weights import WeightSource
@@ -127,7 +128,7 @@ def torch_modules():
     import torch
     from torch import nn
 
-    from ..ops.attention_plugin import register_torch_op
+    from edgellm_core.ops.attention_plugin import register_torch_op
 
     attention_plugin = register_torch_op()
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from edgellm_core.errors import UnsupportedError
+
 from ..checkpoint.reader import Checkpoint
 from ..config import ModelConfig
-from ..errors import UnsupportedError
 from . import decoder
 
 

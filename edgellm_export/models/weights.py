@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 
+from edgellm_core.errors import ExportError
+from edgellm_core.onnx_graph.builder import FLOAT16, GraphBuilder
+
 from ..checkpoint.reader import Checkpoint, TensorRef
-from ..errors import ExportError
-from ..onnx_graph.builder import FLOAT16, GraphBuilder
 
 log = logging.getLogger(__name__)
 FP16_MAX = 65504.0

@@ -7,9 +7,10 @@ DequantizeLinear(W, s_w) -> Transpose; both scales fp16 0-D, as the runtime carr
 
 from __future__ import annotations
 
+from edgellm_core.onnx_graph.builder import FLOAT8E4M3FN, FLOAT16
+from edgellm_core.ops.schemas import FP8_E4M3_MAX
+
 from ..models.weights import to_fp16
-from ..onnx_graph.builder import FLOAT8E4M3FN, FLOAT16
-from ..ops.schemas import FP8_E4M3_MAX
 from .scales import to_fp16_scale
 
 

@@ -27,10 +27,11 @@ import weakref
 
 import numpy as np
 
-from ..errors import ExportError, UnsupportedError
+from edgellm_core.errors import ExportError, UnsupportedError
+from edgellm_core.onnx_graph.builder import FLOAT, FLOAT16, INT8, INT64
+from edgellm_core.ops import int4_gemm
+
 from ..models.weights import to_fp16
-from ..onnx_graph.builder import FLOAT, FLOAT16, INT8, INT64
-from ..ops import int4_gemm
 from . import int4_pack
 from .plan import INT4_AWQ_GEMM, INT4_AWQ_MODELOPT, INT4_GPTQ
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import ExportError
+from edgellm_core.errors import ExportError
 
 # AutoAWQ GEMM: bit field f (bits 4f..4f+3) of a packed int32 holds channel 8c + AWQ_ORDER[f].
 AWQ_ORDER = np.array([0, 2, 4, 6, 1, 3, 5, 7])

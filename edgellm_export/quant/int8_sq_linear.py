@@ -8,9 +8,10 @@ DequantizeLinear(W, s_w, axis=0) -> Cast(fp16) -> Transpose -> MatMul. Scales st
 
 from __future__ import annotations
 
-from ..errors import ExportError
+from edgellm_core.errors import ExportError
+from edgellm_core.onnx_graph.builder import FLOAT, FLOAT16, INT8
+
 from ..models.weights import to_fp16
-from ..onnx_graph.builder import FLOAT, FLOAT16, INT8
 from .scales import checked_fp32
 
 

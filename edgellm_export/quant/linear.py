@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import UnsupportedError
-from ..onnx_graph.builder import GraphBuilder
+from edgellm_core.errors import UnsupportedError
+from edgellm_core.onnx_graph.builder import GraphBuilder
+
 from . import fp8_linear, int4_linear, int8_sq_linear, mxfp8_linear, nvfp4_linear
 from .plan import FP8, INT4_FORMATS, INT8_SQ, MXFP8, NVFP4, LinearQuant
 

@@ -7,9 +7,9 @@ trt::TRT_MXFP8DequantizeLinear(W, weight_scale) -> Transpose -> MatMul.
 
 from __future__ import annotations
 
-from ..errors import UnsupportedError
-from ..onnx_graph.builder import FLOAT8E4M3FN, UINT8
-from ..ops import mxfp8
+from edgellm_core.errors import UnsupportedError
+from edgellm_core.onnx_graph.builder import FLOAT8E4M3FN, UINT8
+from edgellm_core.ops import mxfp8
 
 
 def emit(ctx, x: str) -> str:

@@ -10,9 +10,10 @@ DequantizeLinear(weight_scale, weight_scale_2) -> DequantizeLinear(W, ., block 1
 
 from __future__ import annotations
 
-from ..errors import UnsupportedError
-from ..onnx_graph.builder import FLOAT, FLOAT4E2M1, FLOAT8E4M3FN, FLOAT16
-from ..ops import fp4
+from edgellm_core.errors import UnsupportedError
+from edgellm_core.onnx_graph.builder import FLOAT, FLOAT4E2M1, FLOAT8E4M3FN, FLOAT16
+from edgellm_core.ops import fp4
+
 from .scales import checked_fp32, to_fp16_scale
 
 SCALE = ("F32",)

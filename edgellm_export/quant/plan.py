@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..errors import ExportError, UnsupportedError
+from edgellm_core.errors import ExportError, UnsupportedError
 
 FP16, FP8, MXFP8, NVFP4 = "fp16", "fp8", "mxfp8", "nvfp4"
 INT4_AWQ_MODELOPT, INT4_AWQ_GEMM, INT4_GPTQ, INT8_SQ = "int4_awq_modelopt", "int4_awq_gemm", "int4_gptq", "int8_sq"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from ..errors import ExportError
+from edgellm_core.errors import ExportError
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from jinja2.exceptions import SecurityError, TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from edgellm_export.errors import ExportError
+from edgellm_core.errors import ExportError
 
 log = logging.getLogger(__name__)
 

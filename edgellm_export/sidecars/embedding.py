@@ -13,11 +13,12 @@ import json
 import struct
 from pathlib import Path
 
+from edgellm_core.errors import ExportError
+from edgellm_core.ops.schemas import FP8_E4M3_MAX
+
 from .. import interrupts
 from ..checkpoint.reader import TensorRef
-from ..errors import ExportError
 from ..models.weights import check_fp16_range
-from ..ops.schemas import FP8_E4M3_MAX
 from ..stream_writer import StreamWriter
 
 FP8_BLOCK = 128

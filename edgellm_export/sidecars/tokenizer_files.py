@@ -7,7 +7,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from ..errors import ExportError
+from edgellm_core.errors import ExportError
 
 log = logging.getLogger(__name__)
 COPIED = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")

@@ -25,11 +25,11 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
-from edgellm_export import __version__
-from edgellm_export.digests import sha256_file
-from edgellm_export.errors import ExportError
-from edgellm_export.manifest import MANIFEST
-from edgellm_export.schema import StrictModel, case_label, explain, no_default
+from edgellm_core import __version__
+from edgellm_core.digests import sha256_file
+from edgellm_core.errors import ExportError
+from edgellm_core.manifest import MANIFEST
+from edgellm_core.schema import StrictModel, case_label, explain, no_default
 
 SCHEMA = "edgellm-qualification"
 SCHEMA_VERSION = 1

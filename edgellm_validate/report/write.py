@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgellm_export.errors import EnvironmentProblem
+from edgellm_core.errors import EnvironmentProblem
 
 from .junit import junit_xml
 from .qualification import REPORT_FILE, dumps_qualification, validate_qualification

@@ -24,9 +24,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgellm_export import __version__
-from edgellm_export.digests import sha256_file
-from edgellm_export.errors import EnvironmentProblem, ExportError
+from edgellm_core import __version__
+from edgellm_core.digests import sha256_file
+from edgellm_core.errors import EnvironmentProblem, ExportError
 
 from ..export_dir import find_llm_dir
 from ..runtime_rules import RuntimeRefusal

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgellm_export.errors import EnvironmentProblem
+from edgellm_core.errors import EnvironmentProblem
 
 
 def import_pycuda():

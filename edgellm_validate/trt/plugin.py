@@ -16,8 +16,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgellm_export.digests import sha256_file
-from edgellm_export.errors import EnvironmentProblem
+from edgellm_core.digests import sha256_file
+from edgellm_core.errors import EnvironmentProblem
 
 PLUGIN_ENV = "EDGELLM_PLUGIN_PATH"
 LIBRARY_NAME = "libNvInfer_edgellm_plugin.so"

@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from edgellm_export.contract.bindings import bindings_for
-from edgellm_export.errors import ExportError, UnsupportedError
+from edgellm_core.bindings import bindings_for
+from edgellm_core.errors import ExportError, UnsupportedError
 
 # llm_build 0.7.1 defaults (LLMBuilderConfig): --maxBatchSize 4, --maxInputLen 1024, --maxKVCacheCapacity 4096.
 DEFAULT_MAX_BATCH_SIZE = 4

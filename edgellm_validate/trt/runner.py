@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgellm_export.errors import ExportError
+from edgellm_core.errors import ExportError
 
 from ..runtime_rules import RuntimeRefusal
 from .profiles import INPUTS_EMBEDS, KVCACHE_START_INDEX, PAST_KV, PRESENT_KV, PROFILE_ORDER

@@ -11,7 +11,7 @@ import threading
 
 import numpy as np
 
-from edgellm_export.errors import EnvironmentProblem
+from edgellm_core.errors import EnvironmentProblem
 
 log = logging.getLogger("edgellm.trt")
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from .errors import ExportError
+from edgellm_core.errors import ExportError
 
 RACY_WINDOW_NS = 2_000_000_000
 _KEY = ("dev", "ino", "size", "mtime_ns", "ctime_ns")

@@ -3,8 +3,9 @@
 Three user-written or tool-written files are validated by pydantic v2 models (extra keys forbidden):
 suites (`make/suite.py`, SuiteFile), qualification reports (`edgellm_validate/report/qualification.py`,
 QualificationReport) and the platform matrix (`edgellm_validate/targets.py`, PlatformMatrix).
-`edgellm schema suite|report|platforms` prints a model's JSON Schema (Draft 2020-12); the copies in
-`schemas/` are generated from the same call and a test keeps them equal.
+`edgellm schema suite|report|platforms` prints a model's JSON Schema (Draft 2020-12; the registry is
+edgellm_export/published_schemas.py); the copies in `schemas/` are generated from the same call and a
+test keeps them equal.
 
 A pydantic ValidationError never reaches the user as such: `explain` turns it into one paragraph with the
 field path of each problem (`cases[2].target: ...`), in the file's own terms (YAML or JSON).
@@ -24,12 +25,10 @@ from typing import Any
 
 import annotated_types
 from pydantic import BaseModel, ConfigDict, ValidationError
-from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import PydanticCustomError
 
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 CUSTOM = "edgellm"  # error type of the checks written here (the message is already for people)
-SCHEMA_NAMES = ("suite", "report", "platforms")
 
 
 class StrictModel(BaseModel):
@@ -255,43 +254,3 @@ def explain(error: ValidationError, model: type[BaseModel], data=None, *, yaml: 
     if len(out) > 1:
         return f"{len(out)} problems: " + "; ".join(out)
     return out[0] if out else str(error)
-
-
-# ---------------------------------------------------------------- published JSON Schemas
-
-
-class _Generator(GenerateJsonSchema):
-    """Draft 2020-12 with the dialect named, and no generated per-property titles (noise in editors)."""
-
-    def field_title_should_be_set(self, schema) -> bool:
-        return False
-
-    def generate(self, schema, mode="validation"):
-        out = super().generate(schema, mode=mode)
-        return {"$schema": JSON_SCHEMA_DIALECT, **out}
-
-
-def model_for(name: str) -> type[BaseModel]:
-    if name == "suite":
-        from .make.suite import SuiteFile
-
-        return SuiteFile
-    if name == "report":
-        from edgellm_validate.report.qualification import QualificationReport
-
-        return QualificationReport
-    if name == "platforms":
-        from edgellm_validate.targets import PlatformMatrix
-
-        return PlatformMatrix
-    raise KeyError(f"no schema named {name!r}; known: {', '.join(SCHEMA_NAMES)}")
-
-
-def json_schema(name: str) -> dict:
-    """The JSON Schema of a file format: `suite`, `report` or `platforms`."""
-    return model_for(name).model_json_schema(schema_generator=_Generator)
-
-
-def schema_text(name: str) -> str:
-    """The schema as written to schemas/NAME.schema.json and printed by `edgellm schema NAME`."""
-    return json.dumps(json_schema(name), indent=2, ensure_ascii=False) + "\n"

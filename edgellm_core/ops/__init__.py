@@ -10,7 +10,7 @@ Faces 2-4 need only `onnx`, so the validation side imports these modules on
 machines without torch; face 1 imports torch lazily.
 """
 
-from . import attention_plugin, fp4, int4_gemm, mxfp8
+from edgellm_core.ops import attention_plugin, fp4, int4_gemm, mxfp8
 
 # (domain, op_type) -> module providing `lowering(node) -> FunctionProto`
 CUSTOM_OPS = {

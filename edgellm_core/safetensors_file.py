@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ExportError
+from edgellm_core.errors import ExportError
 
 # safetensors dtype string -> (torch dtype name, bytes per element)
 DTYPES = {

@@ -21,8 +21,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..onnx_graph.builder import FLOAT, FLOAT8E4M3FN, FLOAT16, INT32, GraphBuilder
-from .schemas import FP8_E4M3_MAX, LOWERING_DOMAIN, ONNX_OPSET, register_missing
+from edgellm_core.onnx_graph.builder import FLOAT, FLOAT8E4M3FN, FLOAT16, INT32, GraphBuilder
+from edgellm_core.ops.schemas import FP8_E4M3_MAX, LOWERING_DOMAIN, ONNX_OPSET, register_missing
 
 DOMAIN = "trt"
 QUANTIZE = "TRT_FP4DynamicQuantize"

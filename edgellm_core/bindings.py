@@ -74,7 +74,7 @@ def bindings_for(release: str | None = None) -> Bindings:
     """The bindings of an Edge-LLM release ("0.7", "0.7.1", ...; None: the only one so far)."""
     key = ".".join((release or "0.7").split(".")[:2])
     if key not in RELEASES:
-        from ..errors import ExportError
+        from edgellm_core.errors import ExportError
 
         raise ExportError(f"unknown Edge-LLM release {release!r}; supported: {', '.join(sorted(RELEASES))}")
     return RELEASES[key]

@@ -21,8 +21,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..onnx_graph.builder import FLOAT, FLOAT16, INT32, GraphBuilder
-from .schemas import LOWERING_DOMAIN, ONNX_OPSET, register_missing
+from edgellm_core.onnx_graph.builder import FLOAT, FLOAT16, INT32, GraphBuilder
+from edgellm_core.ops.schemas import LOWERING_DOMAIN, ONNX_OPSET, register_missing
 
 DOMAIN = "trt_edgellm"
 OP_TYPE = "Int4GroupwiseGemmPlugin"

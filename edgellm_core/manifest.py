@@ -8,9 +8,9 @@ import json
 import os
 from pathlib import Path
 
-from . import __version__
-from .digests import DigestCache, sha256_file
-from .errors import ExportError
+from edgellm_core import __version__
+from edgellm_core.digests import DigestCache, sha256_file
+from edgellm_core.errors import ExportError
 
 MANIFEST = "manifest.json"
 # Written later by `edgellm validate` into the same directory; not part of the artifact.
