@@ -66,8 +66,9 @@ def _one_torch_thread():
     """The conversion and the golden pass run on one intra-op thread. Their ops are small (a
     cache-sized block at a time), so a second OpenMP thread mostly spins at barriers: measured on
     the 1B shape it added ~40% CPU for no wall-time gain, and on a machine whose other core is
-    busy those spinning barriers multiplied the export's time. The second core is used by the
-    weight writer thread instead. Results are bit-identical either way (tests pin the golden)."""
+    busy those spinning barriers multiplied the export's time. The second core goes to the
+    writer and hasher threads (stream_writer.py) instead. Results are bit-identical either way
+    (tests pin the golden)."""
     import torch
 
     before = torch.get_num_threads()
