@@ -66,22 +66,11 @@ def declare_io(g: GraphBuilder, cfg: ModelConfig, kv_fp8: bool = False) -> Graph
     return GraphIO(emb, past, rope, ctx, start, last, [None] * cfg.num_hidden_layers, kv_dtype)
 
 
-def attention(g: GraphBuilder, io: GraphIO, cfg: ModelConfig, layer: int, q: str, k: str, v: str,
-              kv_scales: tuple[float, float] | None = None) -> str:
-    """Emit the layer's AttentionPlugin; returns the `[B, S, Hq, D]` attention output.
-
-    With an FP8 cache, qkv_scales is [1.0, k_scale, v_scale]: 0.7 has no query scale.
-    """
+def attention(g: GraphBuilder, io: GraphIO, layer: int, q: str, k: str, v: str, attrs: dict) -> str:
+    """Emit the layer's AttentionPlugin with the block's attributes (models/blocks/attention.py
+    plugin_attrs); returns the `[B, S, Hq, D]` attention output."""
     attn, present = attention_plugin.emit(
-        g,
-        [q, k, v, io.past[layer], io.context_lengths, io.rope, io.kvcache_start_index],
-        num_q_heads=cfg.num_attention_heads,
-        num_kv_heads=cfg.num_key_value_heads,
-        head_size=cfg.head_dim,
-        sliding_window_size=cfg.sliding_window,
-        enable_fp8_kv_cache=int(kv_scales is not None),
-        qkv_scales=(1.0, *kv_scales) if kv_scales is not None else (1.0, 1.0, 1.0),
-    )
+        g, [q, k, v, io.past[layer], io.context_lengths, io.rope, io.kvcache_start_index], **attrs)
     io.presents[layer] = present
     return attn
 

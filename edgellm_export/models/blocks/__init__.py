@@ -1,0 +1,15 @@
+"""Decoder blocks, each with both of its faces in one module.
+
+A block's graph face emits ONNX nodes through the GraphBuilder from the config alone (no weights); its
+eager face computes the same numerics in torch over the produced initializers, for the golden bundle
+(fp32 arithmetic, rounded to fp16 wherever the graph stores fp16). Anything both faces depend on (a
+plugin attribute, a norm convention, an epsilon) is computed once, by the block, and handed to both, so
+the faces cannot drift apart; `tests/test_block_faces.py` holds them to that.
+
+- `linear.py`: a linear layer in its checkpoint's format (fp16 or a quantized one, `quant/`).
+- `norms.py`: RMSNorm over the hidden size and per head.
+- `attention.py`: GQA attention through the runtime's AttentionPlugin.
+- `mlp.py`: the SwiGLU MLP.
+
+`models/decoder.py` stacks them per layer from the config's layer plan.
+"""
