@@ -25,6 +25,18 @@ class RopeSpec:
 
 
 @dataclass(frozen=True)
+class MoeSpec:
+    """A sparse MoE MLP: softmax router over `num_experts`, top-k, optional renormalisation."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    norm_topk_prob: bool = False
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     model_type: str
     vocab_size: int
@@ -45,7 +57,14 @@ class ModelConfig:
     mlp_bias: bool = False
     sliding_window: int = -1
     hidden_act: str = "silu"
+    moe: MoeSpec | None = None  # sparse MoE MLPs (qwen3_moe); None: every MLP is dense
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Qwen3-MoE's layer plan (families.md §2.1): layer i's MLP is sparse iff it is not in
+        `mlp_only_layers` and (i + 1) is a multiple of `decoder_sparse_step`."""
+        m = self.moe
+        return m is not None and i not in m.mlp_only_layers and (i + 1) % m.decoder_sparse_step == 0
 
     @property
     def rotary_dim(self) -> int:
@@ -171,5 +190,25 @@ def build_model_config(raw: dict, tensor_names_have, path: Path) -> ModelConfig:
         mlp_bias=tensor_names_have(".mlp.down_proj.bias"),
         sliding_window=window,
         hidden_act=str(cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))),
+        moe=_moe_spec(cfg, path) if model_type == "qwen3_moe" else None,
         raw=cfg,
     )
+
+
+def _moe_spec(cfg: dict, path: Path) -> MoeSpec | None:
+    key = "num_experts" if cfg.get("num_experts") is not None else "num_local_experts"  # newer transformers
+    if not cfg.get(key):
+        return None
+    experts = _int(cfg, key, path)
+    top_k = _int(cfg, "num_experts_per_tok", path)
+    if top_k > experts:
+        raise ExportError(f"num_experts_per_tok ({top_k}) exceeds num_experts ({experts})", path)
+    only = cfg.get("mlp_only_layers") or []
+    if not isinstance(only, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in only):
+        raise ExportError(f"mlp_only_layers must be a list of layer indices, found {only!r}", path)
+    norm = cfg.get("norm_topk_prob", False)
+    if not isinstance(norm, bool):
+        raise ExportError(f"norm_topk_prob must be true or false, found {norm!r}", path)
+    return MoeSpec(num_experts=experts, top_k=top_k, intermediate_size=_int(cfg, "moe_intermediate_size", path),
+                   decoder_sparse_step=_int(cfg, "decoder_sparse_step", path, 1),
+                   mlp_only_layers=tuple(only), norm_topk_prob=norm)

@@ -15,15 +15,19 @@ from edgellm_core.onnx_graph.builder import FLOAT, GraphBuilder
 
 from ..config import ModelConfig
 from ..quant.plan import QuantDecisions
-from .blocks import attention, linear, mlp, norms
+from .blocks import attention, linear, mlp, moe, norms
 from .weights import WeightSource
 
 
 def linear_names(cfg: ModelConfig, has_lm_head: bool) -> list[str]:
     """Every linear layer, by canonical module name (what quantization metadata refers to)."""
-    names = [f"layers.{i}.{m}" for i in range(cfg.num_hidden_layers)
-             for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                       "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    names = []
+    for i in range(cfg.num_hidden_layers):
+        names += [f"layers.{i}.self_attn.{m}" for m in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        if cfg.is_moe_layer(i):
+            names += [moe.router_name(i), *moe.expert_linears(cfg, i)]
+        else:
+            names += [f"layers.{i}.mlp.{m}" for m in ("gate_proj", "up_proj", "down_proj")]
     return names + (["lm_head"] if has_lm_head and not cfg.tie_word_embeddings else [])
 
 
@@ -71,7 +75,7 @@ def emit_graph(g: GraphBuilder, w: WeightSource, cfg: ModelConfig, contract, has
         kv_scales = quant.kv_scales[i] if quant.kv_scales is not None else None
         x = n("Add", [x, attention.emit(e, io, contract, i, y, kv_scales)])
         y = norms.emit(g, x, w.vector(p + "post_attention_layernorm.weight", h), c.rms_norm_eps)
-        x = n("Add", [x, mlp.emit(e, i, y)])
+        x = n("Add", [x, moe.emit(e, i, y) if c.is_moe_layer(i) else mlp.emit(e, i, y)])
     g.scope = "head"
     y = norms.emit(g, x, w.vector("norm.weight", h), c.rms_norm_eps)
     # Logits only for the selected token of each sequence: GatherND(batch_dims=1).
@@ -110,6 +114,7 @@ def torch_modules():
             prefix = f"layers.{layer}."
             self.quant = {k[len(prefix):]: v for k, v in quant.linears.items() if k.startswith(prefix)}
             self.kv_scales = quant.kv_scales[layer] if quant.kv_scales is not None else None
+            self.is_moe = cfg.is_moe_layer(layer)
 
         def forward_steps(self, xs, caches, rope_table, calls):
             """Many runtime calls at once: `calls` lists (cache index, context_lengths, start index)
@@ -124,7 +129,7 @@ def torch_modules():
             x = r16(x + attention.eager(y, sizes, t, self.quant, c, self.kv_scales, caches, rope_table, calls,
                                         attention_plugin))
             y = norms.eager(x, t["post_attention_layernorm.weight"], c.rms_norm_eps)
-            x = r16(x + mlp.eager(y, t, self.quant))
+            x = r16(x + (moe.eager(y, t, c, self.quant) if self.is_moe else mlp.eager(y, t, self.quant)))
             return list(x.split(sizes, 1)), caches
 
     class DecoderHead(nn.Module):

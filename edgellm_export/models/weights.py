@@ -162,6 +162,22 @@ class WeightSource:
         return self.g.weight(f"{name}.T", FLOAT16, (in_features, out_features),
                              lambda: to_fp16(ref, transpose=True, clamp=self.clamp), tag=ref.where())
 
+    def stacked_linear_weights(self, name: str, parts: list[str], out_features: int, in_features: int) -> str:
+        """`[out, in]` weights of E experts as one `[E, in, out]` fp16 initializer `name` (each part
+        converted and transposed as linear_weight does, then stacked at write time)."""
+        import torch
+
+        refs = [self.ref(p, (out_features, in_features)) for p in parts]
+
+        def produce():
+            out = torch.empty((len(refs), in_features, out_features), dtype=torch.float16)
+            for e, ref in enumerate(refs):
+                out[e] = to_fp16(ref, transpose=True, clamp=self.clamp)
+            return out
+
+        return self.g.weight(name, FLOAT16, (len(refs), in_features, out_features), produce,
+                             tag=f"{refs[0].where()} .. {refs[-1].where()}")
+
     def vector(self, name: str, size: int) -> str:
         ref = self.ref(name, (size,))
         return self.g.weight(name, FLOAT16, (size,), lambda: to_fp16(ref, clamp=self.clamp), tag=ref.where())

@@ -1,0 +1,141 @@
+"""Qwen3-MoE with FP16/BF16 experts, exported in standard ONNX ops (0.7.1 has no FP16 MoE plugin):
+the layer plan, exact top-k routing, and the twin against HF transformers on a tiny model.
+
+Near ties: fp16 router logits cannot order two experts whose probabilities differ by less than ~1e-2,
+so HF's routing is checked first to have no such step; a fixture that had one would make this test
+say so instead of failing on noise.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_hf_model, save_checkpoint
+from onnx import load as onnx_load
+
+from edgellm_export.config import build_model_config
+from edgellm_validate.validate import validate_export
+
+MOE = dict(head_dim=64, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128, decoder_sparse_step=1,
+           mlp_only_layers=[1], norm_topk_prob=True, num_hidden_layers=3)
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoint(tmp_path_factory):
+    model = make_hf_model("qwen3_moe", seed=3, **MOE)
+    with torch.no_grad():  # a router with some conviction: top-k decisions far from fp16 noise
+        for layer in model.model.layers:
+            if hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.weight.mul_(8.0)
+    return save_checkpoint(model, tmp_path_factory.mktemp("moe") / "ckpt"), model
+
+
+def hf_per_sequence(model, llm):
+    """HF logits for every golden step, one full sequence at a time (as conftest.hf_reference_logits), and
+    for each (scenario, batch row) the smallest router-logit gap between the k-th and (k+1)-th expert
+    over every token and MoE layer of that sequence."""
+    k = MOE["num_experts_per_tok"]
+    gaps: list[float] = []
+
+    def hook(module, inputs, output):
+        logits = (output[0] if isinstance(output, tuple) else output).float().sort(dim=-1, descending=True).values
+        gaps.append(float((logits[..., k - 1] - logits[..., k]).min()))
+
+    handles = [layer.mlp.gate.register_forward_hook(hook) for layer in model.model.layers if hasattr(layer.mlp, "gate")]
+    meta = json.loads((llm / "golden" / "bundle.json").read_text())
+    logits, margins = {}, {}
+    try:
+        for sc in meta["scenarios"]:
+            batch = len(sc["steps"][0]["context_lengths"])
+            for b in range(batch):
+                seq, wanted = [], []
+                for i, st in enumerate(sc["steps"]):
+                    n = st["context_lengths"][b] if st["phase"] != "decode" else 1
+                    seq.extend(st["token_ids"][b][:n])
+                    wanted.append((i, len(seq) - 1))
+                gaps.clear()
+                with torch.no_grad():
+                    out = model(torch.tensor([seq])).logits[0].float().numpy()
+                margins[(sc["name"], b)] = min(gaps)
+                for i, pos in wanted:
+                    logits[(sc["name"], i, b)] = out[pos]
+    finally:
+        for h in handles:
+            h.remove()
+    return logits, margins
+
+
+# fp16 router logits resolve gaps of about 1e-2 (families.md; issue 10): a sequence with a closer call
+# anywhere may route differently in fp16 than in HF's fp32, legitimately, and is left out.
+NEAR_TIE = 1e-2
+
+
+def test_layer_plan_follows_sparse_step_and_mlp_only_layers():
+    raw = {"model_type": "qwen3_moe", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 6,
+           "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 64, "num_local_experts": 4,
+           "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 2, "mlp_only_layers": [3]}
+    cfg = build_model_config(raw, lambda s: False, None)
+    assert [cfg.is_moe_layer(i) for i in range(6)] == [False, True, False, False, False, True]
+
+
+def test_graph_routes_in_standard_ops_and_matches_transformers(moe_checkpoint, tmp_path):
+    from edgellm_export.export import ExportOptions, export_checkpoint
+    from edgellm_validate.compare import cosine_rows
+    from edgellm_validate.cpu_backend import CpuBackend
+    from edgellm_validate.twin import run_twin
+
+    ckpt, model = moe_checkpoint
+    out = tmp_path / "out"
+    export_checkpoint(ckpt, out, ExportOptions())
+    llm = out / "llm"
+    ref, margins = hf_per_sequence(model, llm)
+    clean = {key for key, gap in margins.items() if gap > NEAR_TIE}
+    assert len(clean) >= len(margins) - 1, f"too many near-tie sequences in this fixture: {margins}"
+    checked = 0
+    for s in run_twin(llm, CpuBackend(llm)).steps:
+        for b in range(s.logits.shape[0]):
+            if (s.scenario, b) not in clean:
+                continue
+            want = ref[(s.scenario, s.index, b)][None]
+            cos = float(cosine_rows(s.logits[b : b + 1], want).min())
+            assert cos >= 0.999, f"{s.scenario}[{s.index}] row {b}: cosine {cos}"
+            assert s.logits[b].argmax() == want.argmax(), f"{s.scenario}[{s.index}] row {b}: top-1 differs"
+            checked += 1
+    assert checked >= 15
+    graph = onnx_load(str(llm / "model.onnx"), load_external_data=False).graph
+    assert {n.domain for n in graph.node} <= {"", "trt_edgellm"}
+    assert [n.op_type for n in graph.node].count("TopK") == 2  # layers 0 and 2; layer 1 is dense
+    assert not any("Moe" in n.op_type for n in graph.node)
+    dims = {i.name: list(i.dims) for i in graph.initializer if i.name.endswith(".stacked")}
+    h = model.config.hidden_size
+    assert dims["layers.0.mlp.experts.gate_proj.stacked"] == [8, h, 128]
+    assert dims["layers.0.mlp.experts.down_proj.stacked"] == [8, 128, h]
+    assert "layers.1.mlp.experts.gate_proj.stacked" not in dims
+    res = validate_export(out)
+    assert res["passed"], res["failures"]
+    assert json.loads((llm / "config.json").read_text())["model"] == "qwen3_moe"
+
+
+def test_stacked_experts_equal_the_checkpoint(moe_checkpoint, tmp_path):
+    """Each [E, H, I] stack holds expert e's checkpoint weight `[I, H]`, transposed, at index e (read
+    back from model.onnx.data, compared with the safetensors tensors by name)."""
+    import onnx
+    from onnx import numpy_helper
+    from safetensors.torch import load_file
+
+    from edgellm_export.cli import main
+
+    ckpt, _ = moe_checkpoint
+    out = tmp_path / "out"
+    assert main(["-q", "export", "--no-golden", str(ckpt), str(out)]) == 0
+    m = onnx.load(str(out / "llm" / "model.onnx"))
+    init = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        got = init[f"layers.2.mlp.experts.{proj}.stacked"]
+        for e in range(8):
+            want = tensors[f"model.layers.2.mlp.experts.{e}.{proj}.weight"].t().to(torch.float16).numpy()
+            np.testing.assert_array_equal(got[e], want)
