@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 
 __version__ = "10.99.0-fake"
+# Test plumbing, not TensorRT API (tests/test_trt_real_api.py checks everything else against real TensorRT).
+FAKE_ONLY = ("FAKE_ONLY", "FakeBuffer", "FakeDevice", "REGISTRY", "CALLS", "STATE", "reset")
 
 TensorIOMode = enum.Enum("TensorIOMode", "NONE INPUT OUTPUT")
 DataType = enum.Enum("DataType", "FLOAT HALF INT8 INT32 BOOL UINT8 FP8 BF16 INT64 INT4 FP4")
@@ -45,11 +47,13 @@ class ILogger:
 
 
 class _Registry:
+    FAKE_STATE = ("creators",)  # test plumbing: which (type, version, namespace) "are registered"
+
     def __init__(self):
         self.creators = {("AttentionPlugin", "1", "")}
 
-    def get_creator(self, name, version, namespace):
-        return object() if (name, version, namespace) in self.creators else None
+    def get_creator(self, type, version, plugin_namespace=""):  # noqa: A002  (TensorRT's parameter name)
+        return object() if (type, version, plugin_namespace) in self.creators else None
 
 
 REGISTRY = _Registry()
@@ -146,28 +150,28 @@ class _Tensor:
 
 class _Network:
     def __init__(self):
-        self.inputs: list[_Tensor] = []
-        self.outputs: list[_Tensor] = []
-        self.onnx_path: str | None = None
+        self._inputs: list[_Tensor] = []
+        self._outputs: list[_Tensor] = []
+        self._onnx_path: str | None = None
 
     @property
     def num_inputs(self):
-        return len(self.inputs)
+        return len(self._inputs)
 
-    def get_input(self, i):
-        return self.inputs[i]
+    def get_input(self, index):
+        return self._inputs[index]
 
 
 class OnnxParser:
     def __init__(self, network, logger):
-        self.network = network
-        self.errors: list[str] = []
+        self._network = network
+        self._errors: list[str] = []
 
-    def parse_from_file(self, path):
-        CALLS.append(("parse_from_file", path))
-        model = onnx.load(path, load_external_data=False)
-        if not (Path(path).parent / "model.onnx.data").is_file():
-            self.errors.append("external data file model.onnx.data not found")
+    def parse_from_file(self, model):
+        CALLS.append(("parse_from_file", model))
+        onnx_model = onnx.load(model, load_external_data=False)
+        if not (Path(model).parent / "model.onnx.data").is_file():
+            self._errors.append("external data file model.onnx.data not found")
             return False
 
         def t(vi):
@@ -175,50 +179,50 @@ class OnnxParser:
             return _Tensor(vi.name, _ONNX_TO_TRT[tt.elem_type],
                            tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim))
 
-        self.network.inputs = [t(i) for i in model.graph.input]
-        self.network.outputs = [t(o) for o in model.graph.output]
-        self.network.onnx_path = path
+        self._network._inputs = [t(i) for i in onnx_model.graph.input]
+        self._network._outputs = [t(o) for o in onnx_model.graph.output]
+        self._network._onnx_path = model
         return True
 
     @property
     def num_errors(self):
-        return len(self.errors)
+        return len(self._errors)
 
-    def get_error(self, i):
-        return self.errors[i]
+    def get_error(self, index):
+        return self._errors[index]
 
 
 class _Profile:
     def __init__(self):
-        self.shapes: dict[str, tuple] = {}
+        self._shapes: dict[str, tuple] = {}
 
-    def set_shape(self, name, mn, opt, mx):
-        self.shapes[name] = (tuple(mn), tuple(opt), tuple(mx))
+    def set_shape(self, input, min, opt, max):  # noqa: A002  (TensorRT's parameter names)
+        self._shapes[input] = (tuple(min), tuple(opt), tuple(max))
 
 
 @dataclass
 class _Config:
-    preview: dict = field(default_factory=dict)
-    flags: list = field(default_factory=list)
-    profiles: list = field(default_factory=list)
+    _preview: dict = field(default_factory=dict)
+    _flags: list = field(default_factory=list)  # flag names (real TensorRT's `flags` is a bit mask)
+    _profiles: list = field(default_factory=list)
     profiling_verbosity: object = None
 
-    def set_preview_feature(self, feature, on):
-        self.preview[feature.name] = on
+    def set_preview_feature(self, feature, enable):
+        self._preview[feature.name] = enable
 
     def set_flag(self, flag):
-        self.flags.append(flag.name)
+        self._flags.append(flag.name)
 
-    def add_optimization_profile(self, p):
-        self.profiles.append(p)
-        return len(self.profiles) - 1
+    def add_optimization_profile(self, profile):
+        self._profiles.append(profile)
+        return len(self._profiles) - 1
 
 
 class Builder:
     def __init__(self, logger):
         CALLS.append(("Builder",))
 
-    def create_network(self, flags):
+    def create_network(self, flags=0):
         CALLS.append(("create_network", flags))
         return _Network()
 
@@ -229,22 +233,22 @@ class Builder:
         return _Profile()
 
     def build_serialized_network(self, network, config):
-        CALLS.append(("build", dict(config.preview), list(config.flags)))
+        CALLS.append(("build", dict(config._preview), list(config._flags)))
         if STATE["fail_build"]:
             return None
-        for p in config.profiles:
-            for t in network.inputs:
-                if t.name not in p.shapes:
+        for p in config._profiles:
+            for t in network._inputs:
+                if t.name not in p._shapes:
                     return None  # TensorRT: a dynamic input without a profile shape
-                mn, opt, mx = p.shapes[t.name]
+                mn, opt, mx = p._shapes[t.name]
                 if not all(a <= b <= c for a, b, c in zip(mn, opt, mx)):
                     return None
                 if any(s != -1 and not (a == b == c == s) for s, a, b, c in zip(t.shape, mn, opt, mx)):
                     return None  # a static dim must be fixed at its value
-        plan = {"onnx": network.onnx_path,
-                "io": [(t.name, "INPUT", t.dtype.name) for t in network.inputs]
-                + [(t.name, "OUTPUT", t.dtype.name) for t in network.outputs],
-                "profiles": [{n: [list(s) for s in v] for n, v in p.shapes.items()} for p in config.profiles]}
+        plan = {"onnx": network._onnx_path,
+                "io": [(t.name, "INPUT", t.dtype.name) for t in network._inputs]
+                + [(t.name, "OUTPUT", t.dtype.name) for t in network._outputs],
+                "profiles": [{n: [list(s) for s in v] for n, v in p._shapes.items()} for p in config._profiles]}
         return json.dumps(plan).encode()
 
 
@@ -255,89 +259,91 @@ class Runtime:
     def __init__(self, logger):
         pass
 
-    def deserialize_cuda_engine(self, blob):
+    def deserialize_cuda_engine(self, serialized_engine):
         try:
-            return _Engine(json.loads(bytes(blob)))
+            return _Engine(json.loads(bytes(serialized_engine)))
         except ValueError:
             return None
 
 
 class _Engine:
     def __init__(self, plan):
-        self.plan = plan
-        self.io = [(n, TensorIOMode[m], DataType[d]) for n, m, d in plan["io"]]
+        self._plan = plan
+        self._io = [(n, TensorIOMode[m], DataType[d]) for n, m, d in plan["io"]]
         self.device_memory_size_v2 = 0
 
     @property
     def num_io_tensors(self):
-        return len(self.io)
+        return len(self._io)
 
     @property
     def num_optimization_profiles(self):
-        return len(self.plan["profiles"])
+        return len(self._plan["profiles"])
 
-    def get_tensor_name(self, i):
-        return self.io[i][0]
+    def get_tensor_name(self, index):
+        return self._io[index][0]
 
     def get_tensor_mode(self, name):
-        return next(m for n, m, _ in self.io if n == name)
+        return next(m for n, m, _ in self._io if n == name)
 
     def get_tensor_dtype(self, name):
-        return next(d for n, _, d in self.io if n == name)
+        return next(d for n, _, d in self._io if n == name)
 
-    def get_tensor_profile_shape(self, name, k):
-        return self.plan["profiles"][k][name]
+    def get_tensor_profile_shape(self, name, profile_index):
+        return self._plan["profiles"][profile_index][name]
 
     def create_execution_context(self):
         return _Context(self)
 
 
 class _Context:
+    FAKE_STATE = ("log", "addresses")  # test plumbing: what was asked of the context, bound addresses
+
     def __init__(self, engine):
-        self.engine = engine
-        self.profile = 0
-        self.shapes: dict[str, tuple] = {}
+        self._engine = engine
+        self._profile = 0
+        self._shapes: dict[str, tuple] = {}
         self.addresses: dict[str, int] = {}
         self.log: list[tuple] = []
         self._cpu = None
 
-    def set_optimization_profile_async(self, k, stream):
-        self.log.append(("profile", k))
-        self.profile = k
+    def set_optimization_profile_async(self, profile_index, stream_handle):
+        self.log.append(("profile", profile_index))
+        self._profile = profile_index
         return True
 
     def set_input_shape(self, name, shape):
         self.log.append(("shape", name))
-        mn, _, mx = self.engine.plan["profiles"][self.profile][name]
+        mn, _, mx = self._engine._plan["profiles"][self._profile][name]
         if len(shape) != len(mn) or not all(a <= s <= b for a, s, b in zip(mn, shape, mx)):
             return False
-        self.shapes[name] = tuple(shape)
+        self._shapes[name] = tuple(shape)
         return True
 
-    def set_tensor_address(self, name, ptr):
-        self.addresses[name] = ptr
+    def set_tensor_address(self, name, memory):
+        self.addresses[name] = memory
         return True
 
     def get_tensor_shape(self, name):
         if name == "logits":
-            b = self.shapes["inputs_embeds"][0]
-            vocab = json.loads((Path(self.engine.plan["onnx"]).parent / "config.json").read_text())["vocab_size"]
+            b = self._shapes["inputs_embeds"][0]
+            vocab = json.loads((Path(self._engine._plan["onnx"]).parent / "config.json").read_text())["vocab_size"]
             return (b, 1, vocab)
-        return self.shapes[name.replace("present_", "past_")]
+        return self._shapes[name.replace("present_", "past_")]
 
-    def execute_async_v3(self, stream):
+    def execute_async_v3(self, stream_handle):
         from edgellm_validate.cpu_backend import CpuBackend
         from edgellm_validate.trt.trt_api import numpy_dtype
 
         device = STATE["device"]
         if self._cpu is None:
-            self._cpu = CpuBackend(Path(self.engine.plan["onnx"]).parent)
+            self._cpu = CpuBackend(Path(self._engine._plan["onnx"]).parent)
         feeds = {}
-        for name, mode, dtype in self.engine.io:
+        for name, mode, dtype in self._engine._io:
             if mode is TensorIOMode.INPUT:
-                feeds[name] = device.read(self.addresses[name], self.shapes[name], numpy_dtype(dtype))
+                feeds[name] = device.read(self.addresses[name], self._shapes[name], numpy_dtype(dtype))
         outs = self._cpu.run(feeds)
-        for name, mode, dtype in self.engine.io:
+        for name, mode, dtype in self._engine._io:
             if mode is TensorIOMode.OUTPUT:
                 device.write(self.addresses[name], np.asarray(outs[name], numpy_dtype(dtype)))
         self.log.append(("execute",))
