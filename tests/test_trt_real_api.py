@@ -433,3 +433,41 @@ def test_backend_calls_only_methods(apis):
             if entry is not None and entry["kind"] in ("property", "value", "enum_value"):
                 problems.append(f"{v}: {u.file}:{u.line} calls {u.owner}.{u.name}, a {entry['kind']}")
     assert not problems, "\n".join(problems)
+
+
+def test_no_python_copy_of_a_serialized_engine():
+    """Issue 12: on unified-memory boards an engine-sized copy in Python's heap is memory the engine itself
+    needs. The build writes and hashes the IHostMemory buffer in place (a memoryview, which the real
+    IHostMemory supports, checked above); the runner maps the engine file instead of reading it."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "edgellm_validate" / "trt"
+    for name in ("build.py", "runner.py"):
+        tree = ast.parse((root / name).read_text())
+        calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
+        copies = [ast.unparse(c) for c in calls
+                  if (isinstance(c.func, ast.Name) and c.func.id == "bytes" and c.args
+                      and "plan" in ast.unparse(c.args[0]))
+                  or (isinstance(c.func, ast.Attribute) and c.func.attr == "read_bytes")]
+        assert copies == [], f"{name}: {copies}"
+    assert "mmap.mmap(" in (root / "runner.py").read_text()
+
+
+@pytest.mark.parametrize("version,ok", [("10.3.0.30", True), ("10.13.3.9", True), ("10.16.1.11", True),
+                                        ("10.2.0", False), ("11.4.0.106", False), ("8.6.1", False),
+                                        ("unknown", False)])
+def test_tensorrt_version_policy_for_0_7(version, ok):
+    """0.7.1's plugin library: TensorRT 10.3 up to (not including) 11; outside that, exit 3 with the reason."""
+    from types import SimpleNamespace
+
+    from edgellm_core.errors import EnvironmentProblem
+    from edgellm_validate.trt.trt_api import check_tensorrt_version
+
+    trt = SimpleNamespace(__version__=version)
+    if ok:
+        check_tensorrt_version(trt, "0.7.1")
+    else:
+        with pytest.raises(EnvironmentProblem, match="outside what the Edge-LLM 0.7.1 plugin library works with") as e:
+            check_tensorrt_version(trt, "0.7.1")
+        assert e.value.exit_code == 3 and version in str(e.value)

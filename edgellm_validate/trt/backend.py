@@ -30,7 +30,7 @@ from ..targets import (
 from . import plugin as plugin_mod
 from .build import ENGINE_FILE, BuildOptions, build_engine
 from .profiles import BuildLimits, limits_for_bundle, optimization_profiles
-from .trt_api import import_tensorrt, required_plugins, tensorrt_version
+from .trt_api import check_tensorrt_version, import_tensorrt, required_plugins, tensorrt_version
 
 ENGINE_DIR_ENV = "EDGELLM_ENGINE_DIR"
 
@@ -54,6 +54,8 @@ class TrtBackend:
 
         self.llm_dir = Path(llm_dir)
         self.trt = trt or import_tensorrt()
+        release = json.loads((self.llm_dir / "config.json").read_text()).get("edgellm_version")
+        check_tensorrt_version(self.trt, release if isinstance(release, str) else None)
         self.plugin = plugin_mod.load_plugin_library(plugin_path)
         model = onnx.load(str(self.llm_dir / "model.onnx"), load_external_data=False)
         plugin_mod.check_creators(self.trt, self.plugin, required_plugins(model))

@@ -221,11 +221,16 @@ def build_engine(export_dir: str | os.PathLike, engine_dir: str | os.PathLike, o
     if plan is None:
         errors = SINK.errors(mark)[-5:] or ["no error was logged"]
         raise EngineBuildFailed("TensorRT could not build the engine: " + " | ".join(errors), llm)
-    blob = bytes(plan)
-    del plan, parser, network, builder, bconfig
+    # IHostMemory exposes its buffer: the plan is written and hashed in place, never copied into a Python
+    # bytes object (on a board's unified memory that copy would be one more engine-sized allocation).
+    blob = memoryview(plan).cast("B")
+    del parser, network, builder, bconfig
 
     engine_dir.mkdir(parents=True, exist_ok=True)
     _write_atomic(engine_dir / ENGINE_FILE, blob)
+    engine_file = {"file": ENGINE_FILE, "size": blob.nbytes, "sha256": hashlib.sha256(blob).hexdigest()}
+    blob.release()
+    del plan
     _write_atomic(engine_dir / "config.json",
                   (json.dumps(engine_config(config, opts.limits), indent=2) + "\n").encode())
     for name in SIDECARS:
@@ -252,7 +257,7 @@ def build_engine(export_dir: str | os.PathLike, engine_dir: str | os.PathLike, o
             "device_used_before_bytes": sampler.baseline.get("device_used"),
             "device_used_sampled_peak_bytes": sampler.peaks.get("device_used"),
         },
-        "engine": {"file": ENGINE_FILE, "size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()},
+        "engine": engine_file,
         "fingerprint": fingerprint,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -16,8 +16,8 @@ tensor address again, because TensorRT keeps bindings across profile switches
 
 from __future__ import annotations
 
+import mmap
 import os
-from pathlib import Path
 
 import numpy as np
 
@@ -108,10 +108,13 @@ class TrtRunner:
         self.trt = trt or import_tensorrt()
         self.device = device
         self.closed = False
-        blob = engine if isinstance(engine, (bytes, bytearray, memoryview)) else Path(engine).read_bytes()
         mark = len(SINK.messages)
         self._runtime = self.trt.Runtime(process_logger(self.trt))
-        self.engine = self._runtime.deserialize_cuda_engine(blob)
+        if isinstance(engine, (bytes, bytearray, memoryview)):
+            self.engine = self._runtime.deserialize_cuda_engine(engine)
+        else:  # mapped, not read: no engine-sized copy in Python's heap (unified memory on boards)
+            with open(engine, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                self.engine = self._runtime.deserialize_cuda_engine(mapped)
         if self.engine is None:
             errors = SINK.errors(mark)
             raise ExportError("TensorRT could not deserialize the engine (built by another TensorRT version, on "

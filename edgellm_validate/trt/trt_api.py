@@ -36,6 +36,28 @@ def tensorrt_version(trt) -> str:
     return str(getattr(trt, "__version__", "unknown"))
 
 
+# TensorRT versions each Edge-LLM release's plugin library works with, [low, high). 0.7.1 is built against
+# TensorRT 10 (libnvinfer.so.10; JetPack 6.2 ships 10.3, JetPack 7.1 10.13.3.9) and its AttentionPlugin is a
+# V2 plugin, whose registry path TensorRT 11 removed (contract engine-build-and-containers.md §2.2).
+SUPPORTED_TENSORRT = {"0.7": ((10, 3), (11, 0))}
+
+
+def check_tensorrt_version(trt, release: str | None) -> None:
+    """EnvironmentProblem (exit 3) when this TensorRT is outside what the export's Edge-LLM release supports."""
+    key = ".".join((release or "0.7").split(".")[:2])
+    low, high = SUPPORTED_TENSORRT.get(key, SUPPORTED_TENSORRT["0.7"])
+    version = tensorrt_version(trt)
+    try:
+        have = tuple(int(p) for p in version.split("-")[0].split(".")[:2])
+    except ValueError:
+        have = None
+    if have is None or len(have) < 2 or not (low <= have < high):
+        raise EnvironmentProblem(
+            f"TensorRT {version} is outside what the Edge-LLM {release or '0.7'} plugin library works with "
+            f"(TensorRT {low[0]}.{low[1]} up to, not including, {high[0]}.{high[1]}); use the TensorRT of the "
+            "target's JetPack / DriveOS image (JetPack 6.2: 10.3, JetPack 7.1: 10.13.3.9)")
+
+
 class _LogSink:
     """Keeps the last messages so a failed parse or build can quote TensorRT's own errors."""
 
