@@ -139,3 +139,26 @@ def test_stacked_experts_equal_the_checkpoint(moe_checkpoint, tmp_path):
         for e in range(8):
             want = tensors[f"model.layers.2.mlp.experts.{e}.{proj}.weight"].t().to(torch.float16).numpy()
             np.testing.assert_array_equal(got[e], want)
+
+
+def test_quantized_experts_are_refused_by_name():
+    """INT4/NVFP4 experts need the runtime's MoE plugins, not exported yet: refused, never run as FP16."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from edgellm_core.errors import UnsupportedError
+    from edgellm_core.onnx_graph.builder import FLOAT16, GraphBuilder
+    from edgellm_export.models.blocks import moe
+    from edgellm_export.quant.plan import QuantDecisions
+
+    raw = {"model_type": "qwen3_moe", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 1,
+           "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 64, "num_experts": 4,
+           "num_experts_per_tok": 2, "moe_intermediate_size": 32}
+    cfg = build_model_config(raw, lambda s: False, Path("config.json"))
+    g = GraphBuilder("t")
+    quant = QuantDecisions()
+    quant.linears = {"layers.0.mlp.experts.3.up_proj": SimpleNamespace(format="int4_awq_gemm")}
+    e = SimpleNamespace(g=g, w=None, cfg=cfg, quant=quant)
+    x = g.input("x", FLOAT16, ["b", "s", 128])
+    with pytest.raises(UnsupportedError, match=r"layers\.0\.mlp\.experts\.3\.up_proj: quantized MoE experts"):
+        moe.emit(e, 0, x)
