@@ -2,7 +2,8 @@
 
 `python -m edgellm_validate.smoke [--target NAME] [--plugin PATH] [--json]` prints the versions that matter
 (python, numpy, onnx, onnxruntime, tensorrt and where it comes from), imports the validation path, and on a
-TensorRT target loads the Edge-LLM plugin library, checks that it registers the AttentionPlugin, and checks
+TensorRT target loads the Edge-LLM plugin library, checks that it registers every plugin an export can contain
+(AttentionPlugin, Int4GroupwiseGemmPlugin: trt/plugin.exported_plugins), and checks
 the GPU's SM against the target (the CUDA driver API through ctypes, nvidia-smi as a fallback). It exits 1
 with every problem listed when the image cannot serve the target, so a wrong image or machine fails in
 seconds instead of after an engine build. The last output line is `EDGELLM_SMOKE_JSON {...}` for the host
@@ -170,8 +171,10 @@ def _smoke_trt(target, plugin_path, report: dict, problems: list[str]) -> None:
 
             loaded = plugin_mod.load_plugin_library(plugin_path)
             report["plugin"] = {"path": str(loaded.path), "source": loaded.source}
-            plugin_mod.check_creators(trt, loaded, [plugin_mod.ATTENTION_PLUGIN])
+            wanted = plugin_mod.exported_plugins()
+            plugin_mod.check_creators(trt, loaded, wanted)
             report["plugin"]["attention_plugin"] = True
+            report["plugin"]["creators"] = [op for op, _, _ in wanted]
         except Exception as e:
             problems.append(str(e))
     devices, how = cuda_devices()

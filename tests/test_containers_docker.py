@@ -250,7 +250,8 @@ def test_tensorrt_dockerfile_builds_with_a_stand_in_upstream(client, base_image,
     report = json.loads(marker[len(MARKER):])
     assert report["tensorrt"] == {"version": "10.13.3.9",
                                   "origin": "/usr/lib/python3/dist-packages/tensorrt/__init__.py"}
-    assert report["plugin"] == {"path": plugin_path, "source": "EDGELLM_PLUGIN_PATH", "attention_plugin": True}
+    assert report["plugin"] == {"path": plugin_path, "source": "EDGELLM_PLUGIN_PATH", "attention_plugin": True,
+                                "creators": ["AttentionPlugin", "Int4GroupwiseGemmPlugin"]}
     assert report["problems"] == [report["gpu_query"]] and "no GPU visible" in report["gpu_query"]
     # and with the target's GPU options, a docker host without the NVIDIA toolkit is told so
     with pytest.raises(C.ContainerFailed, match="NVIDIA Container Toolkit"):

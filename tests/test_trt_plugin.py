@@ -149,3 +149,27 @@ def test_creator_checks():
     with pytest.raises(PluginProblem) as e:
         check_creators(Trt, None, wanted)
     assert "Int4GroupwiseGemmPlugin v1" in str(e.value) and e.value.exit_code == 3
+
+
+def test_image_smoke_wants_every_plugin_an_export_can_need(monkeypatch):
+    """The validation image's smoke check asks the plugin registry for every trt_edgellm op the exporter
+    emits (AttentionPlugin and Int4GroupwiseGemmPlugin), so an image whose plugin library lacks one fails
+    at build time, not at the first INT4 export's validation."""
+    import sys
+
+    import fake_tensorrt
+
+    from edgellm_validate import smoke
+
+    assert plugin_mod.exported_plugins() == [("AttentionPlugin", "1", ""), ("Int4GroupwiseGemmPlugin", "1", "")]
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt)
+    monkeypatch.setattr(smoke, "cuda_devices", lambda: ([{"name": "fake", "sm": 110}], "fake"))
+    fake_tensorrt.reset()  # AttentionPlugin only
+    report = smoke.run_smoke("thor-jp7", plugin_path=str(SOME_SO))
+    assert any("Int4GroupwiseGemmPlugin" in p for p in report["problems"]), report["problems"]
+    fake_tensorrt.REGISTRY.creators.add(("Int4GroupwiseGemmPlugin", "1", ""))
+    monkeypatch.setattr(plugin_mod, "_loaded", {})
+    report = smoke.run_smoke("thor-jp7", plugin_path=str(SOME_SO))
+    assert not any("plugin" in p.lower() for p in report["problems"]), report["problems"]
+    assert report["plugin"]["creators"] == ["AttentionPlugin", "Int4GroupwiseGemmPlugin"]
+    fake_tensorrt.reset()

@@ -23,6 +23,16 @@ PLUGIN_ENV = "EDGELLM_PLUGIN_PATH"
 LIBRARY_NAME = "libNvInfer_edgellm_plugin.so"
 # Plugins an Edge-LLM 0.7 dense decoder needs (op_type, version, namespace).
 ATTENTION_PLUGIN = ("AttentionPlugin", "1", "")
+
+
+def exported_plugins() -> list[tuple[str, str, str]]:
+    """(op_type, version, namespace) of every Edge-LLM plugin an export of this tool can contain: the
+    `trt_edgellm` ops of edgellm_core.ops (version 1, empty namespace, as the exporter writes them).
+    A validation image's smoke check wants all of them registered, before any export exists."""
+    from edgellm_core.ops import CUSTOM_OPS
+    from edgellm_core.ops.attention_plugin import DOMAIN
+
+    return sorted({(op_type, "1", "") for domain, op_type in CUSTOM_OPS if domain == DOMAIN})
 _HOW = (f"build {LIBRARY_NAME} from TensorRT-Edge-LLM 0.7.x against the TensorRT this Python imports, "
         f"and set {PLUGIN_ENV} to its absolute path")
 
