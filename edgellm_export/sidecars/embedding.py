@@ -8,7 +8,6 @@ Rows are converted and written in slices, never the whole table at once.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import struct
 from pathlib import Path
@@ -35,8 +34,8 @@ def _header(entries: list[tuple[str, str, list[int], int]]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write_embedding(ref: TensorRef, path: Path, *, fp8: bool = False, clamp: bool = False,
-                    writer: StreamWriter | None = None) -> None:
+def write_embedding(ref: TensorRef, path: Path, *, writer: StreamWriter, fp8: bool = False,
+                    clamp: bool = False) -> None:
     """Write the sidecar; the fp16 table goes through `writer` (written and hashed beside the
     conversion of the next rows; its digest lands in `writer.digests`)."""
     import torch
@@ -44,30 +43,20 @@ def write_embedding(ref: TensorRef, path: Path, *, fp8: bool = False, clamp: boo
     vocab, hidden = ref.shape
     src = ref.view()
     if not fp8:
-        own = writer is None
-        writer = writer or StreamWriter()
         fd = writer.open(path)
-        try:
-            header = _header([("embedding", "F16", [vocab, hidden], vocab * hidden * 2)])
-            writer.write(fd, 0, header)
-            offset = len(header)
-            for r0 in range(0, vocab, _ROWS_PER_SLICE):
-                interrupts.check()
-                block = src[r0 : r0 + _ROWS_PER_SLICE]
-                half = block.to(torch.float16)
-                check_fp16_range(ref, block, half, clamp)
-                data = half.view(-1).view(torch.uint8).numpy()
-                writer.write(fd, offset, data)
-                offset += data.nbytes
-                ref.release_rows(r0, r0 + block.shape[0])
-            writer.close(fd, offset)
-        except BaseException:
-            if own:
-                with contextlib.suppress(BaseException):
-                    writer.finish()
-            raise
-        if own:
-            writer.finish()
+        header = _header([("embedding", "F16", [vocab, hidden], vocab * hidden * 2)])
+        writer.write(fd, 0, header)
+        offset = len(header)
+        for r0 in range(0, vocab, _ROWS_PER_SLICE):
+            interrupts.check()
+            block = src[r0 : r0 + _ROWS_PER_SLICE]
+            half = block.to(torch.float16)
+            check_fp16_range(ref, block, half, clamp)
+            data = half.view(-1).view(torch.uint8).numpy()
+            writer.write(fd, offset, data)
+            offset += data.nbytes
+            ref.release_rows(r0, r0 + block.shape[0])
+        writer.close(fd, offset)
         return
     with open(path, "wb") as f:
         if hidden % FP8_BLOCK:
