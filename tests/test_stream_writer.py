@@ -54,3 +54,22 @@ def test_a_write_error_reaches_the_producer_with_the_path(tmp_path, monkeypatch)
     with pytest.raises(OSError, match="No space left"):  # finish drains, stops both threads, raises it too
         w.finish()
     assert not any(t.is_alive() for t in w._threads)
+
+
+def test_files_opened_one_after_another_keep_their_own_digests(tmp_path):
+    """The writer closes a file while the hasher may still be on its last buffers, and the next open()
+    gets the same fd number back: the digests must still land on the right paths."""
+    w = sw.StreamWriter(depth=1)
+    rng = np.random.default_rng(1)
+    want = {}
+    for k in range(6):
+        path = tmp_path / f"f{k}.bin"
+        data = rng.integers(0, 256, 1 << 16, dtype=np.uint8)
+        h = w.open(path)
+        w.write(h, 0, data[: 1 << 15])
+        w.write(h, 1 << 15, data[1 << 15:])
+        w.close(h)
+        want[str(path)] = hashlib.sha256(data.tobytes()).hexdigest()
+    w.finish()
+    assert w.digests == want
+    assert all(hashlib.sha256(open(p, "rb").read()).hexdigest() == d for p, d in want.items())
