@@ -24,12 +24,36 @@ class Bindings:
     logits: str
     past_kv: str  # format with the attention ordinal
     present_kv: str
+    conv_state: str  # hybrids: format with the recurrent-layer ordinal
+    present_conv_state: str
+    recurrent_state: str
+    present_recurrent_state: str
 
     def past(self, i: int) -> str:
         return self.past_kv.format(i)
 
     def present(self, i: int) -> str:
         return self.present_kv.format(i)
+
+    def conv(self, i: int) -> tuple[str, str]:
+        """(input, output) names of recurrent layer i's conv state."""
+        return self.conv_state.format(i), self.present_conv_state.format(i)
+
+    def recurrent(self, i: int) -> tuple[str, str]:
+        """(input, output) names of recurrent layer i's recurrent (SSM / delta-rule) state."""
+        return self.recurrent_state.format(i), self.present_recurrent_state.format(i)
+
+    @staticmethod
+    def conv_state_dims(batch, conv_dim: int, conv_kernel: int) -> tuple:
+        """A recurrent layer's conv state, `[batch, conv_dim, conv_kernel]`: the last `conv_kernel` inputs
+        (the full kernel width, not width - 1; families.md §3)."""
+        return (batch, conv_dim, conv_kernel)
+
+    @staticmethod
+    def recurrent_state_dims(batch, heads: int, head_dim: int, state_size: int) -> tuple:
+        """A recurrent layer's state, `[batch, heads, head_dim, state_size]` (Mamba2: Hm, Dm, Nst;
+        GatedDeltaNet: Hv, Dk, Dv)."""
+        return (batch, heads, head_dim, state_size)
 
     @property
     def step_inputs(self) -> tuple[str, ...]:
@@ -66,6 +90,10 @@ V0_7 = Bindings(
     logits="logits",
     past_kv="past_key_values_{}",
     present_kv="present_key_values_{}",
+    conv_state="conv_state_{}",
+    present_conv_state="present_conv_state_{}",
+    recurrent_state="recurrent_state_{}",
+    present_recurrent_state="present_recurrent_state_{}",
 )
 RELEASES = {"0.7": V0_7}
 

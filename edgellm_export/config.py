@@ -37,6 +37,33 @@ class MoeSpec:
 
 
 @dataclass(frozen=True)
+class GdnSpec:
+    """Qwen3.5's GatedDeltaNet mixer (families.md §3.2): `Hk` key heads of `Dk`, `Hv` value heads of `Dv`,
+    a depthwise causal conv of width `conv_kernel` over q, k and v together."""
+
+    num_k_heads: int
+    num_v_heads: int
+    k_head_dim: int
+    v_head_dim: int
+    conv_kernel: int
+
+    @property
+    def key_dim(self) -> int:
+        return self.num_k_heads * self.k_head_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.num_v_heads * self.v_head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return 2 * self.key_dim + self.value_dim
+
+
+ATTENTION, GDN = "attention", "gdn"  # layer mixers
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     model_type: str
     vocab_size: int
@@ -58,7 +85,35 @@ class ModelConfig:
     sliding_window: int = -1
     hidden_act: str = "silu"
     moe: MoeSpec | None = None  # sparse MoE MLPs (qwen3_moe); None: every MLP is dense
+    # Hybrids: each layer's token mixer (ATTENTION or GDN); empty means attention everywhere.
+    layer_mixers: tuple[str, ...] = ()
+    gdn: GdnSpec | None = None
+    attn_output_gate: bool = False  # Qwen3.5: q_proj also yields a per-head gate, output * sigmoid(gate)
+    norm_plus_one: bool = False  # Qwen3.5: RMSNorm weights stored as w, applied as (1 + w)
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def mixer(self, i: int) -> str:
+        return self.layer_mixers[i] if self.layer_mixers else ATTENTION
+
+    @property
+    def attention_layers(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if self.mixer(i) == ATTENTION]
+
+    @property
+    def recurrent_layers(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if self.mixer(i) != ATTENTION]
+
+    @property
+    def is_hybrid(self) -> bool:
+        return bool(self.recurrent_layers)
+
+    def attention_ordinal(self, i: int) -> int:
+        """Layer i's index among the attention layers: its KV cache binding's number."""
+        return self.attention_layers.index(i)
+
+    def recurrent_ordinal(self, i: int) -> int:
+        """Layer i's index among the recurrent layers: its conv / recurrent state bindings' number."""
+        return self.recurrent_layers.index(i)
 
     def is_moe_layer(self, i: int) -> bool:
         """Qwen3-MoE's layer plan (families.md §2.1): layer i's MLP is sparse iff it is not in
@@ -192,7 +247,38 @@ def build_model_config(raw: dict, tensor_names_have, path: Path) -> ModelConfig:
         hidden_act=str(cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))),
         moe=_moe_spec(cfg, path) if model_type == "qwen3_moe" else None,
         raw=cfg,
+        **(_qwen3_5_fields(cfg, path) if model_type in QWEN3_5_TYPES else {}),
     )
+
+
+QWEN3_5_TYPES = ("qwen3_5_text", "qwen3_5")
+_QWEN3_5_LAYER_TYPES = {"linear_attention": GDN, "full_attention": ATTENTION}
+
+
+def _qwen3_5_fields(cfg: dict, path: Path) -> dict:
+    """Qwen3.5 text (families.md §3.2): the layer plan from `layer_types`, the GatedDeltaNet shape, gated
+    attention, (1 + w) norms."""
+    layers = _int(cfg, "num_hidden_layers", path)
+    types = cfg.get("layer_types")
+    if types is None:  # what transformers derives when config.json omits it
+        interval = _int(cfg, "full_attention_interval", path, 4)
+        types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(layers)]
+    if not isinstance(types, list) or len(types) != layers:
+        raise ExportError(f"layer_types must list one entry per layer ({layers}), found "
+                          f"{types if not isinstance(types, list) else f'{len(types)} entries'}", path)
+    unknown = sorted({str(t) for t in types} - set(_QWEN3_5_LAYER_TYPES))
+    if unknown:
+        raise ExportError(f"layer_types holds {', '.join(map(repr, unknown))}; a Qwen3.5 layer is "
+                          f"'linear_attention' (GatedDeltaNet) or 'full_attention'", path)
+    gdn = GdnSpec(
+        num_k_heads=_int(cfg, "linear_num_key_heads", path), num_v_heads=_int(cfg, "linear_num_value_heads", path),
+        k_head_dim=_int(cfg, "linear_key_head_dim", path), v_head_dim=_int(cfg, "linear_value_head_dim", path),
+        conv_kernel=_int(cfg, "linear_conv_kernel_dim", path))
+    if gdn.num_v_heads % gdn.num_k_heads:
+        raise ExportError(f"linear_num_value_heads ({gdn.num_v_heads}) is not a multiple of "
+                          f"linear_num_key_heads ({gdn.num_k_heads})", path)
+    return {"layer_mixers": tuple(_QWEN3_5_LAYER_TYPES[t] for t in types), "gdn": gdn,
+            "attn_output_gate": True, "norm_plus_one": True}
 
 
 def _moe_spec(cfg: dict, path: Path) -> MoeSpec | None:

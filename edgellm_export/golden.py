@@ -132,13 +132,11 @@ class GoldenRun:
                 for i, sc in enumerate(self.scenarios) for st in sc.steps]
 
     def _run_layer(self) -> None:
-        torch = self.torch
-        c = self.cfg
         layer = self.layer_cls(self.cfg, self.pending, self.quant, self.pending_layer)
-        caches = [torch.zeros(V0_7.kv_cache_dims(sc.steps[0].token_ids.shape[0], c.num_key_value_heads, KV_CAPACITY,
-                                                 c.head_dim), dtype=torch.float16)
-                  for sc in self.scenarios]  # as the runtime's
-        self.hidden, _ = layer.forward_steps(self.hidden, caches, self.table, self._calls())
+        # One state per scenario (a KV cache, or a hybrid layer's conv and recurrent states), zeroed as the
+        # runtime's are, carried across the scenario's steps.
+        states = [layer.initial_state(sc.steps[0].token_ids.shape[0], V0_7, KV_CAPACITY) for sc in self.scenarios]
+        self.hidden, _ = layer.forward_steps(self.hidden, states, self.table, self._calls())
         self.pending = {}
 
     def _run_head(self) -> None:

@@ -3,7 +3,7 @@
 `python -m edgellm_validate.smoke [--target NAME] [--plugin PATH] [--json]` prints the versions that matter
 (python, numpy, onnx, onnxruntime, tensorrt and where it comes from), imports the validation path, and on a
 TensorRT target loads the Edge-LLM plugin library, checks that it registers every plugin an export can contain
-(AttentionPlugin, Int4GroupwiseGemmPlugin: trt/plugin.exported_plugins), and checks
+(AttentionPlugin, Int4GroupwiseGemmPlugin, the hybrids' ops: trt/plugin.exported_plugins), and checks
 the GPU's SM against the target (the CUDA driver API through ctypes, nvidia-smi as a fallback). It exits 1
 with every problem listed when the image cannot serve the target, so a wrong image or machine fails in
 seconds instead of after an engine build. The last output line is `EDGELLM_SMOKE_JSON {...}` for the host

@@ -153,15 +153,18 @@ def test_creator_checks():
 
 def test_image_smoke_wants_every_plugin_an_export_can_need(monkeypatch):
     """The validation image's smoke check asks the plugin registry for every trt_edgellm op the exporter
-    emits (AttentionPlugin and Int4GroupwiseGemmPlugin), so an image whose plugin library lacks one fails
-    at build time, not at the first INT4 export's validation."""
+    emits (AttentionPlugin, Int4GroupwiseGemmPlugin, and the hybrids' causal_conv1d, gated_delta_net and
+    update_ssm_state, registered under those names in 0.7.1's plugin sources), so an image whose plugin
+    library lacks one fails at build time, not at the first INT4 or hybrid export's validation."""
     import sys
 
     import fake_tensorrt
 
     from edgellm_validate import smoke
 
-    assert plugin_mod.exported_plugins() == [("AttentionPlugin", "1", ""), ("Int4GroupwiseGemmPlugin", "1", "")]
+    assert plugin_mod.exported_plugins() == [("AttentionPlugin", "1", ""), ("Int4GroupwiseGemmPlugin", "1", ""),
+                                             ("causal_conv1d", "1", ""), ("gated_delta_net", "1", ""),
+                                             ("update_ssm_state", "1", "")]
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt)
     monkeypatch.setattr(smoke, "cuda_devices", lambda: ([{"name": "fake", "sm": 110}], "fake"))
     fake_tensorrt.reset()  # AttentionPlugin only
@@ -170,6 +173,10 @@ def test_image_smoke_wants_every_plugin_an_export_can_need(monkeypatch):
     fake_tensorrt.REGISTRY.creators.add(("Int4GroupwiseGemmPlugin", "1", ""))
     monkeypatch.setattr(plugin_mod, "_loaded", {})
     report = smoke.run_smoke("thor-jp7", plugin_path=str(SOME_SO))
+    assert any("gated_delta_net" in p for p in report["problems"]), report["problems"]
+    fake_tensorrt.REGISTRY.creators.update(plugin_mod.exported_plugins())
+    monkeypatch.setattr(plugin_mod, "_loaded", {})
+    report = smoke.run_smoke("thor-jp7", plugin_path=str(SOME_SO))
     assert not any("plugin" in p.lower() for p in report["problems"]), report["problems"]
-    assert report["plugin"]["creators"] == ["AttentionPlugin", "Int4GroupwiseGemmPlugin"]
+    assert report["plugin"]["creators"] == [name for name, _, _ in plugin_mod.exported_plugins()]
     fake_tensorrt.reset()

@@ -62,6 +62,17 @@ def test_alias_map():
                                     "present_key_values_1": "past_key_values_1"}
 
 
+def test_alias_map_carries_hybrid_states_in_place():
+    ins = ["inputs_embeds", "past_key_values_0", "context_lengths", "conv_state_0", "conv_state_1",
+           "recurrent_state_0", "recurrent_state_1"]
+    outs = ["logits", "present_key_values_0", "present_conv_state_0", "present_conv_state_1",
+            "present_recurrent_state_0", "present_recurrent_state_1"]
+    assert alias_map(ins, outs) == {
+        "present_key_values_0": "past_key_values_0", "present_conv_state_0": "conv_state_0",
+        "present_conv_state_1": "conv_state_1", "present_recurrent_state_0": "recurrent_state_0",
+        "present_recurrent_state_1": "recurrent_state_1"}
+
+
 def test_dtypes():
     assert numpy_dtype(fake_trt.DataType.HALF) == np.float16
     assert numpy_dtype(fake_trt.DataType.INT64) == np.int64

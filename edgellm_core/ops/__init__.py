@@ -10,11 +10,14 @@ Faces 2-4 need only `onnx`, so the validation side imports these modules on
 machines without torch; face 1 imports torch lazily.
 """
 
-from edgellm_core.ops import attention_plugin, fp4, int4_gemm, mxfp8
+from edgellm_core.ops import attention_plugin, causal_conv1d, fp4, gated_delta_net, int4_gemm, mxfp8, update_ssm_state
 
 # (domain, op_type) -> module providing `lowering(node) -> FunctionProto`
 CUSTOM_OPS = {
     (attention_plugin.DOMAIN, attention_plugin.OP_TYPE): attention_plugin,
+    (causal_conv1d.DOMAIN, causal_conv1d.OP_TYPE): causal_conv1d,
+    (gated_delta_net.DOMAIN, gated_delta_net.OP_TYPE): gated_delta_net,
+    (update_ssm_state.DOMAIN, update_ssm_state.OP_TYPE): update_ssm_state,
     (int4_gemm.DOMAIN, int4_gemm.OP_TYPE): int4_gemm,
     (fp4.DOMAIN, fp4.QUANTIZE): fp4,
     (fp4.DOMAIN, fp4.DEQUANTIZE): fp4,

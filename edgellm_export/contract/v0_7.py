@@ -7,7 +7,7 @@ a binding name, a dim name or a plugin attribute itself.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from edgellm_core.bindings import bindings_for
 from edgellm_core.onnx_graph.builder import FLOAT, FLOAT8E4M3FN, FLOAT16, INT32, INT64, GraphBuilder
@@ -42,28 +42,57 @@ BATCH, SEQ, PAST, ROPE_BATCH, MAX_POS, KV_BATCH = (
 
 @dataclass
 class GraphIO:
+    """The graph's bindings; states are keyed by layer index (their names carry the attention or
+    recurrent ordinal)."""
+
     inputs_embeds: str
-    past: list[str]
     rope: str
     context_lengths: str
     kvcache_start_index: str
     last_token_ids: str
-    presents: list[str | None]
+    past: dict[int, str] = field(default_factory=dict)  # attention layer -> KV cache input
+    presents: dict[int, str | None] = field(default_factory=dict)
+    conv: dict[int, str] = field(default_factory=dict)  # recurrent layer -> conv state input
+    recurrent: dict[int, str] = field(default_factory=dict)  # recurrent layer -> recurrent state input
+    state_presents: dict[str, str | None] = field(default_factory=dict)  # state input -> its output value
     kv_dtype: int = FLOAT16
 
 
+def recurrent_state_dtype(cfg: ModelConfig) -> int:
+    """GatedDeltaNet keeps its recurrent state in fp32, Mamba2 in fp16 (families.md §3.1, §3.2)."""
+    return FLOAT if cfg.gdn is not None else FLOAT16
+
+
+def recurrent_state_shape(cfg: ModelConfig, batch) -> tuple:
+    d = cfg.gdn
+    return BINDINGS.recurrent_state_dims(batch, d.num_v_heads, d.k_head_dim, d.v_head_dim)
+
+
+def conv_state_shape(cfg: ModelConfig, batch) -> tuple:
+    return BINDINGS.conv_state_dims(batch, cfg.gdn.conv_dim, cfg.gdn.conv_kernel)
+
+
 def declare_io(g: GraphBuilder, cfg: ModelConfig, kv_fp8: bool = False) -> GraphIO:
-    """Graph inputs; an FP8 KV cache makes every past/present tensor float8e4m3fn (quant.md §3.10)."""
+    """Graph inputs in the runtime's order (families.md §0.1, §3): embeddings, a KV cache per attention
+    layer (by attention ordinal), RoPE, the per-step scalars, then for hybrids every recurrent layer's
+    conv state and every recurrent layer's recurrent state (by recurrent ordinal). An FP8 KV cache makes
+    every past/present KV tensor float8e4m3fn (quant.md §3.10)."""
     kv_dtype = FLOAT8E4M3FN if kv_fp8 else FLOAT16
     kv_shape = list(BINDINGS.kv_cache_dims(BATCH, cfg.num_key_value_heads, PAST, cfg.head_dim))
     b = BINDINGS
     emb = g.input(b.inputs_embeds, FLOAT16, [BATCH, SEQ, cfg.hidden_size])
-    past = [g.input(b.past(i), kv_dtype, kv_shape) for i in range(cfg.num_hidden_layers)]
+    past = {i: g.input(b.past(k), kv_dtype, kv_shape) for k, i in enumerate(cfg.attention_layers)}
     rope = g.input(b.rope_cos_sin, FLOAT, [ROPE_BATCH, MAX_POS, cfg.rotary_dim])
     ctx = g.input(b.context_lengths, INT32, [BATCH])
     start = g.input(b.kvcache_start_index, INT32, [KV_BATCH])
     last = g.input(b.last_token_ids, INT64, [BATCH, 1])
-    return GraphIO(emb, past, rope, ctx, start, last, [None] * cfg.num_hidden_layers, kv_dtype)
+    io = GraphIO(emb, rope, ctx, start, last, past, {i: None for i in past}, kv_dtype=kv_dtype)
+    for k, i in enumerate(cfg.recurrent_layers):
+        io.conv[i] = g.input(b.conv(k)[0], FLOAT16, list(conv_state_shape(cfg, BATCH)))
+    for k, i in enumerate(cfg.recurrent_layers):
+        io.recurrent[i] = g.input(b.recurrent(k)[0], recurrent_state_dtype(cfg),
+                                  list(recurrent_state_shape(cfg, BATCH)))
+    return io
 
 
 def attention(g: GraphBuilder, io: GraphIO, layer: int, q: str, k: str, v: str, attrs: dict) -> str:
@@ -75,11 +104,22 @@ def attention(g: GraphBuilder, io: GraphIO, layer: int, q: str, k: str, v: str, 
     return attn
 
 
+def set_state_present(io: GraphIO, state_input: str, value: str) -> None:
+    """A recurrent block hands back the value that carries `state_input` to the next call."""
+    io.state_presents[state_input] = value
+
+
 def finish_outputs(g: GraphBuilder, io: GraphIO, cfg: ModelConfig, logits: str) -> None:
+    """Outputs in the runtime's order: logits, the KV presents, then the conv and recurrent presents."""
     g.output(logits, BINDINGS.logits, FLOAT, [BATCH, 1, cfg.vocab_size])
     kv_out = list(BINDINGS.kv_cache_dims(BATCH, cfg.num_key_value_heads, "present_len", cfg.head_dim))
-    for i, p in enumerate(io.presents):
-        g.output(p, BINDINGS.present(i), io.kv_dtype, kv_out)
+    for k, i in enumerate(cfg.attention_layers):
+        g.output(io.presents[i], BINDINGS.present(k), io.kv_dtype, kv_out)
+    for k, i in enumerate(cfg.recurrent_layers):
+        g.output(io.state_presents[io.conv[i]], BINDINGS.conv(k)[1], FLOAT16, list(conv_state_shape(cfg, BATCH)))
+    for k, i in enumerate(cfg.recurrent_layers):
+        g.output(io.state_presents[io.recurrent[i]], BINDINGS.recurrent(k)[1], recurrent_state_dtype(cfg),
+                 list(recurrent_state_shape(cfg, BATCH)))
 
 
 def runtime_config(cfg: ModelConfig, *, allow_rope_passthrough: bool = False) -> dict:
@@ -104,17 +144,52 @@ def runtime_config(cfg: ModelConfig, *, allow_rope_passthrough: bool = False) ->
         "num_deepstack_features": 0,
     }
     out.update(rope)  # original_max_position_embeddings for longrope
+    if cfg.is_hybrid:
+        out.update(_hybrid_fields(cfg))
     return out
+
+
+def _hybrid_fields(cfg: ModelConfig) -> dict:
+    """What the 0.7 builder and HybridCacheManager read for a model with recurrent layers (families.md §3):
+    state counts and shapes, and a routing table over the stateful layers (GatedDeltaNet is "mamba")."""
+    d = cfg.gdn
+    attn = cfg.attention_layers
+    return {
+        "model_type": "hybrid_mamba",
+        "num_linear_attn_layers": len(cfg.recurrent_layers),
+        "num_attention_layers": len(attn),
+        "recurrent_state_num_heads": d.num_v_heads,
+        "recurrent_state_head_dim": d.k_head_dim,
+        "recurrent_state_size": d.v_head_dim,
+        "conv_dim": d.conv_dim,
+        "conv_kernel": d.conv_kernel,
+        "use_rope": len(attn) > 0,
+        "layer_types": ["attention" if i in attn else "mamba" for i in range(cfg.num_hidden_layers)],
+        "kv_layer_configs": [{"num_kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim} if i in attn
+                             else None for i in range(cfg.num_hidden_layers)],
+    }
+
+
+# Query heads per KV head that 0.7.1's XQA decode kernels are built for, per head_dim (its cubin list:
+# xqa_kernel_dt_fp16_d_{D}_..._nqpkv_{ratio}_...); the context FMHA takes head sizes 64, 128 and 256.
+XQA_HEAD_RATIOS = {64: (1, 2, 3, 4, 5, 6, 7, 8), 128: (1, 2, 3, 4, 5, 6, 7, 8, 16), 256: (4, 6)}
 
 
 def check_supported(cfg: ModelConfig) -> None:
     """Refuse shapes the 0.7 plugin kernels cannot run (they throw at engine build)."""
+    if cfg.attention_layers:
+        _check_attention(cfg)
+    if cfg.gdn is not None:
+        _check_gdn(cfg)
+
+
+def _check_attention(cfg: ModelConfig) -> None:
     from edgellm_core.errors import UnsupportedError
 
-    if cfg.head_dim not in (64, 128):
+    if cfg.head_dim not in XQA_HEAD_RATIOS:
         raise UnsupportedError(
             f"head_dim {cfg.head_dim} is not supported by Edge-LLM 0.7's attention kernels "
-            "(context FMHA and XQA decode together need 64 or 128)"
+            f"(context FMHA and XQA decode together need {', '.join(map(str, XQA_HEAD_RATIOS))})"
         )
     if cfg.sliding_window > 0:
         log.warning(
@@ -122,8 +197,28 @@ def check_supported(cfg: ModelConfig) -> None:
             "on other GPUs (Orin included) contexts longer than %d tokens attend to the whole cache, "
             "unlike the checkpoint", cfg.sliding_window, cfg.sliding_window)
     ratio = cfg.num_attention_heads // cfg.num_key_value_heads
-    if ratio not in (1, 2, 3, 4, 5, 6, 7, 8, 16):
+    allowed = XQA_HEAD_RATIOS[cfg.head_dim]
+    if ratio not in allowed:
         raise UnsupportedError(
             f"{cfg.num_attention_heads} query heads over {cfg.num_key_value_heads} KV heads "
-            f"(ratio {ratio}) is outside what Edge-LLM 0.7's decode kernels support (1..8 or 16)"
+            f"(ratio {ratio}) is outside what Edge-LLM 0.7's decode kernels support at head_dim {cfg.head_dim} "
+            f"({', '.join(map(str, allowed))})"
         )
+
+
+def _check_gdn(cfg: ModelConfig) -> None:
+    """GatedDeltaNet: 0.7.1's kernels run only 128-wide key and value heads (SM 80 and up), and its conv
+    kernel only widths up to 8 (families.md §3.2; ops/gated_delta_net.py, ops/causal_conv1d.py)."""
+    from edgellm_core.errors import UnsupportedError
+    from edgellm_core.ops import causal_conv1d, gated_delta_net
+
+    d = cfg.gdn
+    if (d.k_head_dim, d.v_head_dim) != gated_delta_net.RUNTIME_HEAD_DIMS:
+        raise UnsupportedError(
+            f"GatedDeltaNet head dims {d.k_head_dim} (key) / {d.v_head_dim} (value) are not supported by Edge-LLM "
+            f"0.7's gated_delta_net kernels, which run only {gated_delta_net.RUNTIME_HEAD_DIMS[0]} / "
+            f"{gated_delta_net.RUNTIME_HEAD_DIMS[1]}")
+    if not 1 <= d.conv_kernel <= causal_conv1d.MAX_KERNEL:
+        raise UnsupportedError(
+            f"linear_conv_kernel_dim {d.conv_kernel} is wider than Edge-LLM 0.7's causal_conv1d kernel allows "
+            f"(1..{causal_conv1d.MAX_KERNEL})")

@@ -1,10 +1,12 @@
-"""The default dense decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3 style): a stack of blocks.
+"""The pre-norm decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3, Qwen3-MoE, Qwen3.5): a stack of blocks.
 
-Each layer is RMSNorm -> GQA attention (AttentionPlugin) -> residual, RMSNorm -> SwiGLU MLP ->
-residual; the blocks (models/blocks/) hold both faces, and this module stacks them twice: `emit_graph`
-(the ONNX graph, built from the config with no weights loaded) and `DecoderLayer` / `DecoderHead`
-(eager torch, for the golden reference). Optional parts follow the config: q/k RMSNorm (Qwen3), q/k/v,
-o and MLP biases.
+Each layer is RMSNorm -> token mixer -> residual, RMSNorm -> MLP -> residual. The config's layer plan
+picks each layer's blocks: the mixer is GQA attention (AttentionPlugin) or, in hybrids, a GatedDeltaNet
+(`ModelConfig.mixer`); the MLP is SwiGLU or a sparse MoE (`ModelConfig.is_moe_layer`). The blocks
+(models/blocks/) hold both faces, and this module stacks them twice: `emit_graph` (the ONNX graph,
+built from the config with no weights loaded) and `DecoderLayer` / `DecoderHead` (eager torch, for the
+golden reference). Optional parts follow the config: q/k RMSNorm (Qwen3), q/k/v, o and MLP biases,
+gated attention and (1 + w) norms (Qwen3.5).
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import functools
 
 from edgellm_core.onnx_graph.builder import FLOAT, GraphBuilder
 
-from ..config import ModelConfig
+from ..config import ATTENTION, ModelConfig
 from ..quant.plan import QuantDecisions
-from .blocks import attention, linear, mlp, moe, norms
+from .blocks import attention, gdn, linear, mlp, moe, norms
 from .weights import WeightSource
 
 
@@ -23,7 +25,10 @@ def linear_names(cfg: ModelConfig, has_lm_head: bool) -> list[str]:
     """Every linear layer, by canonical module name (what quantization metadata refers to)."""
     names = []
     for i in range(cfg.num_hidden_layers):
-        names += [f"layers.{i}.self_attn.{m}" for m in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        if cfg.mixer(i) == ATTENTION:
+            names += [f"layers.{i}.self_attn.{m}" for m in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        else:
+            names += gdn.linear_names(i)
         if cfg.is_moe_layer(i):
             names += [moe.router_name(i), *moe.expert_linears(cfg, i)]
         else:
@@ -66,18 +71,25 @@ def emit_graph(g: GraphBuilder, w: WeightSource, cfg: ModelConfig, contract, has
     quant = quant or QuantDecisions()
     e, n, c = _Emitter(g, w, cfg, quant), g.node, cfg
     io = contract.declare_io(g, cfg, kv_fp8=quant.kv_scales is not None)
-    h = c.hidden_size
+    h, one = c.hidden_size, c.norm_plus_one
+
+    def norm(x, name):
+        return norms.emit(g, x, norms.weight_name(w, name, h, one), c.rms_norm_eps, one)
+
     x = io.inputs_embeds
     for i in range(c.num_hidden_layers):
         g.scope = f"layers.{i}"
         p = f"layers.{i}."
-        y = norms.emit(g, x, w.vector(p + "input_layernorm.weight", h), c.rms_norm_eps)
-        kv_scales = quant.kv_scales[i] if quant.kv_scales is not None else None
-        x = n("Add", [x, attention.emit(e, io, contract, i, y, kv_scales)])
-        y = norms.emit(g, x, w.vector(p + "post_attention_layernorm.weight", h), c.rms_norm_eps)
+        y = norm(x, p + "input_layernorm.weight")
+        if c.mixer(i) == ATTENTION:
+            kv_scales = quant.kv_scales[i] if quant.kv_scales is not None else None
+            x = n("Add", [x, attention.emit(e, io, contract, i, y, kv_scales)])
+        else:
+            x = n("Add", [x, gdn.emit(e, io, contract, i, y)])
+        y = norm(x, p + "post_attention_layernorm.weight")
         x = n("Add", [x, moe.emit(e, i, y) if c.is_moe_layer(i) else mlp.emit(e, i, y)])
     g.scope = "head"
-    y = norms.emit(g, x, w.vector("norm.weight", h), c.rms_norm_eps)
+    y = norm(x, "norm.weight")
     # Logits only for the selected token of each sequence: GatherND(batch_dims=1).
     idx = n("Unsqueeze", [io.last_token_ids, g.i64(-1)])
     sel = n("GatherND", [y, idx], {"batch_dims": 1})
@@ -115,6 +127,15 @@ def torch_modules():
             self.quant = {k[len(prefix):]: v for k, v in quant.linears.items() if k.startswith(prefix)}
             self.kv_scales = quant.kv_scales[layer] if quant.kv_scales is not None else None
             self.is_moe = cfg.is_moe_layer(layer)
+            self.mixer = cfg.mixer(layer)
+
+        def initial_state(self, batch: int, bindings, capacity: int):
+            """This layer's carried state for a fresh batch, zeroed as the runtime's buffers are."""
+            c = self.cfg
+            if self.mixer == ATTENTION:
+                return torch.zeros(bindings.kv_cache_dims(batch, c.num_key_value_heads, capacity, c.head_dim),
+                                   dtype=torch.float16)
+            return gdn.initial_state(c, batch, bindings)
 
         def forward_steps(self, xs, caches, rope_table, calls):
             """Many runtime calls at once: `calls` lists (cache index, context_lengths, start index)
@@ -122,13 +143,17 @@ def torch_modules():
             projections, MLP) runs on all tokens together, so each weight is widened
             to fp32 once; only attention walks the calls in order, updating `caches`.
             """
-            c, t = self.cfg, self.t
+            c, t, one = self.cfg, self.t, self.cfg.norm_plus_one
             sizes = [x.shape[1] for x in xs]
             x = torch.cat(xs, dim=1)
-            y = norms.eager(x, t["input_layernorm.weight"], c.rms_norm_eps)
-            x = r16(x + attention.eager(y, sizes, t, self.quant, c, self.kv_scales, caches, rope_table, calls,
-                                        attention_plugin))
-            y = norms.eager(x, t["post_attention_layernorm.weight"], c.rms_norm_eps)
+            y = norms.eager(x, t[norms.weight_key("input_layernorm.weight", one)], c.rms_norm_eps, one)
+            if self.mixer == ATTENTION:
+                mixed = attention.eager(y, sizes, t, self.quant, c, self.kv_scales, caches, rope_table, calls,
+                                        attention_plugin)
+            else:
+                mixed = gdn.eager(y, sizes, t, self.quant, c, caches, calls)
+            x = r16(x + mixed)
+            y = norms.eager(x, t[norms.weight_key("post_attention_layernorm.weight", one)], c.rms_norm_eps, one)
             x = r16(x + (moe.eager(y, t, c, self.quant) if self.is_moe else mlp.eager(y, t, self.quant)))
             return list(x.split(sizes, 1)), caches
 
@@ -137,7 +162,7 @@ def torch_modules():
 
         def __init__(self, cfg: ModelConfig, tensors: dict, quant: QuantDecisions | None = None):
             super().__init__()
-            self.cfg, self.norm = cfg, tensors["norm.weight"]
+            self.cfg, self.norm = cfg, tensors[norms.weight_key("norm.weight", cfg.norm_plus_one)]
             self.t = {("lm_head" + k[len("embed_tokens"):] if k.startswith("embed_tokens.") else k): v
                       for k, v in tensors.items()}
             self.quant = (quant or QuantDecisions()).linears
@@ -146,7 +171,7 @@ def torch_modules():
             """Logits `[B, 1, V]` per call; the vocab is widened in slices, once for all calls."""
             sel = torch.cat([torch.gather(x, 1, ids[:, :, None].expand(-1, -1, x.shape[-1]))
                              for x, ids in zip(xs, last_token_ids)], dim=1)
-            y = norms.eager(sel, self.norm, self.cfg.rms_norm_eps)
+            y = norms.eager(sel, self.norm, self.cfg.rms_norm_eps, self.cfg.norm_plus_one)
             return list(linear.eager(y, self.t, "lm_head", self.quant).split(1, dim=1))
 
     return DecoderLayer, DecoderHead

@@ -34,7 +34,7 @@ def register(family: Family) -> Family:
 
 
 def family_for(cfg: ModelConfig, config_path) -> Family:
-    from . import llama, mistral, phi3, qwen2, qwen3, qwen3_moe  # noqa: F401  (registration)
+    from . import llama, mistral, phi3, qwen2, qwen3, qwen3_5, qwen3_moe  # noqa: F401  (registration)
 
     fam = FAMILIES.get(cfg.model_type)
     if fam is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from edgellm_core.errors import ExportError
-from edgellm_core.onnx_graph.builder import FLOAT16, GraphBuilder
+from edgellm_core.onnx_graph.builder import FLOAT, FLOAT16, GraphBuilder
 
 from ..checkpoint.reader import Checkpoint, TensorRef
 
@@ -178,9 +178,34 @@ class WeightSource:
         return self.g.weight(name, FLOAT16, (len(refs), in_features, out_features), produce,
                              tag=f"{refs[0].where()} .. {refs[-1].where()}")
 
-    def vector(self, name: str, size: int) -> str:
+    def vector(self, name: str, size: int, *, plus_one: bool = False) -> str:
+        """An fp16 vector; `plus_one`: the checkpoint stores w of a norm applied as (1 + w) (Qwen3.5), so
+        the initializer holds 1 + w, added in fp32 before the one rounding to fp16."""
         ref = self.ref(name, (size,))
-        return self.g.weight(name, FLOAT16, (size,), lambda: to_fp16(ref, clamp=self.clamp), tag=ref.where())
+        if not plus_one:
+            return self.g.weight(name, FLOAT16, (size,), lambda: to_fp16(ref, clamp=self.clamp), tag=ref.where())
+
+        def produce():
+            out = (ref.view().float() + 1.0).half()
+            check_fp16_range(ref, ref.view(), out, self.clamp)
+            return out
+
+        return self.g.weight(f"{name}+1", FLOAT16, (size,), produce, tag=ref.where())
+
+    def tensor(self, name: str, shape: tuple[int, ...]) -> str:
+        """Any checkpoint tensor as an fp16 initializer of the same shape (e.g. a conv weight)."""
+        ref = self.ref(name, shape)
+        return self.g.weight(name, FLOAT16, shape, lambda: to_fp16(ref, clamp=self.clamp).reshape(shape),
+                             tag=ref.where())
+
+    def vector_f32(self, name: str, size: int) -> str:
+        """An fp32 vector, for the inputs the runtime's kernels read in fp32 (A_log, A)."""
+        ref = self.ref(name, (size,))
+
+        def produce():
+            return ref.view().float().clone()
+
+        return self.g.weight(name, FLOAT, (size,), produce, tag=ref.where())
 
     # -- quantized tensors: passed through or repacked, never silently reinterpreted -----------
     def quant_ref(self, name: str, dtypes: tuple[str, ...], shape: tuple[int, ...] | None, what: str) -> TensorRef:

@@ -14,6 +14,13 @@ the KV cache is one `[B, 2, Hkv, 0..Cap, D]` tensor per layer, there is no page 
     rope_rotary_cos_sin    [1,C,R] / [B,C,R] / [B,C,R]         same
     last_token_ids         [1,1] / [B,1] / [B,1]               same
     past_key_values_i      [1,2,Hkv,0,D] / [B,2,Hkv,C,D] / [B,2,Hkv,C,D]   same
+    conv_state_j           [1,Cd,K] / [B,Cd,K] / [B,Cd,K]                  same    (hybrids)
+    recurrent_state_j      [1,Hr,Dr,N] / [B,Hr,Dr,N] / [B,Hr,Dr,N]         same    (hybrids)
+
+A hybrid (`model_type` hybrid_mamba) has a KV cache per attention layer only (`num_attention_layers`)
+and a conv and a recurrent state per recurrent layer (`num_linear_attn_layers`; Cd = `conv_dim`,
+K = `conv_kernel`, Hr / Dr / N = `recurrent_state_num_heads` / `_head_dim` / `_size`), as
+`LLMBuilder::setupConvStateProfiles` / `setupRecurrentStateProfiles` set them.
 
 `L/2` is C++ integer division, as in llm_build. Profile order matters: TensorRT numbers
 profiles in the order they are added, and the runtime selects 0 for prefill, 1 for decode.
@@ -43,7 +50,8 @@ ROPE_COS_SIN, LAST_TOKEN_IDS, LOGITS = _B.rope_cos_sin, _B.last_token_ids, _B.lo
 PAST_KV, PRESENT_KV = _B.past_kv, _B.present_kv
 
 # config.json `model_type` values whose profiles differ from the vanilla ones (EAGLE/MTP/hybrid).
-_NON_VANILLA = {"eagle3_base", "eagle3_draft", "mtp_base", "mtp_draft", "hybrid_mamba"}
+_NON_VANILLA = {"eagle3_base", "eagle3_draft", "mtp_base", "mtp_draft"}
+HYBRID = "hybrid_mamba"
 
 
 class ShapeRange(NamedTuple):
@@ -94,7 +102,10 @@ class ModelDims:
     num_key_value_heads: int
     head_dim: int
     rotary_dim: int
-    num_kv_inputs: int  # = num_hidden_layers for a dense decoder
+    num_kv_inputs: int  # = num_hidden_layers for a dense decoder, num_attention_layers for a hybrid
+    num_recurrent: int = 0  # hybrids: layers with a conv and a recurrent state
+    conv_state: tuple[int, int] = (0, 0)  # (conv_dim, conv_kernel)
+    recurrent_state: tuple[int, int, int] = (0, 0, 0)  # (heads, head_dim, state size)
 
 
 def check_limits(limits: BuildLimits) -> None:
@@ -156,14 +167,24 @@ def model_dims(config: dict, where: str | Path | None = None) -> ModelDims:
     rotary = int(head_dim * factor)
     if rotary < 1:
         raise ProfileError(f"rotary dim int(head_dim * partial_rotary_factor) = {rotary}", where)
-    return ModelDims(hidden, kv_heads, head_dim, rotary, layers)
+    recurrent = config.get("num_linear_attn_layers") or 0
+    if config.get("model_type") != HYBRID or not recurrent:
+        return ModelDims(hidden, kv_heads, head_dim, rotary, layers)
+    recurrent = _int_field(config, "num_linear_attn_layers", where)
+    return ModelDims(hidden, kv_heads, head_dim, rotary,
+                     num_kv_inputs=config.get("num_attention_layers", layers),
+                     num_recurrent=recurrent,
+                     conv_state=(_int_field(config, "conv_dim", where), _int_field(config, "conv_kernel", where)),
+                     recurrent_state=tuple(_int_field(config, f"recurrent_state_{k}", where)
+                                           for k in ("num_heads", "head_dim", "size")))
 
 
 def input_names(config: dict) -> list[str]:
     """The graph inputs a vanilla 0.7 export has (and llm_build sets a profile for), in export order."""
-    layers = model_dims(config).num_kv_inputs
-    return [INPUTS_EMBEDS, *(PAST_KV.format(i) for i in range(layers)), ROPE_COS_SIN, CONTEXT_LENGTHS,
-            KVCACHE_START_INDEX, LAST_TOKEN_IDS]
+    dims = model_dims(config)
+    return [INPUTS_EMBEDS, *(PAST_KV.format(i) for i in range(dims.num_kv_inputs)), ROPE_COS_SIN, CONTEXT_LENGTHS,
+            KVCACHE_START_INDEX, LAST_TOKEN_IDS, *(_B.conv(j)[0] for j in range(dims.num_recurrent)),
+            *(_B.recurrent(j)[0] for j in range(dims.num_recurrent))]
 
 
 def optimization_profiles(config: dict, limits: BuildLimits | None = None,
@@ -186,6 +207,13 @@ def optimization_profiles(config: dict, limits: BuildLimits | None = None,
     kvd = _B.kv_cache_dims
     kv = {PAST_KV.format(i): rng(kvd(1, hkv, 0, d), kvd(b, hkv, cap, d), kvd(b, hkv, cap, d))
           for i in range(dims.num_kv_inputs)}
+    for j in range(dims.num_recurrent):  # fixed dims after the batch
+        conv = _B.conv_state_dims
+        kv[_B.conv(j)[0]] = rng(conv(1, *dims.conv_state), conv(b, *dims.conv_state), conv(b, *dims.conv_state))
+    for j in range(dims.num_recurrent):
+        rec = _B.recurrent_state_dims
+        kv[_B.recurrent(j)[0]] = rng(rec(1, *dims.recurrent_state), rec(b, *dims.recurrent_state),
+                                     rec(b, *dims.recurrent_state))
     context = {
         INPUTS_EMBEDS: rng([1, 1, h], [b, seq // 2, h], [b, seq, h]),
         # Shape [0] is the runtime's "fresh prefill, empty cache" sentinel.

@@ -21,13 +21,15 @@ import os
 
 import numpy as np
 
+from edgellm_core.bindings import bindings_for
 from edgellm_core.errors import ExportError
 
 from ..runtime_rules import RuntimeRefusal
-from .profiles import INPUTS_EMBEDS, KVCACHE_START_INDEX, PAST_KV, PRESENT_KV, PROFILE_ORDER
+from .profiles import INPUTS_EMBEDS, KVCACHE_START_INDEX, PROFILE_ORDER
 from .trt_api import SINK, enum_name, import_tensorrt, numpy_dtype, process_logger
 
 CONTEXT_PROFILE, GENERATION_PROFILE = 0, 1
+_BINDINGS = bindings_for("0.7")  # the profiles' release
 
 
 class EngineRunError(RuntimeRefusal):
@@ -58,14 +60,17 @@ def as_engine_dtype(value, dtype: np.dtype) -> np.ndarray:
 
 
 def alias_map(input_names, output_names) -> dict[str, str]:
-    """present_key_values_i -> past_key_values_i for every layer the engine has both of."""
-    inputs = set(input_names)
+    """present -> past for every carried state the engine has both of (present_key_values_i ->
+    past_key_values_i; hybrids' present_conv_state_j -> conv_state_j and present_recurrent_state_j ->
+    recurrent_state_j), bound to the same device memory, as the runtime does."""
+    outputs = set(output_names)
     out = {}
-    for name in output_names:
-        if name.startswith(PRESENT_KV.format("")):
-            past = PAST_KV.format(name[len(PRESENT_KV.format("")):])
-            if past in inputs:
-                out[name] = past
+    for past in input_names:
+        if past in _BINDINGS.step_inputs:
+            continue
+        present = next((p for p in _BINDINGS.presents_of(past) if p in outputs), None)
+        if present is not None:
+            out[present] = past
     return out
 
 

@@ -1,7 +1,9 @@
 """GQA attention through the runtime's AttentionPlugin, both faces.
 
-q/k/v projections (optional biases), optional per-head q/k RMSNorm (Qwen3), the plugin (RoPE, cache
-update, attention), the o projection. `plugin_attrs` is the one place the plugin's attributes are
+q/k/v projections (optional biases), optional per-head q/k RMSNorm (Qwen3; Qwen3.5's in the (1 + w)
+convention), the plugin (RoPE, cache update, attention), the o projection. Gated attention (Qwen3.5):
+q_proj yields per head D query channels then D gate channels, and the attention output is multiplied by
+sigmoid(gate) before o_proj. `plugin_attrs` is the one place the plugin's attributes are
 decided: the graph face writes them on the node, the eager face passes the same values to the eager
 op, so an attribute cannot reach one face and not the other.
 """
@@ -29,20 +31,31 @@ def plugin_attrs(cfg: ModelConfig, kv_scales: tuple[float, float] | None) -> dic
     }
 
 
+def q_proj_out(cfg: ModelConfig) -> int:
+    return cfg.q_dim * (2 if cfg.attn_output_gate else 1)
+
+
 def emit(e, io, contract, layer: int, y: str, kv_scales) -> str:
     """Graph face: the attention output after o_proj, `[B, S, H]`, from the normed input `y`."""
     g, c, w = e.g, e.cfg, e.w
-    p, h = f"layers.{layer}.", c.hidden_size
-    q = linear.emit(e, y, p + "self_attn.q_proj", c.q_dim, h, c.qkv_bias)
+    p, h, d, hq = f"layers.{layer}.", c.hidden_size, c.head_dim, c.num_attention_heads
+    q = linear.emit(e, y, p + "self_attn.q_proj", q_proj_out(c), h, c.qkv_bias)
+    gate = None
+    if c.attn_output_gate:
+        q, gate = g.node("Split", [g.node("Reshape", [q, g.i64(0, 0, hq, 2 * d)]), g.i64(d, d)], {"axis": -1}, n_out=2)
+        q, gate = (g.node("Reshape", [t, g.i64(0, 0, c.q_dim)]) for t in (q, gate))
     k = linear.emit(e, y, p + "self_attn.k_proj", c.kv_dim, h, c.qkv_bias)
     v = linear.emit(e, y, p + "self_attn.v_proj", c.kv_dim, h, c.qkv_bias)
     if c.has_qk_norm:
-        q = norms.emit_per_head(g, q, w.vector(p + "self_attn.q_norm.weight", c.head_dim), c.rms_norm_eps,
-                                c.num_attention_heads, c.head_dim)
-        k = norms.emit_per_head(g, k, w.vector(p + "self_attn.k_norm.weight", c.head_dim), c.rms_norm_eps,
-                                c.num_key_value_heads, c.head_dim)
+        one = c.norm_plus_one
+        q = norms.emit_per_head(g, q, norms.weight_name(w, p + "self_attn.q_norm.weight", d, one), c.rms_norm_eps,
+                                hq, d, one)
+        k = norms.emit_per_head(g, k, norms.weight_name(w, p + "self_attn.k_norm.weight", d, one), c.rms_norm_eps,
+                                c.num_key_value_heads, d, one)
     attn = contract.attention(g, io, layer, q, k, v, plugin_attrs(c, kv_scales))
     attn = g.node("Reshape", [attn, g.i64(0, 0, c.q_dim)])
+    if gate is not None:
+        attn = g.node("Mul", [attn, g.node("Sigmoid", [gate])])
     return linear.emit(e, attn, p + "self_attn.o_proj", h, c.q_dim, c.o_bias)
 
 
@@ -53,14 +66,18 @@ def eager(y, sizes: list[int], t: dict, quant: dict, cfg: ModelConfig, kv_scales
     plugin walks `calls` (cache index, context_lengths, start index) in order, updating `caches`."""
     import torch
 
-    c, b = cfg, y.shape[0]
+    c, b, d, hq = cfg, y.shape[0], cfg.head_dim, cfg.num_attention_heads
     q = linear.eager(y, t, "self_attn.q_proj", quant)
+    gate = None
+    if c.attn_output_gate:
+        q, gate = (part.reshape(b, -1, c.q_dim) for part in q.view(b, -1, hq, 2 * d).split(d, dim=-1))
     k = linear.eager(y, t, "self_attn.k_proj", quant)
     v = linear.eager(y, t, "self_attn.v_proj", quant)
     if c.has_qk_norm:
-        q = norms.eager_per_head(q, t["self_attn.q_norm.weight"], c.rms_norm_eps, c.num_attention_heads, c.head_dim)
-        k = norms.eager_per_head(k, t["self_attn.k_norm.weight"], c.rms_norm_eps, c.num_key_value_heads,
-                                 c.head_dim)
+        one = c.norm_plus_one
+        q = norms.eager_per_head(q, t[norms.weight_key("self_attn.q_norm.weight", one)], c.rms_norm_eps, hq, d, one)
+        k = norms.eager_per_head(k, t[norms.weight_key("self_attn.k_norm.weight", one)], c.rms_norm_eps,
+                                 c.num_key_value_heads, d, one)
     a = plugin_attrs(c, kv_scales)
     attn = []
     for qs, ks, vs, (cache, ctx, start) in zip(q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1), calls):
@@ -68,4 +85,7 @@ def eager(y, sizes: list[int], t: dict, quant: dict, cfg: ModelConfig, kv_scales
             qs, ks, vs, caches[cache], ctx, rope_table, start, a["num_q_heads"], a["num_kv_heads"],
             a["head_size"], 0, a["enable_fp8_kv_cache"], a["sliding_window_size"], list(a["qkv_scales"]))
         attn.append(linear.r16(out.reshape(b, out.shape[1], -1)))
-    return linear.eager(torch.cat(attn, dim=1), t, "self_attn.o_proj", quant)
+    attn = torch.cat(attn, dim=1)
+    if gate is not None:
+        attn = linear.r16(attn * linear.r16(torch.sigmoid(gate)))
+    return linear.eager(attn, t, "self_attn.o_proj", quant)

@@ -1,0 +1,25 @@
+"""Qwen3.5 text (`qwen3_5_text`, and the text part of the `qwen3_5` VLM wrapper; families.md §3.2).
+
+A hybrid of the pre-norm decoder: `layer_types` puts a GatedDeltaNet mixer (models/blocks/gdn.py) on the
+`linear_attention` layers and gated full attention (q_proj also yields a per-head gate; q/k norms) on the
+`full_attention` ones; every layer has a SwiGLU MLP; every RMSNorm outside the GatedDeltaNet applies its
+weight as (1 + w). The config parsing (`config._qwen3_5_fields`) sets those choices; the decoder stacks
+the blocks. Runtime role `hybrid_mamba` (contract `_hybrid_fields`).
+"""
+
+from edgellm_core.errors import UnsupportedError
+
+from ..config import ModelConfig
+from . import decoder
+from .registry import Family, register
+
+
+def prepare(ckpt, cfg: ModelConfig) -> None:
+    if ckpt.config.get("quantization_config") or (ckpt.path / "hf_quant_config.json").exists():
+        # The GatedDeltaNet projections' quantized paths (and their NVFP4 fusion rule) are not built yet.
+        raise UnsupportedError("quantized Qwen3.5 checkpoints are not supported yet; export the FP16/BF16 one",
+                               ckpt.config_path)
+    decoder.split_fused_tensors(ckpt, cfg)
+
+
+FAMILY = register(Family(model_types=("qwen3_5_text", "qwen3_5"), prepare=prepare))

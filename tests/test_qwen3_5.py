@@ -1,0 +1,190 @@
+"""Qwen3.5 text: GatedDeltaNet layers and gated full attention, exported and held to HF transformers.
+
+The twin runs the lowered graph (the runtime kernels' semantics, including the 0.7.1 conv kernel's
+prefill path that ignores an incoming conv state) over the golden scenarios: a ragged batch of 2 through
+plain prefill + decode and chunked prefill + decode. The chunked scenario only agrees with HF because the
+graph feeds the conv the previous chunk's inputs (models/blocks/gdn.py).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import hf_reference_logits, make_hf_model, save_checkpoint
+from onnx import TensorProto
+from onnx import load as onnx_load
+
+LAYER_TYPES = ["linear_attention", "full_attention", "linear_attention", "linear_attention"]
+# Real Qwen3.5 attention shapes: head_dim 256 with a quarter rotary (64), 4 query heads per KV head.
+QWEN3_5 = dict(head_dim=256, num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=4,
+               layer_types=LAYER_TYPES, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=128,
+               linear_value_head_dim=128, linear_conv_kernel_dim=4,
+               rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})
+
+
+@pytest.fixture(scope="module")
+def qwen3_5_export(tmp_path_factory):
+    from edgellm_export.export import ExportOptions, export_checkpoint
+
+    model = make_hf_model("qwen3_5_text", seed=5, **QWEN3_5)
+    root = tmp_path_factory.mktemp("qwen3_5")
+    ckpt = save_checkpoint(model, root / "ckpt")
+    export_checkpoint(ckpt, root / "out", ExportOptions())
+    return ckpt, model, root / "out"
+
+
+def test_twin_matches_transformers_over_prefill_chunked_prefill_and_decode(qwen3_5_export):
+    from edgellm_validate.compare import cosine_rows
+    from edgellm_validate.cpu_backend import CpuBackend
+    from edgellm_validate.twin import run_twin
+
+    _, model, out = qwen3_5_export
+    llm = out / "llm"
+    ref = hf_reference_logits(model, llm)
+    phases = set()
+    steps = run_twin(llm, CpuBackend(llm)).steps
+    for s in steps:
+        want = ref[(s.scenario, s.index)]
+        cos = float(cosine_rows(s.logits, want).min())
+        assert cos >= 0.999, f"{s.scenario}[{s.index}] ({s.phase}): cosine {cos}"
+        np.testing.assert_array_equal(s.logits.argmax(-1), want.argmax(-1), f"{s.scenario}[{s.index}] top-1")
+        phases.add(s.phase)
+    assert phases == {"prefill", "chunked_prefill", "decode"} and len(steps) >= 10
+
+
+def test_validate_passes(qwen3_5_export):
+    from edgellm_validate.validate import validate_export
+
+    res = validate_export(qwen3_5_export[2])
+    assert res["passed"], res["failures"]
+
+
+def test_graph_bindings_in_the_runtime_order(qwen3_5_export):
+    """KV caches by attention ordinal, then after last_token_ids every conv state, then every recurrent
+    state, by recurrent ordinal (families.md §3); outputs in the same order after the logits."""
+    _, _, out = qwen3_5_export
+    graph = onnx_load(str(out / "llm" / "model.onnx"), load_external_data=False).graph
+
+    def sig(v):
+        t = v.type.tensor_type
+        return v.name, t.elem_type, [d.dim_value or d.dim_param for d in t.shape.dim]
+
+    conv_dim = 2 * 2 * 128 + 4 * 128
+    assert [sig(i) for i in graph.input] == [
+        ("inputs_embeds", TensorProto.FLOAT16, ["batch", "seq_len", 256]),
+        ("past_key_values_0", TensorProto.FLOAT16, ["batch", 2, 2, "past_len", 256]),
+        ("rope_rotary_cos_sin", TensorProto.FLOAT, ["rope_batch", "max_pos", 64]),
+        ("context_lengths", TensorProto.INT32, ["batch"]),
+        ("kvcache_start_index", TensorProto.INT32, ["kv_batch"]),
+        ("last_token_ids", TensorProto.INT64, ["batch", 1]),
+        *[(f"conv_state_{k}", TensorProto.FLOAT16, ["batch", conv_dim, 4]) for k in range(3)],
+        *[(f"recurrent_state_{k}", TensorProto.FLOAT, ["batch", 4, 128, 128]) for k in range(3)],
+    ]
+    assert [o.name for o in graph.output] == [
+        "logits", "present_key_values_0", *[f"present_conv_state_{k}" for k in range(3)],
+        *[f"present_recurrent_state_{k}" for k in range(3)]]
+    ops = [n.op_type for n in graph.node if n.domain == "trt_edgellm"]
+    assert ops.count("causal_conv1d") == 3 and ops.count("gated_delta_net") == 3
+    assert ops.count("AttentionPlugin") == 1
+    a_log = [i for i in graph.initializer if i.name.endswith("A_log")]
+    assert len(a_log) == 3 and all(i.data_type == TensorProto.FLOAT for i in a_log)  # kept fp32
+
+
+def test_runtime_config_is_hybrid(qwen3_5_export):
+    _, _, out = qwen3_5_export
+    cfg = json.loads((out / "llm" / "config.json").read_text())
+    assert cfg["model_type"] == "hybrid_mamba" and cfg["model"] == "qwen3_5_text"
+    assert cfg["num_linear_attn_layers"] == 3 and cfg["num_attention_layers"] == 1
+    assert (cfg["recurrent_state_num_heads"], cfg["recurrent_state_head_dim"], cfg["recurrent_state_size"]) == (
+        4, 128, 128)
+    assert (cfg["conv_dim"], cfg["conv_kernel"], cfg["use_rope"]) == (2 * 2 * 128 + 4 * 128, 4, True)
+    assert cfg["layer_types"] == ["mamba", "attention", "mamba", "mamba"]
+    assert cfg["kv_layer_configs"] == [None, {"num_kv_heads": 2, "head_dim": 256}, None, None]
+    assert cfg["partial_rotary_factor"] == 0.25
+
+
+def test_trt_profiles_cover_the_hybrid_graph(qwen3_5_export):
+    """llm_build's profiles for a hybrid: KV per attention layer, conv and recurrent states per recurrent
+    layer with fixed dims after the batch; every input covered, static dims pinned to the graph's."""
+    from edgellm_validate.trt.profiles import BuildLimits, check_inputs_covered, optimization_profiles
+
+    llm = qwen3_5_export[2] / "llm"
+    graph = onnx_load(str(llm / "model.onnx"), load_external_data=False).graph
+    profiles = optimization_profiles(json.loads((llm / "config.json").read_text()),
+                                     BuildLimits(max_batch_size=3, max_input_len=32, max_kv_cache_capacity=64))
+    check_inputs_covered(profiles, [i.name for i in graph.input])
+    for shapes in profiles.values():
+        for inp in graph.input:
+            rng = shapes[inp.name]
+            for k, dim in enumerate(inp.type.tensor_type.shape.dim):
+                if dim.HasField("dim_value"):
+                    assert (rng.min[k], rng.opt[k], rng.max[k]) == (dim.dim_value,) * 3, (inp.name, k)
+        assert shapes["conv_state_2"].min == (1, 2 * 2 * 128 + 4 * 128, 4)
+        assert shapes["recurrent_state_0"].max == (3, 4, 128, 128)
+        assert "past_key_values_1" not in shapes
+
+
+def test_norms_hold_one_plus_w(qwen3_5_export):
+    """(1 + w) RMSNorm weights: the initializer holds 1 + w rounded once to fp16."""
+    import onnx
+    from onnx import numpy_helper
+    from safetensors.torch import load_file
+
+    ckpt, _, out = qwen3_5_export
+    m = onnx.load(str(out / "llm" / "model.onnx"))
+    init = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    for name in ("layers.1.input_layernorm.weight", "layers.1.self_attn.q_norm.weight", "norm.weight"):
+        want = (tensors[f"model.{name}"].float() + 1).half().numpy()
+        np.testing.assert_array_equal(init[f"{name}+1"], want)
+    # The GatedDeltaNet's own norm uses the plain convention.
+    np.testing.assert_array_equal(init["layers.0.linear_attn.norm.weight"],
+                                  tensors["model.layers.0.linear_attn.norm.weight"].half().numpy())
+
+
+@pytest.mark.parametrize("layer_types, message", [
+    (["linear_attention", "full_attention", "mamba", "full_attention"], "'mamba'"),
+    (["linear_attention", "full_attention"], "one entry per layer"),
+])
+def test_bad_layer_plan_is_refused(tmp_path, capsys, layer_types, message):
+    from edgellm_export.cli import main
+
+    model = make_hf_model("qwen3_5_text", seed=1, **{**QWEN3_5, "num_hidden_layers": 4})
+    ckpt = save_checkpoint(model, tmp_path / "ckpt")
+    cfg_path = ckpt / "config.json"
+    raw = json.loads(cfg_path.read_text())
+    raw["layer_types"] = layer_types
+    cfg_path.write_text(json.dumps(raw))
+    assert main(["-q", "export", str(ckpt), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "config.json" in err and message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantized_checkpoint_is_refused(tmp_path, capsys):
+    from edgellm_export.cli import main
+
+    model = make_hf_model("qwen3_5_text", seed=1, **QWEN3_5)
+    ckpt = save_checkpoint(model, tmp_path / "ckpt")
+    raw = json.loads((ckpt / "config.json").read_text())
+    raw["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True,
+                                  "version": "gemm"}
+    (ckpt / "config.json").write_text(json.dumps(raw))
+    assert main(["-q", "export", str(ckpt), str(tmp_path / "out")]) != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_hf_reference_is_consistent_with_itself():
+    """The reference: HF's full forward equals its own cached prefill + decode (so a twin mismatch is ours)."""
+    model = make_hf_model("qwen3_5_text", seed=5, **QWEN3_5)
+    ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids).logits[0, -1]
+        out = model(ids[:, :8], use_cache=True)
+        step = model(ids[:, 8:], past_key_values=out.past_key_values, use_cache=True).logits[0, -1]
+    cos = torch.nn.functional.cosine_similarity(full, step, dim=0)
+    assert float(cos) > 0.99999
