@@ -8,7 +8,7 @@ inferred from which tensors exist, as the runtime's reference exporter does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,49 @@ class GdnSpec:
         return 2 * self.key_dim + self.value_dim
 
 
-ATTENTION, GDN = "attention", "gdn"  # layer mixers
+@dataclass(frozen=True)
+class MambaSpec:
+    """Nemotron-H's Mamba2 mixer (families.md §3.1): `num_heads` heads of `head_dim`, an SSM state of
+    `state_size` per head, B and C shared by `n_groups` groups, a depthwise conv of width `conv_kernel`."""
+
+    num_heads: int
+    head_dim: int
+    state_size: int
+    n_groups: int
+    conv_kernel: int
+    conv_bias: bool = True
+    proj_bias: bool = False
+
+    @property
+    def inner(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return self.inner + 2 * self.n_groups * self.state_size
+
+
+@dataclass(frozen=True)
+class SigmoidMoeSpec:
+    """Nemotron-H's MoE (families.md §2.4): sigmoid router scores plus a correction bias used for the
+    choice only; groups scored by their top-2 sum, `topk_group` groups kept, top-k experts within them;
+    weights = the unbiased scores, renormalised if `norm_topk_prob`, times `routed_scaling_factor`. Experts
+    and the shared expert are ReLU^2 MLPs (up, down)."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    shared_intermediate_size: int
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+
+
+# Layer mixers (the first sub-block of a layer) and MLPs (the second); NONE: the layer has no such block
+# (Nemotron-H layers hold one block each).
+ATTENTION, GDN, MAMBA, NONE = "attention", "gdn", "mamba", "none"
+SWIGLU, RELU2, SOFTMAX_MOE, SIGMOID_MOE = "swiglu", "relu2", "moe", "sigmoid_moe"
 
 
 @dataclass(frozen=True)
@@ -85,15 +127,26 @@ class ModelConfig:
     sliding_window: int = -1
     hidden_act: str = "silu"
     moe: MoeSpec | None = None  # sparse MoE MLPs (qwen3_moe); None: every MLP is dense
-    # Hybrids: each layer's token mixer (ATTENTION or GDN); empty means attention everywhere.
+    # Hybrids: each layer's token mixer (ATTENTION, GDN, MAMBA or NONE); empty means attention everywhere.
     layer_mixers: tuple[str, ...] = ()
+    # Each layer's MLP (SWIGLU, RELU2, SIGMOID_MOE or NONE); empty means SwiGLU, or Qwen3-MoE's plan.
+    layer_mlps: tuple[str, ...] = ()
     gdn: GdnSpec | None = None
+    mamba: MambaSpec | None = None
+    sigmoid_moe: SigmoidMoeSpec | None = None
     attn_output_gate: bool = False  # Qwen3.5: q_proj also yields a per-head gate, output * sigmoid(gate)
     norm_plus_one: bool = False  # Qwen3.5: RMSNorm weights stored as w, applied as (1 + w)
+    norm_fp32_product: bool = False  # Qwen3.5, Nemotron-H: the weight multiplies in fp32, one rounding after
+    use_rope: bool = True  # Nemotron-H attention is NoPE
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def mixer(self, i: int) -> str:
         return self.layer_mixers[i] if self.layer_mixers else ATTENTION
+
+    def mlp(self, i: int) -> str:
+        if self.layer_mlps:
+            return self.layer_mlps[i]
+        return SOFTMAX_MOE if self.is_moe_layer(i) else SWIGLU
 
     @property
     def attention_layers(self) -> list[int]:
@@ -101,7 +154,7 @@ class ModelConfig:
 
     @property
     def recurrent_layers(self) -> list[int]:
-        return [i for i in range(self.num_hidden_layers) if self.mixer(i) != ATTENTION]
+        return [i for i in range(self.num_hidden_layers) if self.mixer(i) in (GDN, MAMBA)]
 
     @property
     def is_hybrid(self) -> bool:
@@ -224,6 +277,19 @@ def build_model_config(raw: dict, tensor_names_have, path: Path) -> ModelConfig:
     if use_window and cfg.get("sliding_window"):
         window = _int(cfg, "sliding_window", path)
     tie = cfg.get("tie_word_embeddings", raw.get("tie_word_embeddings", False))
+    if model_type == "nemotron_h":
+        if cfg.get("num_hidden_layers") is None:  # recent transformers derive it from the layer plan
+            plan = cfg.get("layers_block_type", cfg.get("hybrid_override_pattern"))
+            if isinstance(plan, (list, str)) and plan:
+                cfg = {**cfg, "num_hidden_layers": len(plan)}
+        return replace(_base_config(cfg, raw, model_type, hidden, heads, kv_heads, head_dim, rope, prf, window, tie,
+                                    tensor_names_have, path), **_nemotron_h_fields(cfg, path))
+    return _base_config(cfg, raw, model_type, hidden, heads, kv_heads, head_dim, rope, prf, window, tie,
+                        tensor_names_have, path)
+
+
+def _base_config(cfg, raw, model_type, hidden, heads, kv_heads, head_dim, rope, prf, window, tie, tensor_names_have,
+                 path) -> ModelConfig:
     return ModelConfig(
         model_type=model_type,
         vocab_size=_int(cfg, "vocab_size", path),
@@ -278,7 +344,7 @@ def _qwen3_5_fields(cfg: dict, path: Path) -> dict:
         raise ExportError(f"linear_num_value_heads ({gdn.num_v_heads}) is not a multiple of "
                           f"linear_num_key_heads ({gdn.num_k_heads})", path)
     return {"layer_mixers": tuple(_QWEN3_5_LAYER_TYPES[t] for t in types), "gdn": gdn,
-            "attn_output_gate": True, "norm_plus_one": True}
+            "attn_output_gate": True, "norm_plus_one": True, "norm_fp32_product": True}
 
 
 def _moe_spec(cfg: dict, path: Path) -> MoeSpec | None:
@@ -298,3 +364,97 @@ def _moe_spec(cfg: dict, path: Path) -> MoeSpec | None:
     return MoeSpec(num_experts=experts, top_k=top_k, intermediate_size=_int(cfg, "moe_intermediate_size", path),
                    decoder_sparse_step=_int(cfg, "decoder_sparse_step", path, 1),
                    mlp_only_layers=tuple(only), norm_topk_prob=norm)
+
+
+# Nemotron-H's layer plan in both spellings (families.md §3.1): `hybrid_override_pattern` letters, and
+# `layers_block_type` names (recent transformers: linear_attention / full_attention mean Mamba2 and
+# attention here, never GatedDeltaNet). Each layer holds one block: (mixer, MLP).
+_NEMOTRON_BLOCKS = {
+    "M": (MAMBA, NONE), "*": (ATTENTION, NONE), "-": (NONE, RELU2), "E": (NONE, SIGMOID_MOE),
+    "mamba": (MAMBA, NONE), "linear_attention": (MAMBA, NONE), "attention": (ATTENTION, NONE),
+    "full_attention": (ATTENTION, NONE), "mlp": (NONE, RELU2), "moe": (NONE, SIGMOID_MOE),
+}
+
+
+def _nemotron_layer_plan(cfg: dict, layers: int, path: Path) -> list[tuple[str, str]]:
+    pattern, names = cfg.get("hybrid_override_pattern"), cfg.get("layers_block_type")
+    plans = []
+    if pattern is not None:
+        if not isinstance(pattern, str):
+            raise ExportError(f"hybrid_override_pattern must be a string of M, *, - and E, found {pattern!r}", path)
+        plans.append(("hybrid_override_pattern", list(pattern)))
+    if names is not None:
+        if not isinstance(names, list) or not all(isinstance(x, str) for x in names):
+            raise ExportError(f"layers_block_type must be a list of block names, found {names!r}", path)
+        plans.append(("layers_block_type", names))
+    if not plans:
+        raise ExportError("config.json has neither hybrid_override_pattern nor layers_block_type; a Nemotron-H "
+                          "layer plan is needed", path)
+    decoded = []
+    for key, plan in plans:
+        unknown = sorted({x for x in plan if x not in _NEMOTRON_BLOCKS})
+        if unknown:
+            raise ExportError(f"{key} holds {', '.join(map(repr, unknown))}; known blocks are M (mamba), * "
+                              "(attention), - (mlp) and E (moe), or their names", path)
+        if len(plan) != layers:
+            raise ExportError(f"{key} describes {len(plan)} layers but num_hidden_layers is {layers}", path)
+        decoded.append([_NEMOTRON_BLOCKS[x] for x in plan])
+    if len(decoded) == 2 and decoded[0] != decoded[1]:
+        raise ExportError("hybrid_override_pattern and layers_block_type describe different layer plans", path)
+    return decoded[0]
+
+
+def _is_infinite(v) -> bool:
+    if isinstance(v, dict):  # transformers writes float("inf") as {"__float__": "Infinity"}
+        v = v.get("__float__")
+    try:
+        return float(v) == float("inf")
+    except (TypeError, ValueError):
+        return False
+
+
+def _nemotron_h_fields(cfg: dict, path: Path) -> dict:
+    """Nemotron-H (families.md §3.1, §2.4): the layer plan, the Mamba2 and MoE shapes, NoPE attention,
+    ReLU^2 MLPs, norms whose weight multiplies in fp32."""
+    layers = _int(cfg, "num_hidden_layers", path)
+    plan = _nemotron_layer_plan(cfg, layers, path)
+    for key, want in (("mlp_hidden_act", "relu2"), ("mamba_hidden_act", "silu")):
+        if cfg.get(key, want) != want:
+            raise ExportError(f"{key} is {cfg.get(key)!r}; Nemotron-H as the runtime runs it uses {want!r}", path)
+    limit = cfg.get("time_step_limit")
+    if limit is not None and not (isinstance(limit, list) and len(limit) == 2 and limit[0] in (0, 0.0)
+                                  and _is_infinite(limit[1])):
+        raise ExportError(f"time_step_limit {limit!r}: Edge-LLM 0.7's update_ssm_state only runs without a "
+                          "time-step clamp, (0, inf)", path)
+    mamba = MambaSpec(
+        num_heads=_int(cfg, "mamba_num_heads", path), head_dim=_int(cfg, "mamba_head_dim", path),
+        state_size=_int(cfg, "ssm_state_size", path), n_groups=_int(cfg, "n_groups", path),
+        conv_kernel=_int(cfg, "conv_kernel", path), conv_bias=bool(cfg.get("use_conv_bias", True)),
+        proj_bias=bool(cfg.get("mamba_proj_bias", False)))
+    if mamba.num_heads % mamba.n_groups:
+        raise ExportError(f"mamba_num_heads ({mamba.num_heads}) is not a multiple of n_groups ({mamba.n_groups})",
+                          path)
+    moe = None
+    if any(mlp == SIGMOID_MOE for _, mlp in plan):
+        if cfg.get("moe_latent_size") is not None:
+            raise ExportError("moe_latent_size is set: latent-projected experts are not in the 0.7 runtime", path)
+        if cfg.get("n_shared_experts", 1) != 1:
+            raise ExportError(f"n_shared_experts {cfg.get('n_shared_experts')!r}: one shared expert is supported",
+                              path)
+        experts = _int(cfg, "n_routed_experts", path)
+        top_k = _int(cfg, "num_experts_per_tok", path)
+        n_group, topk_group = _int(cfg, "n_group", path, 1), _int(cfg, "topk_group", path, 1)
+        if top_k > experts or experts % n_group or topk_group > n_group:
+            raise ExportError(f"MoE routing is inconsistent: {experts} experts, top {top_k}, {n_group} groups, "
+                              f"{topk_group} kept", path)
+        moe = SigmoidMoeSpec(
+            num_experts=experts, top_k=top_k, intermediate_size=_int(cfg, "moe_intermediate_size", path),
+            shared_intermediate_size=_int(cfg, "moe_shared_expert_intermediate_size", path),
+            n_group=n_group, topk_group=topk_group, norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+            routed_scaling_factor=_float(cfg, "routed_scaling_factor", path, 1.0))
+    return {"layer_mixers": tuple(mx for mx, _ in plan), "layer_mlps": tuple(mlp for _, mlp in plan),
+            "mamba": mamba, "sigmoid_moe": moe, "use_rope": False, "norm_fp32_product": True,
+            "rms_norm_eps": _float(cfg, "layer_norm_epsilon", path, 1e-5),
+            "qkv_bias": bool(cfg.get("attention_bias", False)), "o_bias": bool(cfg.get("attention_bias", False)),
+            "mlp_bias": bool(cfg.get("mlp_bias", False)), "has_qk_norm": False, "sliding_window": -1,
+            "hidden_act": "silu"}

@@ -84,7 +84,12 @@ def make_scenarios(vocab_size: int, seed: int = 20261128) -> list[Scenario]:
 
 
 def reference_rope_table(cfg: ModelConfig, capacity: int = KV_CAPACITY) -> np.ndarray:
-    """[1, Cap, R] fp32 table of what the checkpoint means (not what a runtime builds)."""
+    """[1, Cap, R] fp32 table of what the checkpoint means (not what a runtime builds); NoPE attention
+    (Nemotron-H) means no rotation: cos 1, sin 0."""
+    if not cfg.use_rope:
+        r = cfg.rotary_dim
+        return np.concatenate([np.ones((capacity, r // 2)), np.zeros((capacity, r // 2))], -1)[None].astype(
+            np.float32)
     inv, scale = reference_inv_freq_and_scale(cfg, capacity)
     ang = np.arange(capacity, dtype=np.float64)[:, None] * inv[None, :]
     return (np.concatenate([np.cos(ang), np.sin(ang)], axis=-1) * scale)[None].astype(np.float32)

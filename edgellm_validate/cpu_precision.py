@@ -20,7 +20,10 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-ELEMENTWISE = {"Mul", "Add", "Sub", "Div", "Sigmoid", "Neg", "Abs", "Sqrt", "Reciprocal", "Exp", "Tanh", "MatMul"}
+# Relu too: onnxruntime has no fp16 Relu on x86, and the fp32 one it substitutes swallows the rounding of
+# the op in front of it (Nemotron-H's ReLU^2).
+ELEMENTWISE = {"Mul", "Add", "Sub", "Div", "Sigmoid", "Neg", "Abs", "Sqrt", "Reciprocal", "Exp", "Tanh", "MatMul",
+               "Relu"}
 
 
 def widen_fp16_arithmetic(model: onnx.ModelProto) -> int:

@@ -23,7 +23,7 @@ from edgellm_core.safetensors_file import SafetensorsFile, TensorInfo
 from .pickled import convert_pickled
 
 INDEX_NAME = "model.safetensors.index.json"
-_WRAPPERS = ("language_model", "text_model", "llm", "model", "transformer")
+_WRAPPERS = ("language_model", "text_model", "llm", "model", "transformer", "backbone")  # backbone: Nemotron-H
 _LAYER_RE = re.compile(r"^layers\.\d+\.")
 
 
@@ -223,6 +223,17 @@ class Checkpoint:
                 f"({', '.join(sorted(self.files))})",
                 self.path,
             ) from None
+
+    def rename(self, old: str, new: str) -> None:
+        """Expose tensor `old` under the canonical name `new` (a family's weight-name mapping); messages
+        still name the file's own key."""
+        ref = self._refs.pop(old, None)
+        if ref is None:
+            return
+        if new in self._refs:
+            raise ExportError(f"tensors {self._refs[new].key!r} and {ref.key!r} both map to {new!r}; the "
+                              "checkpoint is ambiguous", self.path)
+        self._refs[new] = ref
 
     def split_fused(self, fused: str, parts: list[tuple[str, int]]) -> None:
         """Expose row slices of `fused` under the names in `parts` (name, rows)."""

@@ -59,17 +59,28 @@ class GraphIO:
 
 
 def recurrent_state_dtype(cfg: ModelConfig) -> int:
-    """GatedDeltaNet keeps its recurrent state in fp32, Mamba2 in fp16 (families.md §3.1, §3.2)."""
+    """GatedDeltaNet keeps its recurrent state in fp32, Mamba2 in fp16 (families.md §3.1, §3.2; checklist 3)."""
     return FLOAT if cfg.gdn is not None else FLOAT16
 
 
+def _recurrent_dims(cfg: ModelConfig) -> tuple[int, int, int]:
+    """(heads, head_dim, state size) of the recurrent state: Mamba2 (Hm, Dm, N), GatedDeltaNet (Hv, Dk, Dv)."""
+    if cfg.mamba is not None:
+        return cfg.mamba.num_heads, cfg.mamba.head_dim, cfg.mamba.state_size
+    return cfg.gdn.num_v_heads, cfg.gdn.k_head_dim, cfg.gdn.v_head_dim
+
+
+def _conv_dims(cfg: ModelConfig) -> tuple[int, int]:
+    spec = cfg.mamba if cfg.mamba is not None else cfg.gdn
+    return spec.conv_dim, spec.conv_kernel
+
+
 def recurrent_state_shape(cfg: ModelConfig, batch) -> tuple:
-    d = cfg.gdn
-    return BINDINGS.recurrent_state_dims(batch, d.num_v_heads, d.k_head_dim, d.v_head_dim)
+    return BINDINGS.recurrent_state_dims(batch, *_recurrent_dims(cfg))
 
 
 def conv_state_shape(cfg: ModelConfig, batch) -> tuple:
-    return BINDINGS.conv_state_dims(batch, cfg.gdn.conv_dim, cfg.gdn.conv_kernel)
+    return BINDINGS.conv_state_dims(batch, *_conv_dims(cfg))
 
 
 def declare_io(g: GraphBuilder, cfg: ModelConfig, kv_fp8: bool = False) -> GraphIO:
@@ -152,21 +163,24 @@ def runtime_config(cfg: ModelConfig, *, allow_rope_passthrough: bool = False) ->
 def _hybrid_fields(cfg: ModelConfig) -> dict:
     """What the 0.7 builder and HybridCacheManager read for a model with recurrent layers (families.md §3):
     state counts and shapes, and a routing table over the stateful layers (GatedDeltaNet is "mamba")."""
-    d = cfg.gdn
     attn = cfg.attention_layers
+    heads, head_dim, size = _recurrent_dims(cfg)
+    conv_dim, conv_kernel = _conv_dims(cfg)
+    stateful = [i for i in range(cfg.num_hidden_layers) if i in attn or i in cfg.recurrent_layers]
     return {
         "model_type": "hybrid_mamba",
         "num_linear_attn_layers": len(cfg.recurrent_layers),
         "num_attention_layers": len(attn),
-        "recurrent_state_num_heads": d.num_v_heads,
-        "recurrent_state_head_dim": d.k_head_dim,
-        "recurrent_state_size": d.v_head_dim,
-        "conv_dim": d.conv_dim,
-        "conv_kernel": d.conv_kernel,
-        "use_rope": len(attn) > 0,
-        "layer_types": ["attention" if i in attn else "mamba" for i in range(cfg.num_hidden_layers)],
+        "recurrent_state_num_heads": heads,
+        "recurrent_state_head_dim": head_dim,
+        "recurrent_state_size": size,
+        "conv_dim": conv_dim,
+        "conv_kernel": conv_kernel,
+        "use_rope": len(attn) > 0 and cfg.use_rope,  # Nemotron-H attention is NoPE
+        # Over the stateful layers only (MLP and MoE layers have no cache slot); GatedDeltaNet is "mamba".
+        "layer_types": ["attention" if i in attn else "mamba" for i in stateful],
         "kv_layer_configs": [{"num_kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim} if i in attn
-                             else None for i in range(cfg.num_hidden_layers)],
+                             else None for i in stateful],
     }
 
 
@@ -181,6 +195,8 @@ def check_supported(cfg: ModelConfig) -> None:
         _check_attention(cfg)
     if cfg.gdn is not None:
         _check_gdn(cfg)
+    if cfg.mamba is not None:
+        _check_mamba(cfg)
 
 
 def _check_attention(cfg: ModelConfig) -> None:
@@ -222,3 +238,18 @@ def _check_gdn(cfg: ModelConfig) -> None:
         raise UnsupportedError(
             f"linear_conv_kernel_dim {d.conv_kernel} is wider than Edge-LLM 0.7's causal_conv1d kernel allows "
             f"(1..{causal_conv1d.MAX_KERNEL})")
+
+
+def _check_mamba(cfg: ModelConfig) -> None:
+    """Mamba2: the head dims and state sizes 0.7.1's update_ssm_state kernels are built for, and the conv
+    kernel's width limit (ops/update_ssm_state.py, ops/causal_conv1d.py)."""
+    from edgellm_core.errors import UnsupportedError
+    from edgellm_core.ops import causal_conv1d, update_ssm_state
+
+    m = cfg.mamba
+    problem = update_ssm_state.check_shape(m.num_heads, m.head_dim, m.state_size, m.n_groups)
+    if problem:
+        raise UnsupportedError(f"{problem}: Edge-LLM 0.7's update_ssm_state cannot run this Mamba2 mixer")
+    if not 1 <= m.conv_kernel <= causal_conv1d.MAX_KERNEL:
+        raise UnsupportedError(f"conv_kernel {m.conv_kernel} is wider than Edge-LLM 0.7's causal_conv1d kernel "
+                               f"allows (1..{causal_conv1d.MAX_KERNEL})")

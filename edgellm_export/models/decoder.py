@@ -15,9 +15,9 @@ import functools
 
 from edgellm_core.onnx_graph.builder import FLOAT, GraphBuilder
 
-from ..config import ATTENTION, ModelConfig
+from ..config import ATTENTION, GDN, MAMBA, NONE, SIGMOID_MOE, SOFTMAX_MOE, ModelConfig
 from ..quant.plan import QuantDecisions
-from .blocks import attention, gdn, linear, mlp, moe, norms
+from .blocks import attention, gdn, linear, mamba, mlp, moe, norms, sigmoid_moe
 from .weights import WeightSource
 
 
@@ -25,14 +25,15 @@ def linear_names(cfg: ModelConfig, has_lm_head: bool) -> list[str]:
     """Every linear layer, by canonical module name (what quantization metadata refers to)."""
     names = []
     for i in range(cfg.num_hidden_layers):
-        if cfg.mixer(i) == ATTENTION:
-            names += [f"layers.{i}.self_attn.{m}" for m in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        else:
-            names += gdn.linear_names(i)
-        if cfg.is_moe_layer(i):
+        names += {ATTENTION: [f"layers.{i}.self_attn.{m}" for m in ("q_proj", "k_proj", "v_proj", "o_proj")],
+                  GDN: gdn.linear_names(i), MAMBA: mamba.linear_names(i), NONE: []}[cfg.mixer(i)]
+        kind = cfg.mlp(i)
+        if kind == SOFTMAX_MOE:
             names += [moe.router_name(i), *moe.expert_linears(cfg, i)]
-        else:
-            names += [f"layers.{i}.mlp.{m}" for m in ("gate_proj", "up_proj", "down_proj")]
+        elif kind == SIGMOID_MOE:
+            names += [sigmoid_moe.router_name(i), *sigmoid_moe.expert_linears(cfg, i)]
+        elif kind != NONE:
+            names += [f"layers.{i}.mlp.{m}" for m in mlp.projections(kind)]
     return names + (["lm_head"] if has_lm_head and not cfg.tie_word_embeddings else [])
 
 
@@ -67,27 +68,29 @@ class _Emitter:
 
 def emit_graph(g: GraphBuilder, w: WeightSource, cfg: ModelConfig, contract, has_lm_head: bool,
                quant: QuantDecisions | None = None) -> None:
-    """Pre-norm layers (RMSNorm -> attention -> residual, RMSNorm -> SwiGLU MLP -> residual), then the head."""
+    """Pre-norm layers (RMSNorm -> mixer -> residual, RMSNorm -> MLP -> residual; a layer without a
+    mixer or an MLP skips that half), then the head."""
     quant = quant or QuantDecisions()
     e, n, c = _Emitter(g, w, cfg, quant), g.node, cfg
     io = contract.declare_io(g, cfg, kv_fp8=quant.kv_scales is not None)
-    h, one = c.hidden_size, c.norm_plus_one
+    h = c.hidden_size
 
     def norm(x, name):
-        return norms.emit(g, x, norms.weight_name(w, name, h, one), c.rms_norm_eps, one)
+        return norms.emit(g, x, norms.weight_name(w, name, h, c.norm_plus_one), c.rms_norm_eps,
+                          c.norm_fp32_product)
 
     x = io.inputs_embeds
     for i in range(c.num_hidden_layers):
         g.scope = f"layers.{i}"
         p = f"layers.{i}."
-        y = norm(x, p + "input_layernorm.weight")
-        if c.mixer(i) == ATTENTION:
-            kv_scales = quant.kv_scales[i] if quant.kv_scales is not None else None
-            x = n("Add", [x, attention.emit(e, io, contract, i, y, kv_scales)])
-        else:
-            x = n("Add", [x, gdn.emit(e, io, contract, i, y)])
-        y = norm(x, p + "post_attention_layernorm.weight")
-        x = n("Add", [x, moe.emit(e, i, y) if c.is_moe_layer(i) else mlp.emit(e, i, y)])
+        first = True
+        if c.mixer(i) != NONE:
+            y = norm(x, p + "input_layernorm.weight")
+            x = n("Add", [x, _emit_mixer(e, io, contract, i, y)])
+            first = False
+        if c.mlp(i) != NONE:
+            y = norm(x, p + ("input_layernorm.weight" if first else "post_attention_layernorm.weight"))
+            x = n("Add", [x, _emit_mlp(e, i, y)])
     g.scope = "head"
     y = norm(x, "norm.weight")
     # Logits only for the selected token of each sequence: GatherND(batch_dims=1).
@@ -100,6 +103,23 @@ def emit_graph(g: GraphBuilder, w: WeightSource, cfg: ModelConfig, contract, has
     logits = n("Cast", [logits], {"to": FLOAT})
     g.scope = ""
     contract.finish_outputs(g, io, c, logits)
+
+
+def _emit_mixer(e, io, contract, i: int, y: str) -> str:
+    kind = e.cfg.mixer(i)
+    if kind == ATTENTION:
+        kv_scales = e.quant.kv_scales[i] if e.quant.kv_scales is not None else None
+        return attention.emit(e, io, contract, i, y, kv_scales)
+    return {GDN: gdn, MAMBA: mamba}[kind].emit(e, io, contract, i, y)
+
+
+def _emit_mlp(e, i: int, y: str) -> str:
+    kind = e.cfg.mlp(i)
+    if kind == SOFTMAX_MOE:
+        return moe.emit(e, i, y)
+    if kind == SIGMOID_MOE:
+        return sigmoid_moe.emit(e, i, y)
+    return mlp.emit(e, i, y, kind)
 
 
 # -- eager torch reference -------------------------------------------------------------------
@@ -126,8 +146,7 @@ def torch_modules():
             prefix = f"layers.{layer}."
             self.quant = {k[len(prefix):]: v for k, v in quant.linears.items() if k.startswith(prefix)}
             self.kv_scales = quant.kv_scales[layer] if quant.kv_scales is not None else None
-            self.is_moe = cfg.is_moe_layer(layer)
-            self.mixer = cfg.mixer(layer)
+            self.mixer, self.mlp = cfg.mixer(layer), cfg.mlp(layer)
 
         def initial_state(self, batch: int, bindings, capacity: int):
             """This layer's carried state for a fresh batch, zeroed as the runtime's buffers are."""
@@ -135,7 +154,9 @@ def torch_modules():
             if self.mixer == ATTENTION:
                 return torch.zeros(bindings.kv_cache_dims(batch, c.num_key_value_heads, capacity, c.head_dim),
                                    dtype=torch.float16)
-            return gdn.initial_state(c, batch, bindings)
+            if self.mixer == NONE:
+                return None
+            return {GDN: gdn, MAMBA: mamba}[self.mixer].initial_state(c, batch, bindings)
 
         def forward_steps(self, xs, caches, rope_table, calls):
             """Many runtime calls at once: `calls` lists (cache index, context_lengths, start index)
@@ -143,18 +164,33 @@ def torch_modules():
             projections, MLP) runs on all tokens together, so each weight is widened
             to fp32 once; only attention walks the calls in order, updating `caches`.
             """
-            c, t, one = self.cfg, self.t, self.cfg.norm_plus_one
+            c, t = self.cfg, self.t
             sizes = [x.shape[1] for x in xs]
             x = torch.cat(xs, dim=1)
-            y = norms.eager(x, t[norms.weight_key("input_layernorm.weight", one)], c.rms_norm_eps, one)
-            if self.mixer == ATTENTION:
-                mixed = attention.eager(y, sizes, t, self.quant, c, self.kv_scales, caches, rope_table, calls,
-                                        attention_plugin)
-            else:
-                mixed = gdn.eager(y, sizes, t, self.quant, c, caches, calls)
-            x = r16(x + mixed)
-            y = norms.eager(x, t[norms.weight_key("post_attention_layernorm.weight", one)], c.rms_norm_eps, one)
-            x = r16(x + (moe.eager(y, t, c, self.quant) if self.is_moe else mlp.eager(y, t, self.quant)))
+
+            def norm(x, name):
+                return norms.eager(x, t[norms.weight_key(name, c.norm_plus_one)], c.rms_norm_eps,
+                                   c.norm_fp32_product)
+
+            first = True
+            if self.mixer != NONE:
+                y = norm(x, "input_layernorm.weight")
+                if self.mixer == ATTENTION:
+                    mixed = attention.eager(y, sizes, t, self.quant, c, self.kv_scales, caches, rope_table, calls,
+                                            attention_plugin)
+                else:
+                    mixed = {GDN: gdn, MAMBA: mamba}[self.mixer].eager(y, sizes, t, self.quant, c, caches, calls)
+                x = r16(x + mixed)
+                first = False
+            if self.mlp != NONE:
+                y = norm(x, "input_layernorm.weight" if first else "post_attention_layernorm.weight")
+                if self.mlp == SOFTMAX_MOE:
+                    out = moe.eager(y, t, c, self.quant)
+                elif self.mlp == SIGMOID_MOE:
+                    out = sigmoid_moe.eager(y, t, c, self.quant)
+                else:
+                    out = mlp.eager(y, t, self.quant, self.mlp)
+                x = r16(x + out)
             return list(x.split(sizes, 1)), caches
 
     class DecoderHead(nn.Module):
@@ -171,7 +207,7 @@ def torch_modules():
             """Logits `[B, 1, V]` per call; the vocab is widened in slices, once for all calls."""
             sel = torch.cat([torch.gather(x, 1, ids[:, :, None].expand(-1, -1, x.shape[-1]))
                              for x, ids in zip(xs, last_token_ids)], dim=1)
-            y = norms.eager(sel, self.norm, self.cfg.rms_norm_eps, self.cfg.norm_plus_one)
+            y = norms.eager(sel, self.norm, self.cfg.rms_norm_eps, self.cfg.norm_fp32_product)
             return list(linear.eager(y, self.t, "lm_head", self.quant).split(1, dim=1))
 
     return DecoderLayer, DecoderHead

@@ -7,18 +7,14 @@ weight as (1 + w). The config parsing (`config._qwen3_5_fields`) sets those choi
 the blocks. Runtime role `hybrid_mamba` (contract `_hybrid_fields`).
 """
 
-from edgellm_core.errors import UnsupportedError
-
 from ..config import ModelConfig
 from . import decoder
-from .registry import Family, register
+from .registry import Family, refuse_quantized, register
 
 
 def prepare(ckpt, cfg: ModelConfig) -> None:
-    if ckpt.config.get("quantization_config") or (ckpt.path / "hf_quant_config.json").exists():
-        # The GatedDeltaNet projections' quantized paths (and their NVFP4 fusion rule) are not built yet.
-        raise UnsupportedError("quantized Qwen3.5 checkpoints are not supported yet; export the FP16/BF16 one",
-                               ckpt.config_path)
+    # The GatedDeltaNet projections' quantized paths (and their NVFP4 fusion rule) are not built yet.
+    refuse_quantized(ckpt, "Qwen3.5")
     decoder.split_fused_tensors(ckpt, cfg)
 
 

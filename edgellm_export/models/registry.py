@@ -27,6 +27,13 @@ class Family:
 FAMILIES: dict[str, Family] = {}
 
 
+def refuse_quantized(ckpt: Checkpoint, family: str) -> None:
+    """For families whose quantized paths are not built yet: refuse any quantization metadata up front."""
+    if ckpt.config.get("quantization_config") or (ckpt.path / "hf_quant_config.json").exists():
+        raise UnsupportedError(f"quantized {family} checkpoints are not supported yet; export the FP16/BF16 one",
+                               ckpt.config_path)
+
+
 def register(family: Family) -> Family:
     for t in family.model_types:
         FAMILIES[t] = family
@@ -34,7 +41,7 @@ def register(family: Family) -> Family:
 
 
 def family_for(cfg: ModelConfig, config_path) -> Family:
-    from . import llama, mistral, phi3, qwen2, qwen3, qwen3_5, qwen3_moe  # noqa: F401  (registration)
+    from . import llama, mistral, nemotron_h, phi3, qwen2, qwen3, qwen3_5, qwen3_moe  # noqa: F401  (registration)
 
     fam = FAMILIES.get(cfg.model_type)
     if fam is None:

@@ -198,14 +198,16 @@ class WeightSource:
         return self.g.weight(name, FLOAT16, shape, lambda: to_fp16(ref, clamp=self.clamp).reshape(shape),
                              tag=ref.where())
 
-    def vector_f32(self, name: str, size: int) -> str:
-        """An fp32 vector, for the inputs the runtime's kernels read in fp32 (A_log, A)."""
+    def vector_f32(self, name: str, size: int, transform=None, as_name: str | None = None) -> str:
+        """An fp32 vector, for the inputs the runtime's kernels read in fp32 (A_log; Mamba2's A, which is
+        `transform`ed from A_log in fp32 and named `as_name`)."""
         ref = self.ref(name, (size,))
 
         def produce():
-            return ref.view().float().clone()
+            t = ref.view().float().clone()
+            return transform(t) if transform is not None else t
 
-        return self.g.weight(name, FLOAT, (size,), produce, tag=ref.where())
+        return self.g.weight(as_name or name, FLOAT, (size,), produce, tag=ref.where())
 
     # -- quantized tensors: passed through or repacked, never silently reinterpreted -----------
     def quant_ref(self, name: str, dtypes: tuple[str, ...], shape: tuple[int, ...] | None, what: str) -> TensorRef:

@@ -8,8 +8,12 @@ the faces cannot drift apart; `tests/test_block_faces.py` holds them to that.
 
 - `linear.py`: a linear layer in its checkpoint's format (fp16 or a quantized one, `quant/`).
 - `norms.py`: RMSNorm over the hidden size and per head.
-- `attention.py`: GQA attention through the runtime's AttentionPlugin.
-- `mlp.py`: the SwiGLU MLP.
+- `attention.py`: GQA attention through the runtime's AttentionPlugin (gated for Qwen3.5, NoPE for Nemotron-H).
+- `gdn.py`: Qwen3.5's GatedDeltaNet mixer; `mamba.py`: Nemotron-H's Mamba2 mixer; `conv.py`: their causal
+  conv, fed its history in chunked prefill.
+- `mlp.py`: the SwiGLU and ReLU^2 MLPs; `moe.py`: Qwen3-MoE's softmax-routed experts; `sigmoid_moe.py`:
+  Nemotron-H's sigmoid group-routed experts with a shared expert.
 
-`models/decoder.py` stacks them per layer from the config's layer plan.
+`models/decoder.py` stacks them per layer from the config's layer plan (`ModelConfig.mixer` / `.mlp`);
+a family file (`models/<family>.py`) maps its checkpoint's names onto the blocks' and registers it.
 """

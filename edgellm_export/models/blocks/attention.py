@@ -47,11 +47,11 @@ def emit(e, io, contract, layer: int, y: str, kv_scales) -> str:
     k = linear.emit(e, y, p + "self_attn.k_proj", c.kv_dim, h, c.qkv_bias)
     v = linear.emit(e, y, p + "self_attn.v_proj", c.kv_dim, h, c.qkv_bias)
     if c.has_qk_norm:
-        one = c.norm_plus_one
+        one, f32 = c.norm_plus_one, c.norm_fp32_product
         q = norms.emit_per_head(g, q, norms.weight_name(w, p + "self_attn.q_norm.weight", d, one), c.rms_norm_eps,
-                                hq, d, one)
+                                hq, d, f32)
         k = norms.emit_per_head(g, k, norms.weight_name(w, p + "self_attn.k_norm.weight", d, one), c.rms_norm_eps,
-                                c.num_key_value_heads, d, one)
+                                c.num_key_value_heads, d, f32)
     attn = contract.attention(g, io, layer, q, k, v, plugin_attrs(c, kv_scales))
     attn = g.node("Reshape", [attn, g.i64(0, 0, c.q_dim)])
     if gate is not None:
@@ -74,10 +74,10 @@ def eager(y, sizes: list[int], t: dict, quant: dict, cfg: ModelConfig, kv_scales
     k = linear.eager(y, t, "self_attn.k_proj", quant)
     v = linear.eager(y, t, "self_attn.v_proj", quant)
     if c.has_qk_norm:
-        one = c.norm_plus_one
-        q = norms.eager_per_head(q, t[norms.weight_key("self_attn.q_norm.weight", one)], c.rms_norm_eps, hq, d, one)
+        one, f32 = c.norm_plus_one, c.norm_fp32_product
+        q = norms.eager_per_head(q, t[norms.weight_key("self_attn.q_norm.weight", one)], c.rms_norm_eps, hq, d, f32)
         k = norms.eager_per_head(k, t[norms.weight_key("self_attn.k_norm.weight", one)], c.rms_norm_eps,
-                                 c.num_key_value_heads, d, one)
+                                 c.num_key_value_heads, d, f32)
     a = plugin_attrs(c, kv_scales)
     attn = []
     for qs, ks, vs, (cache, ctx, start) in zip(q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1), calls):

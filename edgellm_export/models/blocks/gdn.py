@@ -6,23 +6,19 @@ derives the decay from a, A_log and dt_bias, beta from b, and L2-normalises q an
 RMSNorm gated by SiLU(z), out_proj. The layer carries two states between calls: the conv state (the
 last K conv inputs) and the recurrent state (fp32).
 
-Chunked prefill: 0.7.1's conv kernel takes its prefill path for any call with more than one token and
-then ignores the incoming conv state, so a chunk that continues a cached prefix would convolve its first
-K - 1 tokens with zeros instead of the previous chunk's inputs. The graph therefore prepends the last
-K - 1 inputs held in the conv state to x whenever the call continues a cache (`kvcache_start_index` has
-entries) with more than one token, and drops the K - 1 extra outputs: the kernel then sees the true
-history and captures the right state. A plain prefill (no start index: the runtime need not have zeroed
-the buffer) and decode (one token: the kernel's decode path reads the state) are left as they are.
+The conv is fed its history in chunked prefill (blocks/conv.py: the 0.7.1 kernel would otherwise
+start a continuing chunk from zeros).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from edgellm_core.onnx_graph.builder import FLOAT, FLOAT16, INT32
-from edgellm_core.ops import causal_conv1d, gated_delta_net
+from edgellm_core.onnx_graph.builder import FLOAT, FLOAT16
+from edgellm_core.ops import gated_delta_net
 
 from ...config import ModelConfig
+from . import conv as convolution
 from . import linear, norms
 
 LINEARS = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
@@ -38,13 +34,6 @@ def _shapes(c: ModelConfig) -> dict[str, tuple[int, int]]:
             "in_proj_a": (d.num_v_heads, h), "out_proj": (h, d.value_dim)}
 
 
-def conv_attrs(c: ModelConfig) -> dict:
-    """The causal_conv1d node's attributes as the eager op takes them (`causal_conv1d.emit` writes the
-    same values from conv_dim and the kernel width)."""
-    k = c.gdn.conv_kernel
-    return {"stride": 1, "padding": k - 1, "dilation": 1, "groups": c.gdn.conv_dim, "use_mtp": 0}
-
-
 def gdn_attrs(c: ModelConfig) -> dict:
     return {"k_dim": c.gdn.k_head_dim, "v_dim": c.gdn.v_head_dim, "use_mtp": 0}
 
@@ -56,19 +45,10 @@ def emit(e, io, contract, layer: int, y: str) -> str:
     qkv, z, b, a = (linear.emit(e, y, p + m, *sh[m], False) for m in LINEARS[:4])
     conv_in, rec_in = io.conv[layer], io.recurrent[layer]
 
-    # History prefix for a chunk that continues a cache (module docstring): m = K - 1 or 0.
     k = d.conv_kernel
-    continues = n("And", [n("Greater", [n("Shape", [io.kvcache_start_index]), g.i64(0)]),
-                          n("Greater", [n("Shape", [qkv], {"start": 1, "end": 2}), g.i64(1)])])
-    m = n("Where", [continues, g.i64(k - 1), g.i64(0)])  # int64 [1]
-    history = n("Slice", [n("Transpose", [conv_in], {"perm": [0, 2, 1]}), n("Sub", [g.i64(k), m]), g.i64(k),
-                          g.i64(1)])  # [B, m, conv_dim]
-    x = n("Concat", [history, qkv], {"axis": 1})
-    ctx = n("Add", [io.context_lengths, n("Cast", [m], {"to": INT32})])
     bias = g.const(np.zeros(d.conv_dim, np.float16), "conv_bias_zero")
     weight = w.tensor(p + "conv1d.weight", (d.conv_dim, 1, k))
-    conv, conv_out = causal_conv1d.emit(g, [x, weight, bias, conv_in, ctx], conv_dim=d.conv_dim, kernel_size=k)
-    conv = n("Slice", [conv, m, g.i64(np.iinfo(np.int64).max), g.i64(1)])
+    conv, conv_out = convolution.emit(g, io, qkv, weight, bias, conv_in, d.conv_dim, k)
     act = n("Mul", [conv, n("Sigmoid", [conv])])
 
     q, kk, v = n("Split", [act, g.i64(d.key_dim, d.key_dim, d.value_dim)], {"axis": -1}, n_out=3)
@@ -107,22 +87,18 @@ def eager(y, sizes: list[int], t: dict, quant: dict, c: ModelConfig, states: lis
     import torch
 
     r16 = linear.r16
-    conv_op, gdn_op = causal_conv1d.register_torch_op(), gated_delta_net.register_torch_op()
+    gdn_op = gated_delta_net.register_torch_op()
     d, b, k = c.gdn, y.shape[0], c.gdn.conv_kernel
     qkv, z, bb, aa = (linear.eager(y, t, "linear_attn." + m, quant) for m in LINEARS[:4])
     weight = t["linear_attn.conv1d.weight"]
     bias = torch.zeros(d.conv_dim, dtype=torch.float16)
     a_log, dt_bias = t["linear_attn.A_log"], t["linear_attn.dt_bias"]
-    ca, ga = conv_attrs(c), gdn_attrs(c)
+    ga = gdn_attrs(c)
     outs = []
     for xs, bs, as_, (idx, ctx, start) in zip(qkv.split(sizes, 1), bb.split(sizes, 1), aa.split(sizes, 1), calls):
         conv_state, rec_state = states[idx]
         s = xs.shape[1]
-        m = k - 1 if (start.numel() > 0 and s > 1) else 0
-        history = conv_state.transpose(1, 2)[:, k - m:, :].float()
-        x = torch.cat([history, xs], dim=1).half()
-        conv, conv_state = conv_op(x, weight, bias, conv_state, ctx + m, *ca.values())
-        conv = conv[:, m:].float()
+        conv, conv_state = convolution.eager(xs, weight, bias, conv_state, ctx, start, d.conv_dim, k)
         act = r16(conv * r16(torch.sigmoid(conv)))
         q, kk, v = act.split([d.key_dim, d.key_dim, d.value_dim], dim=-1)
         o, rec_state = gdn_op(q.reshape(b, s, d.num_k_heads, d.k_head_dim).half(),
