@@ -1,8 +1,9 @@
 """Write a random-weight checkpoint with a real model's exact shapes, without holding it in memory.
 
 Each tensor is generated in slices and appended to its shard, so memory stays
-at one slice. Shapes: Llama-3.2-1B (2.47 GB bf16, tied embeddings, llama3 RoPE)
-and Llama-3.1-8B (16 GB bf16, sharded).
+at one slice. Shapes: Llama-3.2-1B (2.47 GB bf16, tied embeddings, llama3 RoPE),
+Llama-3.1-8B (16 GB bf16, sharded) and Qwen3-30B-A3B (128 experts of 768 per layer,
+q/k norms; cut to a few layers with `--layers`: 1.2 GB of experts per layer).
 
     python -m benchmarks.make_checkpoint llama-3.2-1b /data/llama1b
 """
@@ -27,6 +28,12 @@ SHAPES = {
                          rope_scaling={**LLAMA3_ROPE, "factor": 8.0}, rope_theta=500000.0,
                          max_position_embeddings=131072),
 }
+SHAPES["qwen3-30b-a3b"] = dict(
+    model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], hidden_size=2048, intermediate_size=6144,
+    num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936,
+    tie_word_embeddings=False, rope_theta=1000000.0, max_position_embeddings=40960, num_experts=128,
+    num_experts_per_tok=8, moe_intermediate_size=768, decoder_sparse_step=1, mlp_only_layers=[],
+    norm_topk_prob=True, rms_norm_eps=1e-6)
 SHARD_BYTES = 5 * 2**30
 SLICE_ELEMS = 16 * 2**20
 
@@ -35,13 +42,23 @@ def tensor_shapes(c: dict) -> list[tuple[str, tuple[int, ...]]]:
     h, inter, d = c["hidden_size"], c["intermediate_size"], c["head_dim"]
     q, kv = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
     out = [("model.embed_tokens.weight", (c["vocab_size"], h))]
+    moe = c.get("model_type") == "qwen3_moe"
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."
         out += [(p + "input_layernorm.weight", (h,)), (p + "self_attn.q_proj.weight", (q, h)),
                 (p + "self_attn.k_proj.weight", (kv, h)), (p + "self_attn.v_proj.weight", (kv, h)),
-                (p + "self_attn.o_proj.weight", (h, q)), (p + "post_attention_layernorm.weight", (h,)),
-                (p + "mlp.gate_proj.weight", (inter, h)), (p + "mlp.up_proj.weight", (inter, h)),
-                (p + "mlp.down_proj.weight", (h, inter))]
+                (p + "self_attn.o_proj.weight", (h, q)), (p + "post_attention_layernorm.weight", (h,))]
+        if moe:  # per-expert tensors, as the hub ships them; q/k norms
+            e_inter = c["moe_intermediate_size"]
+            out += [(p + "self_attn.q_norm.weight", (d,)), (p + "self_attn.k_norm.weight", (d,)),
+                    (p + "mlp.gate.weight", (c["num_experts"], h))]
+            for e in range(c["num_experts"]):
+                x = p + f"mlp.experts.{e}."
+                out += [(x + "gate_proj.weight", (e_inter, h)), (x + "up_proj.weight", (e_inter, h)),
+                        (x + "down_proj.weight", (h, e_inter))]
+        else:
+            out += [(p + "mlp.gate_proj.weight", (inter, h)), (p + "mlp.up_proj.weight", (inter, h)),
+                    (p + "mlp.down_proj.weight", (h, inter))]
     out.append(("model.norm.weight", (h,)))
     if not c["tie_word_embeddings"]:
         out.append(("lm_head.weight", (c["vocab_size"], h)))

@@ -230,6 +230,8 @@ def text_config_of(raw: dict) -> dict:
     if isinstance(inner, dict) and "hidden_size" in inner and "hidden_size" not in raw:
         merged = dict(inner)
         merged.setdefault("model_type", raw.get("model_type"))
+        if "vision_config" in raw:  # the runtime config carries it for VLM runners (families.md §0.3)
+            merged.setdefault("vision_config", raw["vision_config"])
         return merged
     return raw
 

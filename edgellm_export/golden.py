@@ -8,7 +8,9 @@ through a backend without needing torch or the checkpoint.
 
 The eager pass is layer-major: inputs of every step are known up front, so
 each layer's weights are used once, for all steps, as the weight writer
-streams them past. Memory stays at one layer's weights.
+streams them past. Memory stays at one layer's weights, and for a MoE layer at
+one `[E, ...]` expert stack: the layer runs up to its MoE input when the first
+stack arrives, and each stack is used and dropped as it comes.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import numpy as np
 
 from edgellm_core.bindings import V0_7
 
-from .config import ModelConfig
+from .config import SIGMOID_MOE, SOFTMAX_MOE, ModelConfig
+from .models.blocks.linear import r16 as linear_r16
 from .rope import reference_inv_freq_and_scale
 
 BUNDLE_DIR = "golden"
@@ -113,6 +116,7 @@ class GoldenRun:
                        for sc in scenarios for st in sc.steps]
         self.pending: dict[str, object] = {}
         self.pending_layer: int | None = None
+        self.streaming = None  # (layer module, x after its mixer, sizes, the MoE's eager Stream)
 
     def consume(self, name: str, tensor) -> None:
         """Called by the weight writer with each initializer as it is written.
@@ -121,10 +125,32 @@ class GoldenRun:
         `finish()` runs the head once everything has arrived.
         """
         layer = int(name.split(".", 2)[1]) if name.startswith("layers.") else None
-        if self.pending and self.pending_layer is not None and layer != self.pending_layer:
+        if (self.pending or self.streaming) and self.pending_layer is not None and layer != self.pending_layer:
             self._run_layer()  # the previous layer is complete
         self.pending_layer = layer
+        if (layer is not None and name.endswith(".stacked") and self.cfg.mlp(layer) in (SOFTMAX_MOE, SIGMOID_MOE)
+                and not self._packed_experts(layer)):
+            self._take_stack(layer, name.split(".")[-2], tensor)  # used now, not kept
+            return
         self.pending[name] = tensor
+
+    def _packed_experts(self, layer: int) -> bool:
+        """Experts in a quantized plugin's packed layout: kept whole, not streamed stack by stack."""
+        prefix = f"layers.{layer}.mlp.experts."
+        linears = self.quant.linears if self.quant is not None else {}
+        return any(k.startswith(prefix) and q.format != "fp16" for k, q in linears.items())
+
+    def _take_stack(self, index: int, proj: str, stack) -> None:
+        torch = self.torch
+        if self.streaming is None:  # everything before the stacks has arrived: run up to the MoE
+            layer = self.layer_cls(self.cfg, self.pending, self.quant, index)
+            states = [layer.initial_state(sc.steps[0].token_ids.shape[0], V0_7, KV_CAPACITY)
+                      for sc in self.scenarios]
+            sizes = [x.shape[1] for x in self.hidden]
+            x = layer.mix(torch.cat(self.hidden, dim=1), sizes, states, self.table, self._calls())
+            self.streaming = (layer, x, sizes, layer.mlp_stream(x))
+            self.pending = {}
+        self.streaming[3].take(proj, stack)
 
     def finish(self) -> None:
         if self.pending_layer is not None:
@@ -137,6 +163,13 @@ class GoldenRun:
                 for i, sc in enumerate(self.scenarios) for st in sc.steps]
 
     def _run_layer(self) -> None:
+        if self.streaming is not None:
+            layer, x, sizes, stream = self.streaming
+            layer.t.update({k.split(".", 2)[2]: v for k, v in self.pending.items()})  # declared after the stacks
+            x = linear_r16(x + stream.result(layer.t, layer.quant))
+            self.hidden = list(x.split(sizes, 1))
+            self.pending, self.streaming = {}, None
+            return
         layer = self.layer_cls(self.cfg, self.pending, self.quant, self.pending_layer)
         # One state per scenario (a KV cache, or a hybrid layer's conv and recurrent states), zeroed as the
         # runtime's are, carried across the scenario's steps.

@@ -31,9 +31,12 @@ class _File:
 
 
 class StreamWriter:
-    def __init__(self, depth: int = 1):
+    def __init__(self, depth: int = 1, budget: int = 64 << 20):
         self._writes: queue.Queue = queue.Queue(maxsize=depth)
         self._hashes: queue.Queue = queue.Queue(maxsize=depth)
+        self._budget = budget
+        self._in_flight = 0  # bytes queued or being written / hashed
+        self._done = threading.Condition()
         self._failure: list[tuple[BaseException, str]] = []
         # Handles, not raw fds: the writer closes a file while the hasher may still be on its last
         # buffers, and the next open() can get the same fd number back.
@@ -55,16 +58,30 @@ class StreamWriter:
         """Queue `data` (a buffer kept alive until written and hashed) for `handle` at `offset`; offsets
         of one file must increase. Raises an earlier write's error instead of queueing more."""
         self.raise_failure()
-        self._put((handle, offset, memoryview(data).cast("B")))
+        view = memoryview(data).cast("B")
+        with self._done:
+            while self._in_flight and self._in_flight + len(view) > self._budget and not self._failure:
+                self._done.wait()
+            self._in_flight += len(view)
+        self._put((handle, offset, view, [2 if self._files[handle].sha is not None else 1]))
 
     def close(self, handle: int, size: int | None = None) -> None:
         """Close the file after everything queued for it (truncated or extended to `size`, if given)."""
-        self._put((handle, size, _CLOSE))
+        self._put((handle, size, _CLOSE, [2]))
 
     def _put(self, item) -> None:
         self._writes.put(item)
         if self._files[item[0]].sha is not None:
             self._hashes.put(item)
+
+    def _release(self, item) -> None:
+        """One of the (one or two) threads using `item`'s buffer is done with it."""
+        view, users = item[2], item[3]
+        with self._done:
+            users[0] -= 1
+            if users[0] == 0 and view is not _CLOSE:
+                self._in_flight -= len(view)
+                self._done.notify_all()
 
     def finish(self) -> None:
         """Wait for every queued write and hash, close what is still open, raise the first error."""
@@ -87,38 +104,52 @@ class StreamWriter:
 
     def _write_loop(self) -> None:
         while (item := self._writes.get()) is not None:
-            handle, offset, view = item
-            if self._failure:
-                continue  # drain after an error so the producer never blocks
-            f = self._files[handle]
             try:
-                if view is _CLOSE:
-                    if offset is not None:
-                        os.ftruncate(f.fd, offset)
-                    os.close(f.fd)
-                    f.fd = -1
-                else:
-                    done, at = view, offset
-                    while done:
-                        n = os.pwrite(f.fd, done, at)
-                        done, at = done[n:], at + n
-            except BaseException as e:  # noqa: BLE001  (re-raised in the producer)
-                self._failure.append((e, f.path))
+                self._write(item)
+            finally:
+                self._release(item)
+        with self._done:
+            self._done.notify_all()  # a producer waiting on the budget sees a failure
+
+    def _write(self, item) -> None:
+        handle, offset, view, _ = item
+        if self._failure:
+            return  # drain after an error so the producer never blocks
+        f = self._files[handle]
+        try:
+            if view is _CLOSE:
+                if offset is not None:
+                    os.ftruncate(f.fd, offset)
+                os.close(f.fd)
+                f.fd = -1
+            else:
+                done, at = view, offset
+                while done:
+                    n = os.pwrite(f.fd, done, at)
+                    done, at = done[n:], at + n
+        except BaseException as e:  # noqa: BLE001  (re-raised in the producer)
+            self._failure.append((e, f.path))
 
     def _hash_loop(self) -> None:
         while (item := self._hashes.get()) is not None:
-            handle, offset, view = item
-            if self._failure:
-                continue  # keep draining: the producer must never block on this queue
-            f = self._files[handle]
             try:
-                if offset is not None and offset > f.hashed:
-                    f.sha.update(bytes(offset - f.hashed))  # an alignment gap: zeros in the file
-                    f.hashed = offset
-                if view is _CLOSE:
-                    self.digests[f.path] = f.sha.hexdigest()
-                else:
-                    f.sha.update(view)
-                    f.hashed += len(view)
-            except BaseException as e:  # noqa: BLE001  (re-raised in the producer)
-                self._failure.append((e, f.path))
+                self._hash(item)
+            finally:
+                self._release(item)
+
+    def _hash(self, item) -> None:
+        handle, offset, view, _ = item
+        if self._failure:
+            return  # keep draining: the producer must never block on this queue
+        f = self._files[handle]
+        try:
+            if offset is not None and offset > f.hashed:
+                f.sha.update(bytes(offset - f.hashed))  # an alignment gap: zeros in the file
+                f.hashed = offset
+            if view is _CLOSE:
+                self.digests[f.path] = f.sha.hexdigest()
+            else:
+                f.sha.update(view)
+                f.hashed += len(view)
+        except BaseException as e:  # noqa: BLE001  (re-raised in the producer)
+            self._failure.append((e, f.path))

@@ -56,6 +56,8 @@ def run(argv: list[str] | None = None) -> int:
         print("Validation " + ("PASSED" if res["passed"] else "FAILED") + " " + json.dumps(summary))
         for f in res["failures"]:
             print(f"  - {f}")
+        for note in res.get("runtime_limits", []):
+            print(f"  known runtime limit (not a failure): {note}")
         print(f"Result written to {res['result_file']}")
     return EXIT_OK if res["passed"] else EXIT_FAILED
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from edgellm_core.errors import EnvironmentProblem, ExportError
 from edgellm_core.manifest import verify_manifest
+from edgellm_core.runtime_limits import runtime_limits
 
 from .compare import step_metrics, verdict
 from .export_dir import find_llm_dir
@@ -50,6 +51,9 @@ def validate_export(out_dir: str | Path, *, backend: str = "cpu", result_path: P
         be.close()
     result.update({"backend": be.name, "export": str(llm), "manifest_verified": verify,
                    "seconds": round(time.perf_counter() - t0, 3)})
+    limits = runtime_limits(json.loads((llm / "config.json").read_text()))
+    if limits:  # not failures: what the runtime does regardless of the export (core/runtime_limits.py)
+        result["runtime_limits"] = limits
     if getattr(be, "details", None):  # e.g. the TensorRT backend's target check, device and build record
         result["backend_details"] = be.details
     path = result_path or (Path(out_dir) / RESULT_FILE)

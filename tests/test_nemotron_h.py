@@ -153,6 +153,8 @@ def test_validate_passes(nemotron_export):
 
     res = validate_export(nemotron_export[2])
     assert res["passed"], res["failures"]
+    limits = res["runtime_limits"]
+    assert len(limits) == 2 and "system-prompt cache" in limits[0] and "CuTe-DSL SSD" in limits[1]
 
 
 def test_graph_and_runtime_config(nemotron_export):

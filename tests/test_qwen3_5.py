@@ -55,11 +55,20 @@ def test_twin_matches_transformers_over_prefill_chunked_prefill_and_decode(qwen3
     assert phases == {"prefill", "chunked_prefill", "decode"} and len(steps) >= 10
 
 
-def test_validate_passes(qwen3_5_export):
+def test_validate_passes_and_names_the_runtime_limit(qwen3_5_export):
+    """validate passes, and carries the hybrid's known runtime limit (the system-prompt cache) into the
+    qualification case and summary.md, as a note, not a failure."""
+    from edgellm_validate.report import case_from_validation, new_report, render_summary
     from edgellm_validate.validate import validate_export
 
-    res = validate_export(qwen3_5_export[2])
+    out = qwen3_5_export[2]
+    res = validate_export(out)
     assert res["passed"], res["failures"]
+    assert len(res["runtime_limits"]) == 1 and "system-prompt cache" in res["runtime_limits"][0]
+    case = case_from_validation("qwen3_5 fp16", res, target="x86-cpu", export_dir=out)
+    assert case["verdict"] == "pass" and case["runtime_limits"] == res["runtime_limits"]
+    md = render_summary(new_report([case]))
+    assert "## Known runtime limits" in md and "qwen3_5 fp16: system-prompt cache" in md
 
 
 def test_graph_bindings_in_the_runtime_order(qwen3_5_export):
@@ -188,3 +197,37 @@ def test_hf_reference_is_consistent_with_itself():
         step = model(ids[:, 8:], past_key_values=out.past_key_values, use_cache=True).logits[0, -1]
     cos = torch.nn.functional.cosine_similarity(full, step, dim=0)
     assert float(cos) > 0.99999
+
+
+def test_vlm_wrapper_exports_its_text_part(tmp_path):
+    """The `qwen3_5` VLM wrapper (`Qwen3_5ForConditionalGeneration`, keys under `model.language_model.` and
+    `model.visual.`): its text decoder is exported and matches HF's text-only forward; config.json carries the
+    wrapper's vision_config verbatim for the runtime's VLM runner."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    from edgellm_export.export import ExportOptions, export_checkpoint
+    from edgellm_validate.compare import cosine_rows
+    from edgellm_validate.cpu_backend import CpuBackend
+    from edgellm_validate.twin import run_twin
+
+    text = {k: v for k, v in QWEN3_5.items()}
+    text.update(vocab_size=512, hidden_size=256, intermediate_size=512, rms_norm_eps=1e-5)
+    vision = dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=256)
+    torch.manual_seed(3)
+    model = Qwen3_5ForConditionalGeneration(Qwen3_5Config(text_config=text, vision_config=vision)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+        model.lm_head.weight.mul_(4.0)
+    ckpt = save_checkpoint(model, tmp_path / "ckpt")
+    export_checkpoint(ckpt, tmp_path / "out", ExportOptions())
+    llm = tmp_path / "out" / "llm"
+    cfg = json.loads((llm / "config.json").read_text())
+    assert cfg["model"] == "qwen3_5_text" and cfg["model_type"] == "hybrid_mamba"
+    assert cfg["vision_config"] == json.loads((ckpt / "config.json").read_text())["vision_config"]
+    ref = hf_reference_logits(model, llm)
+    for s in run_twin(llm, CpuBackend(llm)).steps:
+        want = ref[(s.scenario, s.index)]
+        assert float(cosine_rows(s.logits, want).min()) >= 0.999, (s.scenario, s.index)
+        np.testing.assert_array_equal(s.logits.argmax(-1), want.argmax(-1))

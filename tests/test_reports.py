@@ -395,3 +395,11 @@ def test_summary_names_fp16_when_the_suite_expects_no_precision(tmp_path):
     assert cells[3] == "fp16"
     nvfp4 = one_case_report(tmp_path, name="q", validation=validation(precision="nvfp4"))
     assert nvfp4["cases"][0]["precision"] == "nvfp4"
+
+
+def test_runtime_limits_are_notes_for_hybrids_only():
+    from edgellm_core.runtime_limits import runtime_limits
+
+    assert runtime_limits({"model_type": "llm", "model": "llama"}) == []
+    assert len(runtime_limits({"model_type": "hybrid_mamba", "model": "qwen3_5_text"})) == 1
+    assert len(runtime_limits({"model_type": "hybrid_mamba", "model": "nemotron_h"})) == 2

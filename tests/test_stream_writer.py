@@ -73,3 +73,29 @@ def test_files_opened_one_after_another_keep_their_own_digests(tmp_path):
     w.finish()
     assert w.digests == want
     assert all(hashlib.sha256(open(p, "rb").read()).hexdigest() == d for p, d in want.items())
+
+
+def test_big_buffers_are_never_held_two_at_a_time_beyond_the_budget(tmp_path, monkeypatch):
+    """Buffers queued or in flight stay within the byte budget, or are a single buffer when one is larger:
+    while a big tensor (an expert stack) is written the producer converts the next, and no third exists."""
+    import time
+
+    real = sw.os.pwrite
+    seen = []
+
+    def slow(fd, data, offset):
+        seen.append(w._in_flight)
+        time.sleep(0.01)
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(sw.os, "pwrite", slow)
+    w = sw.StreamWriter(depth=1, budget=100)
+    h = w.open(tmp_path / "big.bin")
+    for k in range(4):
+        w.write(h, k * 1000, np.full(1000, k, np.uint8))
+    for k in range(6):
+        w.write(h, 4000 + k * 30, np.full(30, k, np.uint8))
+    w.close(h)
+    w.finish()
+    assert max(seen[:4]) == 1000 and max(seen[4:]) <= 100
+    assert (tmp_path / "big.bin").stat().st_size == 4180 and w._in_flight == 0

@@ -155,6 +155,8 @@ def runtime_config(cfg: ModelConfig, *, allow_rope_passthrough: bool = False) ->
         "num_deepstack_features": 0,
     }
     out.update(rope)  # original_max_position_embeddings for longrope
+    if isinstance(cfg.raw.get("vision_config"), dict):  # copied verbatim: VLM runners read it from here (§0.3)
+        out["vision_config"] = cfg.raw["vision_config"]
     if cfg.is_hybrid:
         out.update(_hybrid_fields(cfg))
     return out

@@ -123,6 +123,16 @@ def _emit_mlp(e, i: int, y: str) -> str:
 
 
 # -- eager torch reference -------------------------------------------------------------------
+def stream_stacks(kind: str) -> tuple[str, ...]:
+    """The expert stacks (`layers.{i}.mlp.experts.{proj}.stacked`) a MoE MLP's eager `Stream` takes, in the
+    order the graph declares (and the weight writer streams) them; () for a dense MLP."""
+    if kind == SOFTMAX_MOE:
+        return moe.PROJECTIONS
+    if kind == SIGMOID_MOE:
+        return sigmoid_moe.PROJECTIONS
+    return ()
+
+
 @functools.cache
 def torch_modules():
     """(DecoderLayer, DecoderHead) eager classes, defined once; imports torch on first use."""
@@ -162,36 +172,56 @@ def torch_modules():
             """Many runtime calls at once: `calls` lists (cache index, context_lengths, start index)
             per hidden state in `xs`, in execution order. Position-wise work (norms,
             projections, MLP) runs on all tokens together, so each weight is widened
-            to fp32 once; only attention walks the calls in order, updating `caches`.
+            to fp32 once; only the mixers walk the calls in order, updating `caches`.
             """
-            c, t = self.cfg, self.t
             sizes = [x.shape[1] for x in xs]
-            x = torch.cat(xs, dim=1)
-
-            def norm(x, name):
-                return norms.eager(x, t[norms.weight_key(name, c.norm_plus_one)], c.rms_norm_eps,
-                                   c.norm_fp32_product)
-
-            first = True
-            if self.mixer != NONE:
-                y = norm(x, "input_layernorm.weight")
-                if self.mixer == ATTENTION:
-                    mixed = attention.eager(y, sizes, t, self.quant, c, self.kv_scales, caches, rope_table, calls,
-                                            attention_plugin)
-                else:
-                    mixed = {GDN: gdn, MAMBA: mamba}[self.mixer].eager(y, sizes, t, self.quant, c, caches, calls)
-                x = r16(x + mixed)
-                first = False
+            x = self.mix(torch.cat(xs, dim=1), sizes, caches, rope_table, calls)
             if self.mlp != NONE:
-                y = norm(x, "input_layernorm.weight" if first else "post_attention_layernorm.weight")
-                if self.mlp == SOFTMAX_MOE:
-                    out = moe.eager(y, t, c, self.quant)
-                elif self.mlp == SIGMOID_MOE:
-                    out = sigmoid_moe.eager(y, t, c, self.quant)
+                stream = self.mlp_stream(x)
+                if stream is None:
+                    out = self.mlp_eager(self.mlp_input(x))
                 else:
-                    out = mlp.eager(y, t, self.quant, self.mlp)
+                    for name in stream_stacks(self.mlp):
+                        stream.take(name, self.t[f"mlp.experts.{name}.stacked"])
+                    out = stream.result(self.t, self.quant)
                 x = r16(x + out)
             return list(x.split(sizes, 1)), caches
+
+        def _norm(self, x, name):
+            c = self.cfg
+            return norms.eager(x, self.t[norms.weight_key(name, c.norm_plus_one)], c.rms_norm_eps,
+                               c.norm_fp32_product)
+
+        def mix(self, x, sizes, caches, rope_table, calls):
+            """The first half of the layer: x plus the mixer's output (x itself without a mixer)."""
+            c, t = self.cfg, self.t
+            if self.mixer == NONE:
+                return x
+            y = self._norm(x, "input_layernorm.weight")
+            if self.mixer == ATTENTION:
+                mixed = attention.eager(y, sizes, t, self.quant, c, self.kv_scales, caches, rope_table, calls,
+                                        attention_plugin)
+            else:
+                mixed = {GDN: gdn, MAMBA: mamba}[self.mixer].eager(y, sizes, t, self.quant, c, caches, calls)
+            return r16(x + mixed)
+
+        def mlp_input(self, x):
+            return self._norm(x, "post_attention_layernorm.weight" if self.mixer != NONE else
+                              "input_layernorm.weight")
+
+        def mlp_stream(self, x):
+            """For a MoE MLP with fp16 expert stacks, its eager face ready to take the stacks one at a time;
+            else None (a dense MLP, or experts in a quantized plugin's packed layout)."""
+            if any(k.startswith("mlp.experts.") and q.format != "fp16" for k, q in self.quant.items()):
+                return None
+            if self.mlp == SOFTMAX_MOE:
+                return moe.Stream(self.mlp_input(x), self.t, self.cfg, self.quant)
+            if self.mlp == SIGMOID_MOE:
+                return sigmoid_moe.Stream(self.mlp_input(x), self.t, self.cfg, self.quant)
+            return None
+
+        def mlp_eager(self, y):
+            return mlp.eager(y, self.t, self.quant, self.mlp)
 
     class DecoderHead(nn.Module):
         """Final norm, token selection and lm_head (its own tensors, any format, or the tied embedding)."""

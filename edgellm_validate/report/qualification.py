@@ -177,7 +177,7 @@ def check_message(check: Mapping) -> str:
 def _case(name: str, *, outcome: str, reason: str, expect: str, target, backend, release, checkpoint,
           precision, export=None, backend_details=None, thresholds=None, thresholds_source=None, metrics=None,
           checks=None, failures=None, steps=None, artifacts=None, seconds=None, stage=None, judge: bool = True,
-          checkpoint_hub=None) -> dict:
+          checkpoint_hub=None, runtime_limits=None) -> dict:
     if expect not in EXPECTATIONS:
         raise ValueError(f"expect must be one of {EXPECTATIONS}, not {expect!r}")
     verdict, reason = _judge(outcome, expect, reason) if judge else (outcome, reason)
@@ -204,6 +204,7 @@ def _case(name: str, *, outcome: str, reason: str, expect: str, target, backend,
         "artifacts": artifacts,
         "backend_details": json.loads(json.dumps(backend_details, default=str)) if backend_details else None,
         "seconds": _num(seconds),
+        "runtime_limits": [str(x) for x in runtime_limits] if runtime_limits else None,
     }
 
 
@@ -259,7 +260,8 @@ def case_from_validation(name: str, validation: Mapping, *, target: str | None, 
         raise ValueError(f"unknown threshold(s) {', '.join(unknown)}; known: {', '.join(THRESHOLD_CHECKS)}")
     source = "override" if thresholds else "default"
     common = dict(export=export, thresholds=effective, thresholds_source=source, steps=steps, artifacts=artifacts,
-                  seconds=validation.get("seconds"), backend_details=validation.get("backend_details"), **ident)
+                  seconds=validation.get("seconds"), backend_details=validation.get("backend_details"),
+                  runtime_limits=validation.get("runtime_limits"), **ident)
     actual_precision = validation.get("precision")
     checks = []
     if precision is not None:
@@ -498,6 +500,8 @@ class ReportCase(StrictModel):
     artifacts: dict[str, Any] | None = Field(None, description="the export's identity from its manifest.json")
     backend_details: dict[str, Any] | None = None
     seconds: float | None = None
+    runtime_limits: list[str] | None = Field(
+        None, description="what the Edge-LLM runtime does to this export that no export can change (not failures)")
     environment: dict[str, Any] | None = Field(None, description="where the case ran, when not where the report "
                                                                  "was merged", json_schema_extra=no_default)
 

@@ -192,6 +192,7 @@ def render_summary(q: Mapping, previous: Mapping | None = None, *, tolerances: M
                 lines.append(f"- ... and {len(c['failures']) - 20} more (see qualification.json)")
             lines.append("")
 
+    lines += _limits_section(q)
     lines += _environment_section(q)
     lines += _checkpoint_section(q)
     lines += _artifact_section(q)
@@ -212,6 +213,18 @@ def _comparison_section(cmp: Comparison) -> list[str]:
     if notes:
         out.append("")
         out += [f"- note {_cell(f.case)} ({f.kind}): {_cell(f.message)}" for f in notes]
+    out.append("")
+    return out
+
+
+def _limits_section(q: Mapping) -> list[str]:
+    """Known runtime limits of the qualified exports: not failures, but what the runtime will do."""
+    rows = [c for c in q["cases"] if c.get("runtime_limits")]
+    if not rows:
+        return []
+    out = ["## Known runtime limits", ""]
+    for c in rows:
+        out += [f"- {_cell(c['name'])}: {_cell(note)}" for note in c["runtime_limits"]]
     out.append("")
     return out
 

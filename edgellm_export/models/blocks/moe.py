@@ -70,20 +70,46 @@ def emit(e, layer: int, y: str) -> str:
 def eager(y, t: dict, cfg: ModelConfig, layer_quant: dict):
     """Eager face, the same numerics: expert outputs rounded to fp16 as the graph stores them, the
     weighted sum in fp32, rounded once."""
-    import torch
+    stream = Stream(y, t, cfg, layer_quant)
+    for proj in PROJECTIONS:
+        stream.take(proj, t[f"mlp.experts.{proj}.stacked"])
+    return stream.result(t, layer_quant)
 
-    m, r16 = cfg.moe, linear.r16
-    logits = linear.eager(y, t, "mlp.gate", layer_quant).float()
-    probs = torch.softmax(logits, dim=-1)
-    top_v, top_i = torch.topk(probs, m.top_k, dim=-1)
-    if m.norm_topk_prob:
-        top_v = top_v / top_v.sum(-1, keepdim=True)
-    weights = torch.zeros_like(probs).scatter(-1, top_i, top_v)
-    out = torch.zeros_like(y)
-    for x in range(m.num_experts):
-        gate = r16(linear.matmul_fp16(y, t["mlp.experts.gate_proj.stacked"][x]))
-        up = r16(linear.matmul_fp16(y, t["mlp.experts.up_proj.stacked"][x]))
-        act = r16(r16(gate * r16(torch.sigmoid(gate))) * up)
-        down = r16(linear.matmul_fp16(act, t["mlp.experts.down_proj.stacked"][x]))
-        out = out + down * weights[..., x : x + 1]
-    return r16(out)
+
+class Stream:
+    """The eager face fed one expert stack at a time, in the graph's declaration order (gate, up, down),
+    so the golden pass can drop each `[E, ...]` stack as soon as it is used instead of holding a layer's
+    three. Per expert it computes exactly what a one-expert-at-a-time loop would, and sums the experts in
+    order."""
+
+    def __init__(self, y, t: dict, cfg: ModelConfig, layer_quant: dict):
+        import torch
+
+        m = cfg.moe
+        self.shape, self.m = y.shape, m
+        logits = linear.eager(y, t, "mlp.gate", layer_quant).float()
+        probs = torch.softmax(logits, dim=-1)
+        top_v, top_i = torch.topk(probs, m.top_k, dim=-1)
+        if m.norm_topk_prob:
+            top_v = top_v / top_v.sum(-1, keepdim=True)
+        self.weights = torch.zeros_like(probs).scatter(-1, top_i, top_v)
+        self.y, self.gates, self.acts, self.out = y, None, None, None
+
+    def take(self, proj: str, stack) -> None:
+        import torch
+
+        r16, n = linear.r16, self.m.num_experts
+        if proj == "gate_proj":
+            self.gates = [r16(linear.matmul_fp16(self.y, stack[x])) for x in range(n)]
+        elif proj == "up_proj":
+            self.acts = [r16(r16(gate * r16(torch.sigmoid(gate))) * r16(linear.matmul_fp16(self.y, stack[x])))
+                         for x, gate in enumerate(self.gates)]
+            self.gates = None
+        else:
+            out = torch.zeros_like(self.y)
+            for x, act in enumerate(self.acts):
+                out = out + r16(linear.matmul_fp16(act, stack[x])) * self.weights[..., x : x + 1]
+            self.out, self.acts = out, None
+
+    def result(self, t: dict, layer_quant: dict):
+        return linear.r16(self.out)

@@ -160,18 +160,43 @@ def eager(y, t: dict, cfg: ModelConfig, layer_quant: dict):
     """Eager face, the same numerics: fp16-rounded router logits routed in fp32 with the fp32 bias, expert
     outputs rounded to fp16 as the graph stores them, the weighted sum in fp32 rounded once, the shared
     expert in fp16 added in fp16."""
-    import torch
+    stream = Stream(y, t, cfg, layer_quant)
+    for proj in PROJECTIONS:
+        stream.take(proj, t[f"mlp.experts.{proj}.stacked"])
+    return stream.result(t, layer_quant)
 
-    m, r16 = cfg.sigmoid_moe, linear.r16
-    logits = linear.eager(y, t, "mlp.gate", layer_quant).float().reshape(-1, m.num_experts)
-    _, weights = route(logits, t["mlp.gate.e_score_correction_bias"], m)
-    x2 = y.reshape(-1, y.shape[-1])
-    out = torch.zeros_like(x2)
-    for x in range(m.num_experts):
-        r = torch.relu(r16(linear.matmul_fp16(x2, t["mlp.experts.up_proj.stacked"][x])))
-        down = r16(linear.matmul_fp16(r16(r * r), t["mlp.experts.down_proj.stacked"][x]))
-        out = out + down * weights[:, x : x + 1]
-    routed = r16(out).reshape(y.shape)
-    rs = torch.relu(linear.eager(y, t, "mlp.shared_experts.up_proj", layer_quant))
-    shared = linear.eager(r16(rs * rs), t, "mlp.shared_experts.down_proj", layer_quant)
-    return r16(routed + shared)
+
+class Stream:
+    """The eager face fed one expert stack at a time (up, then down: the graph's declaration order), so
+    the golden pass drops each `[E, ...]` stack once used; the shared expert, declared after the stacks,
+    joins in `result`. Per expert the same ops as a one-expert-at-a-time loop, experts summed in order."""
+
+    def __init__(self, y, t: dict, cfg: ModelConfig, layer_quant: dict):
+        m = cfg.sigmoid_moe
+        logits = linear.eager(y, t, "mlp.gate", layer_quant).float().reshape(-1, m.num_experts)
+        _, self.weights = route(logits, t["mlp.gate.e_score_correction_bias"], m)
+        self.m, self.y, self.x2, self.acts, self.out = m, y, y.reshape(-1, y.shape[-1]), None, None
+
+    def take(self, proj: str, stack) -> None:
+        import torch
+
+        r16 = linear.r16
+        if proj == "up_proj":
+            self.acts = []
+            for x in range(self.m.num_experts):
+                r = torch.relu(r16(linear.matmul_fp16(self.x2, stack[x])))
+                self.acts.append(r16(r * r))
+        else:
+            out = torch.zeros_like(self.x2)
+            for x, act in enumerate(self.acts):
+                out = out + r16(linear.matmul_fp16(act, stack[x])) * self.weights[:, x : x + 1]
+            self.out, self.acts = out, None
+
+    def result(self, t: dict, layer_quant: dict):
+        import torch
+
+        r16, y = linear.r16, self.y
+        routed = r16(self.out).reshape(y.shape)
+        rs = torch.relu(linear.eager(y, t, "mlp.shared_experts.up_proj", layer_quant))
+        shared = linear.eager(r16(rs * rs), t, "mlp.shared_experts.down_proj", layer_quant)
+        return r16(routed + shared)
