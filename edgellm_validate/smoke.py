@@ -4,9 +4,11 @@
 (python, numpy, onnx, onnxruntime, tensorrt and where it comes from), imports the validation path, and on a
 TensorRT target loads the Edge-LLM plugin library, checks that it registers every plugin an export can contain
 (AttentionPlugin, Int4GroupwiseGemmPlugin, the hybrids' ops: trt/plugin.exported_plugins), and checks
-the GPU's SM against the target (the CUDA driver API through ctypes, nvidia-smi as a fallback). It exits 1
-with every problem listed when the image cannot serve the target, so a wrong image or machine fails in
-seconds instead of after an engine build. The last output line is `EDGELLM_SMOKE_JSON {...}` for the host
+the GPU's SM against the target (the CUDA driver API through ctypes, nvidia-smi as a fallback). When all of
+that holds it builds a one-layer engine from a graph made on the spot and runs a prefill and decode steps
+through it, against the CPU twin (smoke_engine.py; `--no-engine` skips it). It exits 1 with every problem
+listed when the image cannot serve the target, so a wrong image or machine fails in seconds instead of
+after a model's engine build. The last output line is `EDGELLM_SMOKE_JSON {...}` for the host
 (`edgellm_export.make.containers.smoke`). `--versions-only` prints just the versions as JSON (used at
 image build time for /opt/edgellm/versions.json).
 
@@ -26,6 +28,7 @@ import platform
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 MARKER = "EDGELLM_SMOKE_JSON "
 TARGET_ENV = "EDGELLM_TARGET"
@@ -123,7 +126,7 @@ def sm_problems(target, sm: int) -> list[str]:
 
 
 def run_smoke(target_name: str | None = None, *, plugin_path: str | None = None,
-              platforms_path: str | None = None) -> dict:
+              platforms_path: str | None = None, engine_check: bool = True) -> dict:
     """Everything the smoke check finds, with `ok` and `problems`; never raises for a problem it can name."""
     problems: list[str] = []
     report: dict = {"target": target_name, "versions": versions()}
@@ -152,6 +155,8 @@ def run_smoke(target_name: str | None = None, *, plugin_path: str | None = None,
             problems.append(f"the CPU backend needs onnxruntime, which does not import: {e}")
     if target is not None and target.backend == "trt":
         _smoke_trt(target, plugin_path, report, problems)
+        if engine_check and not problems:  # everything it needs is there: build and run a one-layer engine
+            _smoke_engine(plugin_path, report, problems)
     report["problems"] = problems
     report["ok"] = not problems
     return report
@@ -186,6 +191,32 @@ def _smoke_trt(target, plugin_path, report: dict, problems: list[str]) -> None:
         problems.extend(sm_problems(target, d["sm"]))
 
 
+def _open_device():
+    from .trt.cuda_device import PycudaDevice
+
+    return PycudaDevice(0)
+
+
+def _smoke_engine(plugin_path, report: dict, problems: list[str]) -> None:
+    """smoke_engine.py: build a one-layer engine and run a prefill and decode steps on this GPU."""
+    import tempfile
+
+    import tensorrt as trt
+
+    from .smoke_engine import run_engine_check
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="edgellm-smoke-") as work:
+            result = run_engine_check(Path(work), plugin_path=plugin_path, device=_open_device(), trt=trt)
+    except Exception as e:  # a build or run failure is exactly what this check is for: report it
+        message = e.paragraph() if hasattr(e, "paragraph") else f"{type(e).__name__}: {e}"
+        problems.append(f"the one-layer engine check failed: {message}")
+        report["engine"] = {"ok": False}
+        return
+    problems.extend(result.pop("problems"))
+    report["engine"] = {"ok": not result.get("problems"), **result}
+
+
 def _print_human(report: dict, out) -> None:
     v = report["versions"]
     print(f"python {v['python']} ({v['machine']}) {v['executable']}", file=out)
@@ -193,7 +224,7 @@ def _print_human(report: dict, out) -> None:
         print(f"  {dist} {info['version'] or '?'}  {info['origin']}", file=out)
     if report.get("target"):
         print(f"target {report['target']} ({report.get('backend', '?')})", file=out)
-    for key in ("tensorrt", "plugin", "gpu_query"):
+    for key in ("tensorrt", "plugin", "gpu_query", "engine"):
         if report.get(key):
             print(f"{key}: {report[key]}", file=out)
     for d in report.get("gpus", []):
@@ -210,12 +241,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plugin", help="the Edge-LLM plugin library (default: $EDGELLM_PLUGIN_PATH)")
     p.add_argument("--platforms", help="the platform matrix (default: $EDGELLM_PLATFORMS or the package's)")
     p.add_argument("--json", action="store_true", help="only the marker line with the JSON report")
+    p.add_argument("--no-engine", action="store_true",
+                   help="skip building and running the one-layer engine on a TensorRT target")
     p.add_argument("--versions-only", action="store_true", help="print the versions as JSON and exit")
     args = p.parse_args(argv)
     if args.versions_only:
         print(json.dumps(versions(), indent=2, sort_keys=True))
         return 0
-    report = run_smoke(args.target, plugin_path=args.plugin, platforms_path=args.platforms)
+    report = run_smoke(args.target, plugin_path=args.plugin, platforms_path=args.platforms,
+                       engine_check=not args.no_engine)
     if not args.json:
         _print_human(report, sys.stdout)
     print(MARKER + json.dumps(report, sort_keys=True), flush=True)

@@ -170,9 +170,12 @@ class OnnxParser:
     def parse_from_file(self, model):
         CALLS.append(("parse_from_file", model))
         onnx_model = onnx.load(model, load_external_data=False)
-        if not (Path(model).parent / "model.onnx.data").is_file():
-            self._errors.append("external data file model.onnx.data not found")
-            return False
+        locations = {e.value for init in onnx_model.graph.initializer for e in init.external_data
+                     if e.key == "location"}
+        for location in sorted(locations):  # as the real parser, only the files the graph refers to
+            if not (Path(model).parent / location).is_file():
+                self._errors.append(f"external data file {location} not found")
+                return False
 
         def t(vi):
             tt = vi.type.tensor_type
