@@ -23,6 +23,7 @@ NOT_BINDINGS = {
     "edgellm_core/ops/update_ssm_state.py": "the plugin's formal input names (its ONNX schema)",
     "edgellm_export/golden.py": "golden bundle JSON fields, named after the inputs they replay",
     "edgellm_validate/twin.py": "reads those golden bundle fields",
+    "edgellm_validate/smoke_engine.py": "writes a scenario in the golden bundle's format for the twin",
     "edgellm_validate/trt/profiles.py": "reads those golden bundle fields (batch size of a step)",
 }
 

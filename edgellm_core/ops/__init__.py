@@ -10,7 +10,16 @@ Faces 2-4 need only `onnx`, so the validation side imports these modules on
 machines without torch; face 1 imports torch lazily.
 """
 
-from edgellm_core.ops import attention_plugin, causal_conv1d, fp4, gated_delta_net, int4_gemm, mxfp8, update_ssm_state
+from edgellm_core.ops import (
+    attention_plugin,
+    causal_conv1d,
+    fp4,
+    gated_delta_net,
+    int4_gemm,
+    int4_moe,
+    mxfp8,
+    update_ssm_state,
+)
 
 # (domain, op_type) -> module providing `lowering(node) -> FunctionProto`
 CUSTOM_OPS = {
@@ -19,6 +28,7 @@ CUSTOM_OPS = {
     (gated_delta_net.DOMAIN, gated_delta_net.OP_TYPE): gated_delta_net,
     (update_ssm_state.DOMAIN, update_ssm_state.OP_TYPE): update_ssm_state,
     (int4_gemm.DOMAIN, int4_gemm.OP_TYPE): int4_gemm,
+    (int4_moe.DOMAIN, int4_moe.OP_TYPE): int4_moe,
     (fp4.DOMAIN, fp4.QUANTIZE): fp4,
     (fp4.DOMAIN, fp4.DEQUANTIZE): fp4,
     (mxfp8.DOMAIN, mxfp8.QUANTIZE): mxfp8,

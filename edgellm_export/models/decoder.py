@@ -221,6 +221,8 @@ def torch_modules():
             return None
 
         def mlp_eager(self, y):
+            if self.mlp == SOFTMAX_MOE:  # packed quantized experts, held whole (moe.eager: Int4MoePlugin)
+                return moe.eager(y, self.t, self.cfg, self.quant)
             return mlp.eager(y, self.t, self.quant, self.mlp)
 
     class DecoderHead(nn.Module):

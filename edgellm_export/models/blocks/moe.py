@@ -1,4 +1,6 @@
-"""The sparse MoE MLP of Qwen3-MoE (fp16 experts), both faces, in standard ONNX ops: no plugin.
+"""The sparse MoE MLP of Qwen3-MoE, both faces. FP16/BF16 experts in standard ONNX ops (no plugin: this
+module); INT4 experts (GPTQ, AutoAWQ, ModelOpt W4A16) through `trt_edgellm::Int4MoePlugin` (moe_int4.py,
+dispatched from `emit` / `eager`); other formats are refused.
 
 Routing as the runtime's kernel does it: router `MatMul` (fp16) then a cast to fp32 outside the experts,
 softmax over the experts, top-k, renormalised to sum 1 when `norm_topk_prob`. The k weights are scattered
@@ -9,7 +11,7 @@ Exact for any routing: an unselected expert is multiplied by an exact 0.
 Cost: all E experts per token, E / k times the arithmetic of the routed experts (and every expert's
 weights read on every call, as a decode step's routed experts would cover most of them anyway for
 batch > 1), growing linearly with tokens x experts; fine for the small-E models on the Edge-LLM list,
-and the runtime's MoE plugins (INT4 / NVFP4, not exported here yet) route instead.
+and the runtime's MoE plugins route instead (INT4 here; NVFP4 not exported yet).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from edgellm_core.errors import UnsupportedError
 from edgellm_core.onnx_graph.builder import FLOAT, FLOAT16
 
 from ...config import ModelConfig
-from . import linear
+from ...quant.plan import INT4_FORMATS
+from . import linear, moe_int4
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -40,10 +43,16 @@ def expert_linears(cfg: ModelConfig, layer: int) -> list[str]:
 def emit(e, layer: int, y: str) -> str:
     g, c, w, m = e.g, e.cfg, e.w, e.cfg.moe
     n, h, inter = g.node, c.hidden_size, m.intermediate_size
+    where = w.ckpt.path if w is not None else None
+    fmt = moe_int4.expert_format(e.quant.linears, expert_linears(c, layer), where)  # mixed formats: refused
+    if fmt in INT4_FORMATS:
+        return moe_int4.emit(e, layer, y, fmt)  # trt_edgellm::Int4MoePlugin
     quantized = [k for k in e.quant.linears if k.startswith(f"layers.{layer}.mlp.")
                  and e.quant.linears[k].format != "fp16"]
     if quantized:
-        raise UnsupportedError(f"{quantized[0]}: quantized MoE experts are not exported yet (FP16/BF16 only)")
+        fmt = e.quant.linears[quantized[0]].format
+        raise UnsupportedError(f"{quantized[0]}: quantized MoE experts of format {fmt} are not exported "
+                               "(FP16/BF16 and INT4 only)", where)
     logits = n("Cast", [linear.emit(e, y, router_name(layer), m.num_experts, h, False)], {"to": FLOAT})
     probs = n("Softmax", [logits], {"axis": -1})
     top_v, top_i = n("TopK", [probs, g.i64(m.top_k)], {"axis": -1, "largest": 1, "sorted": 1}, n_out=2)
@@ -70,6 +79,8 @@ def emit(e, layer: int, y: str) -> str:
 def eager(y, t: dict, cfg: ModelConfig, layer_quant: dict):
     """Eager face, the same numerics: expert outputs rounded to fp16 as the graph stores them, the
     weighted sum in fp32, rounded once."""
+    if moe_int4.is_int4(layer_quant):
+        return moe_int4.eager(y, t, cfg, layer_quant)  # the Int4MoePlugin's numerics
     stream = Stream(y, t, cfg, layer_quant)
     for proj in PROJECTIONS:
         stream.take(proj, t[f"mlp.experts.{proj}.stacked"])
