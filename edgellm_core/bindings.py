@@ -28,6 +28,11 @@ class Bindings:
     present_conv_state: str
     recurrent_state: str
     present_recurrent_state: str
+    # `trt_native_ops` exports (contract native.md): separate K and V caches per attention layer.
+    k_cache: str  # format with the attention ordinal
+    v_cache: str
+    present_k_cache: str
+    present_v_cache: str
 
     def past(self, i: int) -> str:
         return self.past_kv.format(i)
@@ -42,6 +47,21 @@ class Bindings:
     def recurrent(self, i: int) -> tuple[str, str]:
         """(input, output) names of recurrent layer i's recurrent (SSM / delta-rule) state."""
         return self.recurrent_state.format(i), self.present_recurrent_state.format(i)
+
+    def native_kv(self, i: int) -> tuple[str, str]:
+        """(K, V) cache input names of attention layer i in a `trt_native_ops` export."""
+        return self.k_cache.format(i), self.v_cache.format(i)
+
+    def native_present_kv(self, i: int) -> tuple[str, str]:
+        """(K, V) cache output names of attention layer i in a `trt_native_ops` export (bound by the runtime to
+        the same buffers as the inputs)."""
+        return self.present_k_cache.format(i), self.present_v_cache.format(i)
+
+    @staticmethod
+    def native_kv_cache_dims(batch, num_kv_heads: int, capacity, head_dim: int) -> tuple:
+        """One K (or V) cache of a `trt_native_ops` export, `[batch, kv_heads, capacity, head_dim]`: no "2" axis,
+        and a static capacity in the graph (native.md)."""
+        return (batch, num_kv_heads, capacity, head_dim)
 
     @staticmethod
     def conv_state_dims(batch, conv_dim: int, conv_kernel: int) -> tuple:
@@ -70,7 +90,7 @@ class Bindings:
     def presents_of(self, past: str) -> tuple[str, ...]:
         """The output names that can carry state input `past` to the next call: `present_N` for `N`,
         and `present_X` for `past_X` (past_key_values_i -> present_key_values_i; hybrids' conv_state_i ->
-        present_conv_state_i)."""
+        present_conv_state_i; native exports' k_cache_i -> present_k_cache_i)."""
         return (f"present_{past}",) + ((f"present_{past[5:]}",) if past.startswith("past_") else ())
 
     def kv_ordinal(self, name: str, *, present: bool = False) -> int | None:
@@ -78,6 +98,14 @@ class Bindings:
         pattern = (self.present_kv if present else self.past_kv).replace("{}", r"(\d+)")
         m = re.fullmatch(pattern, name)
         return int(m.group(1)) if m else None
+
+    def native_kv_ordinal(self, name: str, *, present: bool = False) -> int | None:
+        """i for `k_cache_i` / `v_cache_i` (or `present_k_cache_i` / `present_v_cache_i`), else None."""
+        for fmt in (self.present_k_cache, self.present_v_cache) if present else (self.k_cache, self.v_cache):
+            m = re.fullmatch(fmt.replace("{}", r"(\d+)"), name)
+            if m:
+                return int(m.group(1))
+        return None
 
 
 V0_7 = Bindings(
@@ -94,6 +122,10 @@ V0_7 = Bindings(
     present_conv_state="present_conv_state_{}",
     recurrent_state="recurrent_state_{}",
     present_recurrent_state="present_recurrent_state_{}",
+    k_cache="k_cache_{}",
+    v_cache="v_cache_{}",
+    present_k_cache="present_k_cache_{}",
+    present_v_cache="present_v_cache_{}",
 )
 RELEASES = {"0.7": V0_7}
 

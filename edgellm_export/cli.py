@@ -75,7 +75,8 @@ def _print_validation(res: dict, quiet: bool) -> None:
     print(f"Result written to {res['result_file']}")
 
 
-def _export_args(p: argparse.ArgumentParser, *, release_flag: str = "--target", golden: bool = True) -> None:
+def _export_args(p: argparse.ArgumentParser, *, release_flag: str = "--target", golden: bool = True,
+                 attention: bool = True) -> None:
     p.add_argument(release_flag, dest="release", default="0.7",
                    help="Edge-LLM release to target (default: 0.7, i.e. 0.7.x)")
     p.add_argument("--fp8-embedding", "--fp8_embedding", action="store_true",
@@ -87,6 +88,12 @@ def _export_args(p: argparse.ArgumentParser, *, release_flag: str = "--target", 
     if golden:
         p.add_argument("--no-golden", action="store_true",
                        help="skip the golden bundle (validation will then be impossible)")
+    if attention:
+        p.add_argument("--attention", choices=["plugin", "native"], default="plugin",
+                       help="plugin (default): Edge-LLM's AttentionPlugin; native: the plugin-free trt_native_ops "
+                            "form (standard ONNX RotaryEmbedding / TensorScatter / Attention, K/V caches of static "
+                            "capacity 4096; TensorRT >= 10.15 builds it without the plugin library; dense models, "
+                            "FP16 / FP8 / INT8 SQ / NVFP4 / MXFP8 linears, no FP8 KV cache)")
     p.add_argument("--unsafe-rope-passthrough", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -171,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--target", required=True, help="platform-matrix target, e.g. x86-cpu or orin-jp6")
     m.add_argument("--out", required=True, type=Path, metavar="DIR", help="pipeline directory")
     m.add_argument("--name", help="case name in the report (default: CHECKPOINT's name @ TARGET)")
-    _export_args(m, release_flag="--release", golden=False)
+    _export_args(m, release_flag="--release", golden=False, attention=False)
     _pipeline_args(m, per_target=False)
 
     q = sub.add_parser("qualify", help="run a SUITE.yaml's cases through make; one aggregated report",
@@ -232,7 +239,7 @@ def _options(args):
 
     return ExportOptions(target=args.release, fp8_embedding=args.fp8_embedding, golden=not args.no_golden,
                          clamp_fp16=args.clamp_fp16, convert_pickle=args.convert_pickle,
-                         unsafe_rope_passthrough=args.unsafe_rope_passthrough)
+                         unsafe_rope_passthrough=args.unsafe_rope_passthrough, attention=args.attention)
 
 
 def run(argv: list[str] | None = None) -> int:

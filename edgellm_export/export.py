@@ -46,6 +46,26 @@ class ExportOptions:
     # Write rope_scaling verbatim, as the reference exporter does. Only for
     # demonstrating what the runtime would compute; never a user-facing default.
     unsafe_rope_passthrough: bool = False
+    # "plugin": the Edge-LLM AttentionPlugin (the default); "native": the plugin-free `trt_native_ops` form
+    # (contract/native_v0_7.py), standard ONNX attention that TensorRT >= 10.15 builds without the plugin library.
+    attention: str = "plugin"
+
+
+ATTENTION_MODES = ("plugin", "native")
+
+
+def contract_for(opts: ExportOptions):
+    """The contract module an export follows: the release's plugin contract, or its plugin-free variant."""
+    contract = get_contract(opts.target)
+    if opts.attention not in ATTENTION_MODES:
+        raise ExportError(f"unknown attention form {opts.attention!r}; choose {' or '.join(ATTENTION_MODES)}")
+    if opts.attention == "native":
+        from .contract import native_v0_7
+
+        if contract is not native_v0_7.PLUGIN:
+            raise ExportError(f"--attention native is written for Edge-LLM 0.7.x, not {opts.target}")
+        contract = native_v0_7
+    return contract
 
 
 @dataclass
@@ -90,7 +110,7 @@ def export_checkpoint(checkpoint: str | Path | CheckpointRef, out_dir: str | Pat
     opts = options or ExportOptions()
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
     report = progress or (lambda msg, done=None, total=None: None)
-    contract = get_contract(opts.target)
+    contract = contract_for(opts)
     source = checkpoint if isinstance(checkpoint, CheckpointRef) else CheckpointRef(Path(checkpoint))
     ckpt_path = source.path
     out_path = Path(out_dir).resolve()
@@ -113,8 +133,11 @@ def export_checkpoint(checkpoint: str | Path | CheckpointRef, out_dir: str | Pat
             _write_json(llm / "config.json", planned.runtime_config)
             copy_tokenizer_files(ckpt.path, llm)
             write_processed_chat_template(ckpt.path, llm, str(ckpt_path))
-            scenarios = golden_mod.make_scenarios(cfg.vocab_size) if opts.golden else []
-            run = golden_mod.GoldenRun(cfg, family, embed_ref, scenarios, planned.quant) if opts.golden else None
+            native = getattr(contract, "NATIVE", False)
+            capacity = contract.KV_CAPACITY if native else golden_mod.KV_CAPACITY
+            scenarios = golden_mod.make_scenarios(cfg.vocab_size, native=native) if opts.golden else []
+            run = golden_mod.GoldenRun(cfg, family, embed_ref, scenarios, planned.quant, native=native,
+                                       kv_capacity=capacity) if opts.golden else None
             report("writing embedding.safetensors")
             writer = StreamWriter()
             try:
@@ -129,7 +152,7 @@ def export_checkpoint(checkpoint: str | Path | CheckpointRef, out_dir: str | Pat
             ckpt.check_unchanged()
             if run is not None:
                 run.finish()
-                golden_mod.write_bundle(llm, scenarios, precision=_precision(planned.quant, opts))
+                golden_mod.write_bundle(llm, scenarios, precision=_precision(planned.quant, opts), kv_capacity=capacity)
             interrupts.check()
             known = {Path(p).relative_to(tmp).as_posix(): d for p, d in writer.digests.items()}
             write_manifest(tmp, known, source.identity())
@@ -172,6 +195,9 @@ def plan_export(ckpt, contract, opts: ExportOptions) -> PlannedExport:
             quant.linears = resolve(plan, ckpt, family.linear_names(cfg, has_lm_head))
             if plan.kv_cache == FP8:
                 quant.kv_scales = _kv_scales(ckpt, cfg, plan.source)
+        check_quant = getattr(contract, "check_quant", None)  # the plugin-free form refuses plugin-only formats
+        if check_quant is not None:
+            check_quant(quant, plan.source if plan is not None else None)
         runtime_cfg = contract.runtime_config(cfg, allow_rope_passthrough=opts.unsafe_rope_passthrough)
     except ExportError as e:
         if e.path is None:  # a refusal about the config: say which file

@@ -58,7 +58,10 @@ def _padded(seqs: list[list[int]]) -> np.ndarray:
     return np.array([s + [0] * (width - len(s)) for s in seqs], dtype=np.int64)
 
 
-def make_scenarios(vocab_size: int, seed: int = 20261128) -> list[Scenario]:
+def make_scenarios(vocab_size: int, seed: int = 20261128, *, native: bool = False) -> list[Scenario]:
+    """The scenarios with the per-step inputs the runtime feeds. `native` (`trt_native_ops`, native.md):
+    kvcache_start_index is `[B]` on every step (zeros on a fresh prefill, never the plugin path's empty
+    tensor) and a decode step's context_lengths is 1 (the length of Q), not the cached length + 1."""
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(0, vocab_size, n).tolist() for n in PROMPT_LENGTHS]
     forced = rng.integers(0, vocab_size, (DECODE_STEPS, len(prompts))).tolist()
@@ -66,7 +69,8 @@ def make_scenarios(vocab_size: int, seed: int = 20261128) -> list[Scenario]:
 
     def prefill(chunks, starts):
         n = np.array([len(c) for c in chunks], dtype=np.int32)
-        start = np.array(starts, dtype=np.int32) if starts is not None else np.zeros(0, np.int32)
+        fresh = np.zeros(len(chunks) if native else 0, np.int32)
+        start = np.array(starts, dtype=np.int32) if starts is not None else fresh
         phase = "prefill" if starts is None else "chunked_prefill"
         return Step(phase, _padded(chunks), n, start, (n - 1).astype(np.int64)[:, None])
 
@@ -74,7 +78,8 @@ def make_scenarios(vocab_size: int, seed: int = 20261128) -> list[Scenario]:
         steps = []
         for k, toks in enumerate(forced):
             done = committed + k  # tokens already in the cache
-            steps.append(Step("decode", np.array(toks, dtype=np.int64)[:, None], (done + 1).astype(np.int32),
+            ctx = np.ones_like(done) if native else done + 1
+            steps.append(Step("decode", np.array(toks, dtype=np.int64)[:, None], ctx.astype(np.int32),
                               done.astype(np.int32), np.zeros((len(toks), 1), np.int64)))
         return steps
 
@@ -101,13 +106,16 @@ def reference_rope_table(cfg: ModelConfig, capacity: int = KV_CAPACITY) -> np.nd
 class GoldenRun:
     """Consumes the weight stream layer by layer and computes the expected logits."""
 
-    def __init__(self, cfg: ModelConfig, family, embed_ref, scenarios: list[Scenario], quant=None):
+    def __init__(self, cfg: ModelConfig, family, embed_ref, scenarios: list[Scenario], quant=None, *,
+                 native: bool = False, kv_capacity: int = KV_CAPACITY):
+        """`native`: attention in the plugin-free form, whose caches have the graph's static `kv_capacity`."""
         import torch
 
         self.torch = torch
         self.cfg = cfg
         self.quant = quant
         self.scenarios = scenarios
+        self.native, self.kv_capacity = native, kv_capacity
         self.layer_cls, self.head_cls = family.torch_modules()
         self.table = torch.from_numpy(reference_rope_table(cfg))
         emb = embed_ref.view()
@@ -170,10 +178,11 @@ class GoldenRun:
             self.hidden = list(x.split(sizes, 1))
             self.pending, self.streaming = {}, None
             return
-        layer = self.layer_cls(self.cfg, self.pending, self.quant, self.pending_layer)
+        layer = self.layer_cls(self.cfg, self.pending, self.quant, self.pending_layer, native=self.native)
         # One state per scenario (a KV cache, or a hybrid layer's conv and recurrent states), zeroed as the
         # runtime's are, carried across the scenario's steps.
-        states = [layer.initial_state(sc.steps[0].token_ids.shape[0], V0_7, KV_CAPACITY) for sc in self.scenarios]
+        states = [layer.initial_state(sc.steps[0].token_ids.shape[0], V0_7, self.kv_capacity)
+                  for sc in self.scenarios]
         self.hidden, _ = layer.forward_steps(self.hidden, states, self.table, self._calls())
         self.pending = {}
 
@@ -187,12 +196,12 @@ class GoldenRun:
         self.pending = {}
 
 
-def write_bundle(out_dir: Path, scenarios: list[Scenario], *, precision: str) -> None:
+def write_bundle(out_dir: Path, scenarios: list[Scenario], *, precision: str, kv_capacity: int = KV_CAPACITY) -> None:
     from safetensors.numpy import save_file
 
     d = out_dir / BUNDLE_DIR
     d.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT, "kv_capacity": KV_CAPACITY, "precision": precision, "scenarios": []}
+    meta = {"format": FORMAT, "kv_capacity": kv_capacity, "precision": precision, "scenarios": []}
     arrays = {}
     for sc in scenarios:
         steps = []

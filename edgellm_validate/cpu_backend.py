@@ -12,6 +12,38 @@ from .cpu_precision import widen_fp16_arithmetic
 from .lowering import lower_custom_ops
 
 
+def widen_fp16_attention(model: onnx.ModelProto) -> int:
+    """In place: standard fp16 `Attention` nodes (plugin-free exports) compute in fp32, output rounded once to
+    fp16. onnxruntime's CPU kernel rounds the scores and the softmax probabilities to fp16 on the way, which
+    a GPU's fused attention (fp32 scores and softmax) and the golden's eager face (models/blocks/attention.py
+    native_eager) do not; an ulp there flips the quantized input of the next linear in FP8 / NVFP4 exports.
+    Returns how many nodes."""
+    fp16, fp32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    if not any(n.op_type == "Attention" and n.domain in ("", "ai.onnx") for n in model.graph.node):
+        return 0
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+    nodes, count = [], 0
+    for node in model.graph.node:
+        if (node.op_type != "Attention" or node.domain not in ("", "ai.onnx") or len(node.output) != 1
+                or types.get(node.input[0]) != fp16):
+            nodes.append(node)
+            continue
+        count += 1
+        for j, src in enumerate(node.input):
+            if src and j < 4 and types.get(src) == fp16:  # Q, K, V and an additive mask (a bool mask stays)
+                wide = f"{src}/fp32_attention_{count}_{j}"
+                nodes.append(onnx.helper.make_node("Cast", [src], [wide], to=fp32))
+                node.input[j] = wide
+        final = node.output[0]
+        node.output[0] = f"{final}/fp32_attention_{count}"
+        nodes.extend([node, onnx.helper.make_node("Cast", [node.output[0]], [final], to=fp16)])
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return count
+
+
 class CpuBackend:
     name = "onnxruntime-cpu"
 
@@ -19,9 +51,10 @@ class CpuBackend:
         import onnxruntime as ort
 
         model = onnx.load(str(llm_dir / "model.onnx"), load_external_data=False)
-        lower_custom_ops(model)
+        lower_custom_ops(model)  # a plugin-free (trt_native_ops) graph has none: it runs as exported
         split_large_matmuls(model)
         widen_fp16_arithmetic(model)  # after the split, which handles its MatMuls in fp32 itself
+        widen_fp16_attention(model)
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads

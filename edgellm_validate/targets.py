@@ -5,6 +5,8 @@ without its weights, config.json, the embedding sidecar's header) and refuses, b
 is pulled or engine built, an export the target cannot run: a precision the hardware lacks
 (FP8/FP4 on Orin), a GPU the Edge-LLM decode-attention kernels are not built for (SM 90:
 H100/H200), custom ops the CPU twin cannot lower, or an export for another Edge-LLM release.
+A plugin-free export (`--attention native`, config.json `trt_native_ops`) has no AttentionPlugin: the
+plugin's kernel limits (SMs, head sizes, head ratios) do not apply, but TensorRT must be 10.15 or later.
 The matrix is package data (read through importlib.resources, so an installed wheel has it) and is checked
 by the PlatformMatrix model (`edgellm schema platforms` prints its JSON Schema).
 Stdlib + onnx + pydantic only; no torch, no TensorRT.
@@ -23,6 +25,7 @@ from pydantic import Field, ValidationError
 
 from edgellm_core.bindings import Bindings, bindings_for
 from edgellm_core.errors import ExportError, UnsupportedError
+from edgellm_core.ops.attention_plugin import kernel_problems  # the AttentionPlugin's head-size and ratio limits
 from edgellm_core.schema import StrictModel, explain, no_default
 
 from .export_dir import find_llm_dir
@@ -43,9 +46,9 @@ SM_RENUMBER = {110: 101}
 _FP8_SMS = frozenset({89, 90, 100, 101, 103, 110, 120, 121})
 _FP4_SMS = frozenset({100, 101, 103, 110, 120, 121})
 _ANY = ("fp16", "fp8_embedding", "int8", "int4")  # fp8_embedding: storage, dequantized in software
-# Kernel limits of the 0.7 AttentionPlugin (context FMHA 64/128/256 and XQA 32/64/128 together).
-HEAD_DIMS = frozenset({64, 128})
-HEAD_RATIOS = frozenset({1, 2, 3, 4, 5, 6, 7, 8, 16})
+# The first TensorRT whose ONNX parser builds RotaryEmbedding, TensorScatter and Attention (0.7.1's
+# attention_trt.py: "supported by TensorRT >= 10.15").
+NATIVE_MIN_TENSORRT = (10, 15)
 
 _WHY = {
     "fp8": "FP8 tensor-core GEMMs (Q/DQ to FLOAT8E4M3FN) need SM 89 or newer",
@@ -240,6 +243,7 @@ class ExportFeatures:
     num_attention_heads: int | None
     num_key_value_heads: int | None
     unknown_labels: list[str] = field(default_factory=list)  # golden-bundle precision parts not known here
+    native: bool = False  # config.json trt_native_ops: standard-op attention, no Edge-LLM plugin
 
 
 _FP8_TYPES = {17, 18, 19, 20}  # FLOAT8E4M3FN, E4M3FNUZ, E5M2, E5M2FNUZ
@@ -377,7 +381,8 @@ def inspect_export(export_dir: str | os.PathLike) -> ExportFeatures:
     if head_dim is None and cfg_int("hidden_size") and cfg_int("num_attention_heads"):
         head_dim = cfg_int("hidden_size") // cfg_int("num_attention_heads")
     return ExportFeatures(llm, set(found), found, custom, config.get("edgellm_version"), head_dim,
-                          cfg_int("num_attention_heads"), cfg_int("num_key_value_heads"), unknown_labels)
+                          cfg_int("num_attention_heads"), cfg_int("num_key_value_heads"), unknown_labels,
+                          native=config.get("trt_native_ops") is True)
 
 
 # ---------------------------------------------------------------- gating
@@ -432,10 +437,13 @@ def target_refusals(target: Target, features: ExportFeatures, *, sm: int | None 
                        "built where they run")
     eff_sm = target.sm if target.sm is not None else sm
     report.sm = eff_sm
+    if features.native:
+        _native_tensorrt(target, reasons, report)
     if eff_sm is None:
-        report.deferred.append("the GPU's SM is decided at run time: decode-attention kernels and "
-                               "FP8/FP4 support are checked when the backend starts")
-    elif not decode_attention_supported(eff_sm):
+        report.deferred.append("the GPU's SM is decided at run time: "
+                               + ("" if features.native else "decode-attention kernels and ")
+                               + "FP8/FP4 support are checked when the backend starts")
+    elif not features.native and not decode_attention_supported(eff_sm):  # native: TensorRT's own attention
         reasons.append(f"SM {eff_sm} is not supported by Edge-LLM's decode attention (XQA) kernels, which are "
                        f"built for SM {', '.join(str(s) for s in sorted(DECODE_ATTENTION_SMS))} (Thor's 110 "
                        "maps to 101); H100/H200 (SM 90) cannot run Edge-LLM engines with the AttentionPlugin")
@@ -446,18 +454,39 @@ def target_refusals(target: Target, features: ExportFeatures, *, sm: int | None 
             where = f"SM {eff_sm}" if eff_sm is not None else target.name
             reasons.append(f"{p} ({'; '.join(features.evidence[p])}) cannot run on {target.name} ({where})"
                            + (f": {why}" if why else ""))
-    if features.head_dim is not None and features.head_dim not in HEAD_DIMS:
-        reasons.append(f"head_dim {features.head_dim} is outside the 0.7 attention kernels' {sorted(HEAD_DIMS)}")
-    if features.num_attention_heads and features.num_key_value_heads:
-        ratio = features.num_attention_heads // features.num_key_value_heads
-        if ratio not in HEAD_RATIOS:
-            reasons.append(f"query/KV head ratio {ratio} is outside the decode kernels' 1..8 or 16")
+    # The head-size and ratio limits are the AttentionPlugin kernels'; a native export has none.
+    if not features.native and features.head_dim is not None and features.num_attention_heads \
+            and features.num_key_value_heads:
+        reasons += kernel_problems(features.head_dim, features.num_attention_heads, features.num_key_value_heads)
     if "nvfp4" in features.precisions and (target.tensorrt or "").startswith("10.15"):
         report.warnings.append("TensorRT 10.15 has a known NVFP4 accuracy degradation (use 10.13.3.9)")
     if target.support and not target.support.startswith(("official", "developer", "local")):
         report.warnings.append(f"{target.name}'s Edge-LLM support level is {target.support!r}: the plugin build "
                                "and engine are less proven there")
     return reasons, report
+
+
+def _version(text: str | None) -> tuple[int, ...] | None:
+    parts = []
+    for part in (text or "").split("."):
+        if not part.isdigit():
+            break
+        parts.append(int(part))
+    return tuple(parts) or None
+
+
+def _native_tensorrt(target: Target, reasons: list[str], report: CapabilityReport) -> None:
+    """A native export needs TensorRT 10.15 or later: refused where the target pins an older one, deferred where
+    the image decides."""
+    pinned = _version(target.tensorrt)
+    need = ".".join(map(str, NATIVE_MIN_TENSORRT))
+    if pinned is None:
+        report.deferred.append(f"this plugin-free (trt_native_ops) export needs TensorRT {need} or later; "
+                               f"{target.name} takes TensorRT from its image, whose version is checked there")
+    elif pinned[:2] < NATIVE_MIN_TENSORRT:
+        reasons.append(f"this plugin-free (trt_native_ops) export needs TensorRT {need} or later to parse "
+                       f"RotaryEmbedding / TensorScatter / Attention, but {target.name} has TensorRT "
+                       f"{target.tensorrt}; export it without --attention native for this target")
 
 
 def check_target_can_run(target: str | Target, export_dir: str | os.PathLike, *, sm: int | None = None,

@@ -109,6 +109,16 @@ class Twin:
         self.rope = rope_table(self.config, self.capacity)
         self.embedding = EmbeddingTable(self.llm_dir / "embedding.safetensors")
         self.states = state_specs(self.llm_dir, self.bindings)
+        # A plugin-free export (native.md): per-step inputs as LLMEngineRunner's trt_native_ops path feeds them,
+        # and caches of the graph's static capacity, which the positions must stay within.
+        self.native = bool(self.config.get("trt_native_ops"))
+        static = {d for spec in self.states for d in spec.shape[1:] if d is not None} if self.native else set()
+        cap = max(static, default=None)
+        if cap is not None and self.capacity > cap:
+            from edgellm_core.errors import ExportError
+
+            raise ExportError(f"a KV capacity of {self.capacity} exceeds the native export's static cache capacity "
+                              f"{cap}", self.llm_dir / "model.onnx")
 
     def new_state(self, batch: int) -> dict[str, np.ndarray]:
         """Zeroed full-capacity buffers for a fresh sequence batch, keyed by input name."""
@@ -117,16 +127,22 @@ class Twin:
     def step(self, state: dict, token_ids, context_lengths, kvcache_start_index, last_token_ids):
         """One forward step; returns (logits [B, V] fp32, the state to feed to the next step).
 
-        token_ids [B, S]; context_lengths [B] (tokens in the cache after this step);
-        kvcache_start_index [B], or empty for a plain prefill; last_token_ids [B] or [B, 1]."""
+        token_ids [B, S]; context_lengths [B] (new tokens of a prefill, the cached length + 1 in decode);
+        kvcache_start_index [B], or empty for a plain prefill; last_token_ids [B] or [B, 1].
+        A native export is fed what the trt_native_ops runtime feeds (`native_step_inputs`); its own inputs
+        (start index [B] on every step, context_lengths 1 in decode) pass through unchanged."""
         tokens = np.asarray(token_ids, dtype=np.int64)
         batch = tokens.shape[0]
         b = self.bindings
+        ctx = np.asarray(context_lengths, np.int32).reshape(-1)
+        start = np.asarray(kvcache_start_index, np.int32).reshape(-1)
+        if self.native:
+            ctx, start = native_step_inputs(tokens.shape[1], ctx, start)
         feeds = {
             b.inputs_embeds: self.embedding.lookup(tokens),
             b.rope_cos_sin: self.rope,
-            b.context_lengths: np.asarray(context_lengths, np.int32),
-            b.kvcache_start_index: np.asarray(kvcache_start_index, np.int32).reshape(-1),
+            b.context_lengths: ctx,
+            b.kvcache_start_index: start,
             b.last_token_ids: np.asarray(last_token_ids, np.int64).reshape(batch, 1),
         }
         feeds.update(state)
@@ -134,6 +150,18 @@ class Twin:
         # The presents are the full-capacity buffers, fed back in place (on TensorRT, device handles).
         new_state = {s.past: out[s.present] for s in self.states}
         return out[b.logits][:, 0, :].astype(np.float32), new_state
+
+
+def native_step_inputs(seq_len: int, context_lengths: np.ndarray, start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(context_lengths, kvcache_start_index) as LLMEngineRunner feeds a trt_native_ops engine (native.md):
+    the start index is each sequence's committed length `[B]` on every step, zeros on a fresh prefill (never
+    the plugin path's empty tensor), and in decode context_lengths is the length of Q, 1."""
+    batch = context_lengths.shape[0]
+    if start.size == 0:
+        start = np.zeros(batch, np.int32)
+    elif seq_len == 1:
+        context_lengths = np.ones(batch, np.int32)
+    return context_lengths, start
 
 
 def load_bundle(llm_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:

@@ -332,7 +332,10 @@ class _Context:
             b = self._shapes["inputs_embeds"][0]
             vocab = json.loads((Path(self._engine._plan["onnx"]).parent / "config.json").read_text())["vocab_size"]
             return (b, 1, vocab)
-        return self._shapes[name.replace("present_", "past_")]
+        # A carried state's present has its input's shape: present_key_values_i <- past_key_values_i,
+        # present_X <- X (hybrids' conv/recurrent states, native k_cache_i / v_cache_i).
+        past = name.replace("present_", "past_")
+        return self._shapes[past if past in self._shapes else name[len("present_"):]]
 
     def execute_async_v3(self, stream_handle):
         from edgellm_validate.cpu_backend import CpuBackend

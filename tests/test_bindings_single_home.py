@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 NAMES = {V0_7.inputs_embeds, V0_7.rope_cos_sin, V0_7.context_lengths, V0_7.kvcache_start_index,
          V0_7.last_token_ids, V0_7.logits}
 PREFIXES = tuple(f.split("{")[0] for f in (V0_7.past_kv, V0_7.present_kv, V0_7.conv_state, V0_7.present_conv_state,
-                                           V0_7.recurrent_state, V0_7.present_recurrent_state))
+                                           V0_7.recurrent_state, V0_7.present_recurrent_state, V0_7.k_cache,
+                                           V0_7.v_cache, V0_7.present_k_cache, V0_7.present_v_cache))
 # Files where these strings are something else that merely shares the word.
 NOT_BINDINGS = {
     "edgellm_core/bindings.py": "the one home",
@@ -64,3 +65,11 @@ def test_bindings_lookup():
     assert b.recurrent(0) == ("recurrent_state_0", "present_recurrent_state_0")
     for past, present in (b.conv(1), b.recurrent(1)):  # the twin's carried-state rule pairs them
         assert present in b.presents_of(past)
+    # trt_native_ops exports (contract native.md)
+    assert b.native_kv(2) == ("k_cache_2", "v_cache_2")
+    assert b.native_present_kv(2) == ("present_k_cache_2", "present_v_cache_2")
+    for past, present in zip(b.native_kv(4), b.native_present_kv(4)):
+        assert present in b.presents_of(past)
+    assert b.native_kv_ordinal("v_cache_7") == 7 and b.native_kv_ordinal("present_v_cache_7") is None
+    assert b.native_kv_ordinal("present_k_cache_3", present=True) == 3 and b.kv_ordinal("k_cache_1") is None
+    assert b.native_kv_cache_dims("batch", 2, 4096, 64) == ("batch", 2, 4096, 64)

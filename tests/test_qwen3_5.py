@@ -231,3 +231,33 @@ def test_vlm_wrapper_exports_its_text_part(tmp_path):
         want = ref[(s.scenario, s.index)]
         assert float(cosine_rows(s.logits, want).min()) >= 0.999, (s.scenario, s.index)
         np.testing.assert_array_equal(s.logits.argmax(-1), want.argmax(-1))
+
+
+def test_trt_backend_binds_the_states_in_place(qwen3_5_export, tmp_path, monkeypatch):
+    """Through the TensorRT path (the stand-in: profiles enforced, graph run with onnxruntime, presents
+    written through their inputs' addresses): every conv and recurrent state is aliased to its input like
+    the KV cache, and head_dim 256 with 4 query heads per KV head passes the target's kernel check."""
+    from pathlib import Path as _Path
+
+    import fake_tensorrt as fake_trt
+
+    from edgellm_validate.trt import plugin as plugin_mod
+    from edgellm_validate.trt.plugin import exported_plugins
+    from edgellm_validate.validate import validate_export
+
+    out = qwen3_5_export[2]
+    monkeypatch.setattr(plugin_mod, "_loaded", {})
+    device = fake_trt.FakeDevice(sm=87)
+    fake_trt.reset(device)
+    fake_trt.REGISTRY.creators.update(exported_plugins())
+    import _ctypes
+
+    opts = {"trt": fake_trt, "device": device, "plugin_path": str(_Path(_ctypes.__file__).resolve()),
+            "engine_dir": tmp_path / "engine"}
+    res = validate_export(out, backend="trt", result_path=tmp_path / "v.json", backend_options=opts)
+    fake_trt.reset()
+    assert res["passed"], res["failures"]
+    aliased = res["backend_details"]["engine"]["aliased"]
+    assert aliased == {"present_key_values_0": "past_key_values_0",
+                       **{f"present_conv_state_{k}": f"conv_state_{k}" for k in range(3)},
+                       **{f"present_recurrent_state_{k}": f"recurrent_state_{k}" for k in range(3)}}

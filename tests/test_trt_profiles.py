@@ -124,7 +124,9 @@ def test_lora_rank_is_unsupported():
     ({"num_key_value_heads": 0}, ProfileError, "num_key_value_heads"),
     ({"num_hidden_layers": "2"}, ProfileError, "num_hidden_layers"),
     ({"partial_rotary_factor": 0}, ProfileError, "partial_rotary_factor"),
-    ({"trt_native_ops": True}, UnsupportedError, "k_cache_i"),
+    ({"trt_native_ops": "yes"}, ProfileError, "trt_native_ops"),  # true: tests/test_native_export.py
+    ({"trt_native_ops": True, "model_type": "hybrid_mamba", "num_linear_attn_layers": 1}, UnsupportedError,
+     "hybrid"),
     ({"model_type": "eagle3_base"}, UnsupportedError, "vanilla"),
     ({"num_deepstack_features": 3}, UnsupportedError, "deepstack"),
 ])

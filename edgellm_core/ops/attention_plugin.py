@@ -31,6 +31,27 @@ DOMAIN = "trt_edgellm"
 OP_TYPE = "AttentionPlugin"
 INPUTS = ("q", "k", "v", "past_key_value", "context_lengths", "rope_rotary_cos_sin", "kvcache_start_index")
 OUTPUTS = ("attn_output", "present_key_value")
+# Query heads per KV head that 0.7.1's XQA decode kernels are built for, per head_dim (its cubin list,
+# xqa_kernel_dt_fp16_d_{D}_..._nqpkv_{ratio}_..., the same for every SM it ships); the context FMHA takes
+# head sizes 64, 128 and 256, so head_dim 32 (XQA only) cannot run either.
+KERNEL_HEAD_RATIOS = {64: (1, 2, 3, 4, 5, 6, 7, 8), 128: (1, 2, 3, 4, 5, 6, 7, 8, 16), 256: (4, 6)}
+
+
+def kernel_problems(head_dim: int, num_q_heads: int, num_kv_heads: int) -> list[str]:
+    """Why the 0.7 plugin's kernels cannot run this attention shape (they throw at engine build): every reason."""
+    problems = []
+    if head_dim not in KERNEL_HEAD_RATIOS:
+        problems.append(f"head_dim {head_dim} is not supported by Edge-LLM 0.7's attention kernels (context FMHA "
+                        f"and XQA decode together need {', '.join(map(str, KERNEL_HEAD_RATIOS))})")
+    ratio = num_q_heads // num_kv_heads
+    allowed = KERNEL_HEAD_RATIOS.get(head_dim, sorted({r for rs in KERNEL_HEAD_RATIOS.values() for r in rs}))
+    if ratio not in allowed:
+        at = f"head_dim {head_dim}" if head_dim in KERNEL_HEAD_RATIOS else "any head_dim"
+        problems.append(f"{num_q_heads} query heads over {num_kv_heads} KV heads (ratio {ratio}) is outside what "
+                        f"Edge-LLM 0.7's decode kernels support at {at} ({', '.join(map(str, allowed))})")
+    return problems
+
+
 INT_ATTRS = (
     "num_q_heads",
     "num_kv_heads",

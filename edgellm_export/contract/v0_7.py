@@ -186,11 +186,6 @@ def _hybrid_fields(cfg: ModelConfig) -> dict:
     }
 
 
-# Query heads per KV head that 0.7.1's XQA decode kernels are built for, per head_dim (its cubin list:
-# xqa_kernel_dt_fp16_d_{D}_..._nqpkv_{ratio}_...); the context FMHA takes head sizes 64, 128 and 256.
-XQA_HEAD_RATIOS = {64: (1, 2, 3, 4, 5, 6, 7, 8), 128: (1, 2, 3, 4, 5, 6, 7, 8, 16), 256: (4, 6)}
-
-
 def check_supported(cfg: ModelConfig) -> None:
     """Refuse shapes the 0.7 plugin kernels cannot run (they throw at engine build)."""
     if cfg.attention_layers:
@@ -204,24 +199,14 @@ def check_supported(cfg: ModelConfig) -> None:
 def _check_attention(cfg: ModelConfig) -> None:
     from edgellm_core.errors import UnsupportedError
 
-    if cfg.head_dim not in XQA_HEAD_RATIOS:
-        raise UnsupportedError(
-            f"head_dim {cfg.head_dim} is not supported by Edge-LLM 0.7's attention kernels "
-            f"(context FMHA and XQA decode together need {', '.join(map(str, XQA_HEAD_RATIOS))})"
-        )
+    problems = attention_plugin.kernel_problems(cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads)
+    if problems:
+        raise UnsupportedError("; ".join(problems))
     if cfg.sliding_window > 0:
         log.warning(
             "sliding_window=%d is passed to the AttentionPlugin, but only Blackwell builds honour it; "
             "on other GPUs (Orin included) contexts longer than %d tokens attend to the whole cache, "
             "unlike the checkpoint", cfg.sliding_window, cfg.sliding_window)
-    ratio = cfg.num_attention_heads // cfg.num_key_value_heads
-    allowed = XQA_HEAD_RATIOS[cfg.head_dim]
-    if ratio not in allowed:
-        raise UnsupportedError(
-            f"{cfg.num_attention_heads} query heads over {cfg.num_key_value_heads} KV heads "
-            f"(ratio {ratio}) is outside what Edge-LLM 0.7's decode kernels support at head_dim {cfg.head_dim} "
-            f"({', '.join(map(str, allowed))})"
-        )
 
 
 def _check_gdn(cfg: ModelConfig) -> None:

@@ -148,9 +148,11 @@ def torch_modules():
         """One decoder layer computed in fp32 and stored in fp16 where the graph stores, over the
         graph's initializers of that layer (`layers.{i}.self_attn.q_proj.weight.T`, ...)."""
 
-        def __init__(self, cfg: ModelConfig, tensors: dict, quant: QuantDecisions | None = None, layer: int = 0):
+        def __init__(self, cfg: ModelConfig, tensors: dict, quant: QuantDecisions | None = None, layer: int = 0,
+                     native: bool = False):
+            """`native`: attention in the plugin-free form (`--attention native`), with (K, V) caches."""
             super().__init__()
-            self.cfg = cfg
+            self.cfg, self.native = cfg, native
             self.t = {k.split(".", 2)[2]: v for k, v in tensors.items()}
             quant = quant or QuantDecisions()
             prefix = f"layers.{layer}."
@@ -161,6 +163,8 @@ def torch_modules():
         def initial_state(self, batch: int, bindings, capacity: int):
             """This layer's carried state for a fresh batch, zeroed as the runtime's buffers are."""
             c = self.cfg
+            if self.mixer == ATTENTION and self.native:
+                return attention.native_initial_state(c, batch, bindings, capacity)
             if self.mixer == ATTENTION:
                 return torch.zeros(bindings.kv_cache_dims(batch, c.num_key_value_heads, capacity, c.head_dim),
                                    dtype=torch.float16)
@@ -200,7 +204,7 @@ def torch_modules():
             y = self._norm(x, "input_layernorm.weight")
             if self.mixer == ATTENTION:
                 mixed = attention.eager(y, sizes, t, self.quant, c, self.kv_scales, caches, rope_table, calls,
-                                        attention_plugin)
+                                        attention_plugin, native=self.native)
             else:
                 mixed = {GDN: gdn, MAMBA: mamba}[self.mixer].eager(y, sizes, t, self.quant, c, caches, calls)
             return r16(x + mixed)

@@ -54,13 +54,17 @@ class TrtBackend:
 
         self.llm_dir = Path(llm_dir)
         self.trt = trt or import_tensorrt()
-        release = json.loads((self.llm_dir / "config.json").read_text()).get("edgellm_version")
-        check_tensorrt_version(self.trt, release if isinstance(release, str) else None)
-        self.plugin = plugin_mod.load_plugin_library(plugin_path)
-        model = onnx.load(str(self.llm_dir / "model.onnx"), load_external_data=False)
-        plugin_mod.check_creators(self.trt, self.plugin, required_plugins(model))
-        del model
         config = json.loads((self.llm_dir / "config.json").read_text())
+        release = config.get("edgellm_version")
+        check_tensorrt_version(self.trt, release if isinstance(release, str) else None,
+                               native=config.get("trt_native_ops") is True)
+        model = onnx.load(str(self.llm_dir / "model.onnx"), load_external_data=False)
+        wanted = required_plugins(model)
+        del model
+        # A plugin-free (trt_native_ops) graph needs no plugin library: none is loaded, none is asked for.
+        self.plugin = plugin_mod.load_plugin_library(plugin_path) if wanted else None
+        if wanted:
+            plugin_mod.check_creators(self.trt, self.plugin, wanted)
         self.limits = limits_for_bundle(meta, limits)
         optimization_profiles(config, self.limits, where=self.llm_dir / "config.json")
         if device is None:
@@ -82,10 +86,10 @@ class TrtBackend:
             device.close()
             raise
         self.engine_dir = Path(engine_dir) if engine_dir else default_engine_dir(self.llm_dir)
-        self.options = BuildOptions(limits=self.limits, plugin_path=str(self.plugin.path), lunowud=lunowud,
-                                    reuse=not rebuild)
+        plugin = str(self.plugin.path) if self.plugin is not None else None
+        self.options = BuildOptions(limits=self.limits, plugin_path=plugin, lunowud=lunowud, reuse=not rebuild)
         self.details = {"target": report.as_dict(), "device": device.info(),
-                        "tensorrt_version": tensorrt_version(self.trt), "plugin": str(self.plugin.path),
+                        "tensorrt_version": tensorrt_version(self.trt), "plugin": plugin,
                         "engine_dir": str(self.engine_dir), "limits": self.limits.as_dict()}
         self._runner = None
 

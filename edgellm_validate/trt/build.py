@@ -157,7 +157,8 @@ def _builder_config(trt, builder, profiles, opts: BuildOptions, version: str):
 
 def engine_config(config: dict, limits: BuildLimits) -> dict:
     """The config.json llm_build 0.7.1 writes next to the engine: the export's plus `builder_config`."""
-    return {**config, "builder_config": limits.builder_config(), "num_deepstack_features": 0}
+    return {**config, "builder_config": limits.builder_config(config.get("trt_native_ops") is True),
+            "num_deepstack_features": 0}
 
 
 def build_engine(export_dir: str | os.PathLike, engine_dir: str | os.PathLike, options: BuildOptions | None = None,
@@ -185,11 +186,14 @@ def build_engine(export_dir: str | os.PathLike, engine_dir: str | os.PathLike, o
 
     trt = trt or import_tensorrt()
     version = tensorrt_version(trt)
-    plugin = plugin_mod.load_plugin_library(opts.plugin_path)
-    plugin_mod.check_creators(trt, plugin, wanted)
-    plugin_info = plugin.record()
+    plugin_info = None  # a plugin-free (trt_native_ops) graph needs no plugin library
+    if wanted:
+        plugin = plugin_mod.load_plugin_library(opts.plugin_path)
+        plugin_mod.check_creators(trt, plugin, wanted)
+        plugin_info = plugin.record()
     sm = device.sm if device is not None else None
-    fingerprint = build_fingerprint(llm, opts.limits, version, plugin_info["sha256"], sm, opts.lunowud)
+    fingerprint = build_fingerprint(llm, opts.limits, version, plugin_info["sha256"] if plugin_info else None, sm,
+                                    opts.lunowud)
     if opts.reuse:
         old = reusable_record(engine_dir, fingerprint)
         if old is not None:

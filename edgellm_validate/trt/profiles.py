@@ -22,6 +22,15 @@ and a conv and a recurrent state per recurrent layer (`num_linear_attn_layers`; 
 K = `conv_kernel`, Hr / Dr / N = `recurrent_state_num_heads` / `_head_dim` / `_size`), as
 `LLMBuilder::setupConvStateProfiles` / `setupRecurrentStateProfiles` set them.
 
+A plugin-free export (`"trt_native_ops": true`, contract native.md) has separate K and V caches, set up by
+`LLMBuilder::setupKVCacheProfiles` under useTrtNativeOps with the capacity fixed, not starting at 0:
+
+    k_cache_i, v_cache_i   [1,Hkv,C,D] / [B,Hkv,C,D] / [B,Hkv,C,D]   same (context and generation)
+
+and otherwise the same vanilla profiles (kvcache_start_index keeps its context min [0], though the native
+runtime always binds [B]). Its graph fixes C (4096 in 0.7.1's exporter), so the engine must be built with
+that capacity: `check_static_dims` refuses limits a graph's static dims contradict.
+
 `L/2` is C++ integer division, as in llm_build. Profile order matters: TensorRT numbers
 profiles in the order they are added, and the runtime selects 0 for prefill, 1 for decode.
 """
@@ -78,8 +87,9 @@ class BuildLimits:
     max_kv_cache_capacity: int = DEFAULT_MAX_KV_CACHE_CAPACITY
     max_lora_rank: int = 0
 
-    def builder_config(self) -> dict:
-        """The `builder_config` object llm_build 0.7.1 adds to the engine directory's config.json."""
+    def builder_config(self, trt_native_ops: bool = False) -> dict:
+        """The `builder_config` object llm_build 0.7.1 adds to the engine directory's config.json (it copies
+        `trt_native_ops` from the export's config.json)."""
         return {
             "max_input_len": self.max_input_len,
             "eagle_draft": False,
@@ -87,7 +97,7 @@ class BuildLimits:
             "max_batch_size": self.max_batch_size,
             "max_lora_rank": self.max_lora_rank,
             "max_kv_cache_capacity": self.max_kv_cache_capacity,
-            "trt_native_ops": False,
+            "trt_native_ops": bool(trt_native_ops),
         }
 
     def as_dict(self) -> dict:
@@ -106,6 +116,7 @@ class ModelDims:
     num_recurrent: int = 0  # hybrids: layers with a conv and a recurrent state
     conv_state: tuple[int, int] = (0, 0)  # (conv_dim, conv_kernel)
     recurrent_state: tuple[int, int, int] = (0, 0, 0)  # (heads, head_dim, state size)
+    native: bool = False  # trt_native_ops: separate K / V caches of fixed capacity
 
 
 def check_limits(limits: BuildLimits) -> None:
@@ -144,9 +155,13 @@ def _int_field(config: dict, key: str, where, *, required: bool = True, default:
 
 def model_dims(config: dict, where: str | Path | None = None) -> ModelDims:
     """The dims llm_build 0.7.1 (`LLMBuilder::parseConfig`) takes from the exported config.json."""
-    if config.get("trt_native_ops"):
-        raise UnsupportedError("config.json sets trt_native_ops: the 0.7 builder then expects separate "
-                               "k_cache_i / v_cache_i bindings, which these profiles do not cover", where)
+    native = config.get("trt_native_ops") is True
+    if config.get("trt_native_ops") not in (None, False, True):
+        raise ProfileError(f"config.json trt_native_ops must be true or false, not {config['trt_native_ops']!r}",
+                           where)
+    if native and (config.get("model_type") == HYBRID or config.get("num_linear_attn_layers")):
+        raise UnsupportedError("config.json sets trt_native_ops for a hybrid model: 0.7.1's native path covers "
+                               "vanilla dense decoders only", where)
     if config.get("model_type") in _NON_VANILLA:
         raise UnsupportedError(f"config.json model_type {config['model_type']!r}: only vanilla LLM profiles "
                                "(model_type 'llm') are implemented", where)
@@ -169,7 +184,7 @@ def model_dims(config: dict, where: str | Path | None = None) -> ModelDims:
         raise ProfileError(f"rotary dim int(head_dim * partial_rotary_factor) = {rotary}", where)
     recurrent = config.get("num_linear_attn_layers") or 0
     if config.get("model_type") != HYBRID or not recurrent:
-        return ModelDims(hidden, kv_heads, head_dim, rotary, layers)
+        return ModelDims(hidden, kv_heads, head_dim, rotary, layers, native=native)
     recurrent = _int_field(config, "num_linear_attn_layers", where)
     return ModelDims(hidden, kv_heads, head_dim, rotary,
                      num_kv_inputs=config.get("num_attention_layers", layers),
@@ -182,6 +197,10 @@ def model_dims(config: dict, where: str | Path | None = None) -> ModelDims:
 def input_names(config: dict) -> list[str]:
     """The graph inputs a vanilla 0.7 export has (and llm_build sets a profile for), in export order."""
     dims = model_dims(config)
+    if dims.native:  # NVIDIA's native order (native.md)
+        layers = range(dims.num_kv_inputs)
+        return [INPUTS_EMBEDS, ROPE_COS_SIN, CONTEXT_LENGTHS, LAST_TOKEN_IDS, *(_B.native_kv(i)[0] for i in layers),
+                *(_B.native_kv(i)[1] for i in layers), KVCACHE_START_INDEX]
     return [INPUTS_EMBEDS, *(PAST_KV.format(i) for i in range(dims.num_kv_inputs)), ROPE_COS_SIN, CONTEXT_LENGTHS,
             KVCACHE_START_INDEX, LAST_TOKEN_IDS, *(_B.conv(j)[0] for j in range(dims.num_recurrent)),
             *(_B.recurrent(j)[0] for j in range(dims.num_recurrent))]
@@ -204,9 +223,14 @@ def optimization_profiles(config: dict, limits: BuildLimits | None = None,
         ROPE_COS_SIN: rng([1, cap, r], [b, cap, r], [b, cap, r]),
         LAST_TOKEN_IDS: rng([1, 1], [b, 1], [b, 1]),
     }
-    kvd = _B.kv_cache_dims
-    kv = {PAST_KV.format(i): rng(kvd(1, hkv, 0, d), kvd(b, hkv, cap, d), kvd(b, hkv, cap, d))
-          for i in range(dims.num_kv_inputs)}
+    if dims.native:  # setupKVCacheProfiles, useTrtNativeOps: the capacity is fixed, min batch 1
+        nkv = _B.native_kv_cache_dims
+        full = rng(nkv(1, hkv, cap, d), nkv(b, hkv, cap, d), nkv(b, hkv, cap, d))
+        kv = {name: full for i in range(dims.num_kv_inputs) for name in _B.native_kv(i)}
+    else:
+        kvd = _B.kv_cache_dims
+        kv = {PAST_KV.format(i): rng(kvd(1, hkv, 0, d), kvd(b, hkv, cap, d), kvd(b, hkv, cap, d))
+              for i in range(dims.num_kv_inputs)}
     for j in range(dims.num_recurrent):  # fixed dims after the batch
         conv = _B.conv_state_dims
         kv[_B.conv(j)[0]] = rng(conv(1, *dims.conv_state), conv(b, *dims.conv_state), conv(b, *dims.conv_state))
@@ -244,6 +268,23 @@ def check_inputs_covered(profiles: Profiles, network_inputs: list[str]) -> None:
                                    f"{', '.join(extra)} (llm_build would refuse it too)")
         if missing:
             raise ProfileError(f"the graph lacks inputs the 0.7 profiles expect: {', '.join(missing)}")
+
+
+def check_static_dims(profiles: Profiles, graph_inputs: dict[str, list[int | str]]) -> None:
+    """A dim the graph fixes must be pinned to that value in every profile, or TensorRT refuses the build: for a
+    native export, the K/V caches' static capacity (4096 in 0.7.1) against --maxKVCacheCapacity.
+    `graph_inputs`: input name -> dims (int for a fixed dim, a name for a symbolic one)."""
+    for pname, shapes in profiles.items():
+        for name, dims in graph_inputs.items():
+            s = shapes.get(name)
+            if s is None:
+                continue
+            for k, dim in enumerate(dims):
+                if isinstance(dim, int) and k < len(s.min) and not s.min[k] == s.opt[k] == s.max[k] == dim:
+                    hint = (" (the native export's static KV capacity: build with max_kv_cache_capacity "
+                            f"{dim})") if _B.native_kv_ordinal(name) is not None and k == 2 else ""
+                    raise ProfileError(f"{pname} profile of {name}: dim {k} is {dim} in the graph, but the profile "
+                                       f"gives {s.min[k]} / {s.opt[k]} / {s.max[k]}{hint}")
 
 
 def profiles_to_json(profiles: Profiles) -> list[dict]:

@@ -13,6 +13,8 @@ import numpy as np
 
 from edgellm_core.errors import EnvironmentProblem
 
+from ..targets import NATIVE_MIN_TENSORRT  # a plugin-free (trt_native_ops) graph's TensorRT floor
+
 log = logging.getLogger("edgellm.trt")
 
 STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml"}
@@ -42,10 +44,13 @@ def tensorrt_version(trt) -> str:
 SUPPORTED_TENSORRT = {"0.7": ((10, 3), (11, 0))}
 
 
-def check_tensorrt_version(trt, release: str | None) -> None:
-    """EnvironmentProblem (exit 3) when this TensorRT is outside what the export's Edge-LLM release supports."""
+def check_tensorrt_version(trt, release: str | None, *, native: bool = False) -> None:
+    """EnvironmentProblem (exit 3) when this TensorRT is outside what the export's Edge-LLM release supports
+    (`native`: a trt_native_ops export, which also needs NATIVE_MIN_TENSORRT)."""
     key = ".".join((release or "0.7").split(".")[:2])
     low, high = SUPPORTED_TENSORRT.get(key, SUPPORTED_TENSORRT["0.7"])
+    if native:
+        low = max(low, NATIVE_MIN_TENSORRT)
     version = tensorrt_version(trt)
     try:
         have = tuple(int(p) for p in version.split("-")[0].split(".")[:2])
@@ -53,8 +58,9 @@ def check_tensorrt_version(trt, release: str | None) -> None:
         have = None
     if have is None or len(have) < 2 or not (low <= have < high):
         raise EnvironmentProblem(
-            f"TensorRT {version} is outside what the Edge-LLM {release or '0.7'} plugin library works with "
-            f"(TensorRT {low[0]}.{low[1]} up to, not including, {high[0]}.{high[1]}); use the TensorRT of the "
+            f"TensorRT {version} is outside what the Edge-LLM {release or '0.7'} "
+            + ("runtime needs for a plugin-free (trt_native_ops) export" if native else "plugin library works with")
+            + f" (TensorRT {low[0]}.{low[1]} up to, not including, {high[0]}.{high[1]}); use the TensorRT of the "
             "target's JetPack / DriveOS image (JetPack 6.2: 10.3, JetPack 7.1: 10.13.3.9)")
 
 
