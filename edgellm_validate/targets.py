@@ -50,6 +50,13 @@ _ANY = ("fp16", "fp8_embedding", "int8", "int4")  # fp8_embedding: storage, dequ
 # attention_trt.py: "supported by TensorRT >= 10.15").
 NATIVE_MIN_TENSORRT = (10, 15)
 
+# SMs each MoE plugin's kernels run on (a GPU target outside them is refused; the CPU twin lowers both).
+# NvFP4MoEPluginGeforce: CuteDslNvfp4MoeRunner::canImplement, SM 120/121 only (0.7.1 nvfp4MoePluginGeforce).
+# Int4MoePlugin: Marlin MoE (marlin_moe_wna16/ops.cu refuses below SM 75; its kernels are the sm80
+# instantiations, 4-stage cp.async pipelines), so SM 80 and newer: every SM Edge-LLM's attention runs on.
+PLUGIN_SMS = {"NvFP4MoEPluginGeforce": frozenset({120, 121})}
+PLUGIN_MIN_SM = {"Int4MoePlugin": 80}
+
 _WHY = {
     "fp8": "FP8 tensor-core GEMMs (Q/DQ to FLOAT8E4M3FN) need SM 89 or newer",
     "fp8_kv": "an FP8 KV cache needs FP8 attention kernels, SM 89 or newer",
@@ -458,12 +465,28 @@ def target_refusals(target: Target, features: ExportFeatures, *, sm: int | None 
     if not features.native and features.head_dim is not None and features.num_attention_heads \
             and features.num_key_value_heads:
         reasons += kernel_problems(features.head_dim, features.num_attention_heads, features.num_key_value_heads)
+    _plugin_sms(features, eff_sm, reasons, report)
     if "nvfp4" in features.precisions and (target.tensorrt or "").startswith("10.15"):
         report.warnings.append("TensorRT 10.15 has a known NVFP4 accuracy degradation (use 10.13.3.9)")
     if target.support and not target.support.startswith(("official", "developer", "local")):
         report.warnings.append(f"{target.name}'s Edge-LLM support level is {target.support!r}: the plugin build "
                                "and engine are less proven there")
     return reasons, report
+
+
+def _plugin_sms(features: ExportFeatures, sm: int | None, reasons: list[str], report: CapabilityReport) -> None:
+    """Refuse a GPU whose SM a custom op's kernels are not built for (PLUGIN_SMS, PLUGIN_MIN_SM)."""
+    for _, op in features.custom_ops:
+        sms, low = PLUGIN_SMS.get(op), PLUGIN_MIN_SM.get(op)
+        if sms is None and low is None:
+            continue
+        where = ", ".join(map(str, sorted(sms))) if sms else f"{low} or newer"
+        if sm is None:
+            report.deferred.append(f"{op} runs on SM {where} only; checked when the backend starts")
+        elif (sms is not None and sm not in sms) or (low is not None and sm < low):
+            reasons.append(f"{op} (the exported MoE layers) has kernels for SM {where} only, not SM {sm}"
+                           + ("; NVIDIA's 0.7.1 NVFP4 MoE is the GeForce Blackwell CuTeDSL build"
+                              if op == "NvFP4MoEPluginGeforce" else ""))
 
 
 def _version(text: str | None) -> tuple[int, ...] | None:

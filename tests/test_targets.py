@@ -328,3 +328,26 @@ def test_real_exports(demo_exports):
     assert r.precisions == ["fp16", "fp8_embedding"]
     with pytest.raises(TargetRefusal, match="SM 90"):
         check_target_can_run("x86-cuda", demo_exports / "fp16", sm=90)
+
+
+def test_moe_plugins_are_gated_by_their_kernels_sms(tmp_path):
+    """NvFP4MoEPluginGeforce's CuTeDSL kernels run on SM 120/121 only (canImplement): refused on Thor (110, which
+    has FP4 otherwise) and on SM 100, kept on 120/121 and deferred where the SM is unknown; the CPU twin lowers it.
+    Int4MoePlugin (Marlin, SM 80+) runs on every target, Orin included."""
+    moe = helper.make_node("NvFP4MoEPluginGeforce", ["l", "x"], ["y"], domain="trt_edgellm")
+    nodes, inits = nvfp4_linear()
+    out = make_export(tmp_path / "fp4", nodes=[attn(), moe, *nodes], inits=inits)
+    for name in ("thor-jp7", "drive-thor"):
+        with pytest.raises(TargetRefusal, match=r"NvFP4MoEPluginGeforce .* SM 120, 121 only, not SM 110"):
+            check_target_can_run(name, out)
+    with pytest.raises(TargetRefusal, match="NvFP4MoEPluginGeforce"):
+        check_target_can_run("x86-cuda", out, sm=100)
+    for sm in (120, 121):
+        assert check_target_can_run("x86-cuda", out, sm=sm).precisions == ["fp16", "nvfp4"]
+    assert any("NvFP4MoEPluginGeforce runs on SM 120, 121" in d for d in check_target_can_run("x86-cuda", out).deferred)
+    check_target_can_run("x86-cpu", out)
+    int4 = helper.make_node("Int4MoePlugin", ["l", "x"], ["y"], domain="trt_edgellm")
+    out = make_export(tmp_path / "int4", nodes=[attn(), int4])
+    assert check_target_can_run("orin-jp6", out).precisions == ["fp16", "int4"]
+    check_target_can_run("thor-jp7", out)
+    check_target_can_run("x86-cuda", out, sm=120)

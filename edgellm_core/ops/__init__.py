@@ -18,6 +18,7 @@ from edgellm_core.ops import (
     int4_gemm,
     int4_moe,
     mxfp8,
+    nvfp4_moe,
     update_ssm_state,
 )
 
@@ -29,6 +30,7 @@ CUSTOM_OPS = {
     (update_ssm_state.DOMAIN, update_ssm_state.OP_TYPE): update_ssm_state,
     (int4_gemm.DOMAIN, int4_gemm.OP_TYPE): int4_gemm,
     (int4_moe.DOMAIN, int4_moe.OP_TYPE): int4_moe,
+    (nvfp4_moe.DOMAIN, nvfp4_moe.OP_TYPE): nvfp4_moe,
     (fp4.DOMAIN, fp4.QUANTIZE): fp4,
     (fp4.DOMAIN, fp4.DEQUANTIZE): fp4,
     (mxfp8.DOMAIN, mxfp8.QUANTIZE): mxfp8,

@@ -1,6 +1,7 @@
 """The sparse MoE MLP of Qwen3-MoE, both faces. FP16/BF16 experts in standard ONNX ops (no plugin: this
 module); INT4 experts (GPTQ, AutoAWQ, ModelOpt W4A16) through `trt_edgellm::Int4MoePlugin` (moe_int4.py,
-dispatched from `emit` / `eager`); other formats are refused.
+dispatched from `emit` / `eager`); NVFP4 experts (ModelOpt) through `trt_edgellm::NvFP4MoEPluginGeforce`
+(moe_nvfp4.py, likewise); other formats are refused.
 
 Routing as the runtime's kernel does it: router `MatMul` (fp16) then a cast to fp32 outside the experts,
 softmax over the experts, top-k, renormalised to sum 1 when `norm_topk_prob`. The k weights are scattered
@@ -11,7 +12,7 @@ Exact for any routing: an unselected expert is multiplied by an exact 0.
 Cost: all E experts per token, E / k times the arithmetic of the routed experts (and every expert's
 weights read on every call, as a decode step's routed experts would cover most of them anyway for
 batch > 1), growing linearly with tokens x experts; fine for the small-E models on the Edge-LLM list,
-and the runtime's MoE plugins route instead (INT4 here; NVFP4 not exported yet).
+and the runtime's MoE plugins route instead (INT4: moe_int4.py; NVFP4: moe_nvfp4.py).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from edgellm_core.errors import UnsupportedError
 from edgellm_core.onnx_graph.builder import FLOAT, FLOAT16
 
 from ...config import ModelConfig
-from ...quant.plan import INT4_FORMATS
-from . import linear, moe_int4
+from ...quant.plan import INT4_FORMATS, NVFP4
+from . import linear, moe_int4, moe_nvfp4
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -47,12 +48,14 @@ def emit(e, layer: int, y: str) -> str:
     fmt = moe_int4.expert_format(e.quant.linears, expert_linears(c, layer), where)  # mixed formats: refused
     if fmt in INT4_FORMATS:
         return moe_int4.emit(e, layer, y, fmt)  # trt_edgellm::Int4MoePlugin
+    if fmt == NVFP4:
+        return moe_nvfp4.emit(e, layer, y)  # trt_edgellm::NvFP4MoEPluginGeforce
     quantized = [k for k in e.quant.linears if k.startswith(f"layers.{layer}.mlp.")
                  and e.quant.linears[k].format != "fp16"]
     if quantized:
         fmt = e.quant.linears[quantized[0]].format
         raise UnsupportedError(f"{quantized[0]}: quantized MoE experts of format {fmt} are not exported "
-                               "(FP16/BF16 and INT4 only)", where)
+                               "(FP16/BF16, INT4 and NVFP4 only)", where)
     logits = n("Cast", [linear.emit(e, y, router_name(layer), m.num_experts, h, False)], {"to": FLOAT})
     probs = n("Softmax", [logits], {"axis": -1})
     top_v, top_i = n("TopK", [probs, g.i64(m.top_k)], {"axis": -1, "largest": 1, "sorted": 1}, n_out=2)
@@ -81,6 +84,8 @@ def eager(y, t: dict, cfg: ModelConfig, layer_quant: dict):
     weighted sum in fp32, rounded once."""
     if moe_int4.is_int4(layer_quant):
         return moe_int4.eager(y, t, cfg, layer_quant)  # the Int4MoePlugin's numerics
+    if moe_nvfp4.is_nvfp4(layer_quant):
+        return moe_nvfp4.eager(y, t, cfg, layer_quant)  # the NvFP4MoEPluginGeforce's numerics
     stream = Stream(y, t, cfg, layer_quant)
     for proj in PROJECTIONS:
         stream.take(proj, t[f"mlp.experts.{proj}.stacked"])
