@@ -94,7 +94,18 @@ def _export_args(p: argparse.ArgumentParser, *, release_flag: str = "--target", 
                             "form (standard ONNX RotaryEmbedding / TensorScatter / Attention, K/V caches of static "
                             "capacity 4096; TensorRT >= 10.15 builds it without the plugin library; dense models, "
                             "FP16 / FP8 / INT8 SQ / NVFP4 / MXFP8 linears, no FP8 KV cache)")
+    p.add_argument("--components", type=_components, metavar="LIST",
+                   help="comma-separated components to export (llm, visual, audio); default: every component the "
+                        "checkpoint has, and a multimodal checkpoint's encoder this version cannot export is an "
+                        "error rather than dropped (`--components llm` exports the language model alone)")
     p.add_argument("--unsafe-rope-passthrough", action="store_true", help=argparse.SUPPRESS)
+
+
+def _components(text: str) -> tuple[str, ...]:
+    parts = tuple(x.strip() for x in text.split(",") if x.strip())
+    if not parts:
+        raise argparse.ArgumentTypeError("name at least one component (llm, visual, audio)")
+    return parts
 
 
 def _checkpoint_args(p: argparse.ArgumentParser) -> None:
@@ -239,7 +250,8 @@ def _options(args):
 
     return ExportOptions(target=args.release, fp8_embedding=args.fp8_embedding, golden=not args.no_golden,
                          clamp_fp16=args.clamp_fp16, convert_pickle=args.convert_pickle,
-                         unsafe_rope_passthrough=args.unsafe_rope_passthrough, attention=args.attention)
+                         unsafe_rope_passthrough=args.unsafe_rope_passthrough, attention=args.attention,
+                         components=args.components)
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -324,6 +336,8 @@ def _make_or_qualify(args, progress) -> int:
 
         options = {"fp8_embedding": args.fp8_embedding, "clamp_fp16": args.clamp_fp16,
                    "convert_pickle": args.convert_pickle, "unsafe_rope_passthrough": args.unsafe_rope_passthrough}
+        if args.components is not None:
+            options["components"] = list(args.components)
         from .checkpoint.hub import parse_checkpoint
 
         checkpoint = parse_checkpoint(args.checkpoint, args.revision)  # a local Path, or a HubId make resolves

@@ -460,3 +460,46 @@ def _nemotron_h_fields(cfg: dict, path: Path) -> dict:
             "qkv_bias": bool(cfg.get("attention_bias", False)), "o_bias": bool(cfg.get("attention_bias", False)),
             "mlp_bias": bool(cfg.get("mlp_bias", False)), "has_qk_norm": False, "sliding_window": -1,
             "hidden_act": "silu"}
+
+
+# Components a multimodal checkpoint carries besides its language model, by the config keys that announce
+# them (the root config, or a Qwen-Omni style `thinker_config`).
+COMPONENT_KEYS = {"visual": ("vision_config",), "audio": ("audio_config",)}
+COMPONENTS = ("llm", "visual", "audio")
+EXPORTED_COMPONENTS = ("llm",)  # what this version writes
+
+
+def multimodal_components(raw: dict) -> dict[str, str]:
+    """component -> the config key that announces it, for every encoder the checkpoint carries."""
+    found = {}
+    for scope, where in ((raw, ""), (raw.get("thinker_config"), "thinker_config.")):
+        if not isinstance(scope, dict):
+            continue
+        for comp, keys in COMPONENT_KEYS.items():
+            for key in keys:
+                if isinstance(scope.get(key), dict) and comp not in found:
+                    found[comp] = where + key
+    return found
+
+
+def check_components(raw: dict, requested: tuple[str, ...] | None, path: Path) -> None:
+    """A multimodal checkpoint never loses a component silently: without `--components`, an encoder the
+    checkpoint has and this version cannot export is an error; `--components llm` exports the language
+    model alone, knowingly."""
+    from edgellm_core.errors import UnsupportedError
+
+    unknown = [c for c in requested or () if c not in COMPONENTS]
+    if unknown:
+        raise ExportError(f"--components names {', '.join(map(repr, unknown))}; components are "
+                          f"{', '.join(COMPONENTS)}", path)
+    missing = [c for c in requested or () if c not in EXPORTED_COMPONENTS]
+    if missing:
+        raise UnsupportedError(f"--components {','.join(missing)}: exporting the {' and '.join(missing)} "
+                               f"encoder is not implemented yet (supported: {', '.join(EXPORTED_COMPONENTS)})", path)
+    extra = multimodal_components(raw)
+    if requested is None and extra:
+        named = ", ".join(f"a {c} encoder ({key})" for c, key in extra.items())
+        raise UnsupportedError(
+            f"this checkpoint also has {named}, which edgellm-export cannot export yet; exporting the "
+            "language model alone would drop it without a word. Pass --components llm to export only the "
+            "language model, knowingly", path)

@@ -19,7 +19,7 @@ from . import golden as golden_mod
 from .checkpoint import open_checkpoint
 from .checkpoint.hub import CheckpointRef
 from .checkpoint.reader import TensorRef
-from .config import ModelConfig, build_model_config
+from .config import ModelConfig, build_model_config, check_components
 from .contract import DEFAULT_TARGET, get_contract
 from .models import family_for
 from .models.registry import Family
@@ -49,6 +49,9 @@ class ExportOptions:
     # "plugin": the Edge-LLM AttentionPlugin (the default); "native": the plugin-free `trt_native_ops` form
     # (contract/native_v0_7.py), standard ONNX attention that TensorRT >= 10.15 builds without the plugin library.
     attention: str = "plugin"
+    # Which components to write (config.COMPONENTS); None: all the checkpoint has, and an encoder this version
+    # cannot export is then an error rather than silently dropped.
+    components: tuple[str, ...] | None = None
 
 
 ATTENTION_MODES = ("plugin", "native")
@@ -185,6 +188,7 @@ def plan_export(ckpt, contract, opts: ExportOptions) -> PlannedExport:
     zero-point correction."""
     has_lm_head = ckpt.has("lm_head.weight")
     try:
+        check_components(ckpt.config, opts.components, ckpt.config_path)
         plan = parse_quant_plan(ckpt.path, ckpt.config)
         cfg = build_model_config(ckpt.config, ckpt.has_layer_tensor, ckpt.config_path)
         family = family_for(cfg, ckpt.config_path)

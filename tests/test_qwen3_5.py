@@ -199,16 +199,8 @@ def test_hf_reference_is_consistent_with_itself():
     assert float(cos) > 0.99999
 
 
-def test_vlm_wrapper_exports_its_text_part(tmp_path):
-    """The `qwen3_5` VLM wrapper (`Qwen3_5ForConditionalGeneration`, keys under `model.language_model.` and
-    `model.visual.`): its text decoder is exported and matches HF's text-only forward; config.json carries the
-    wrapper's vision_config verbatim for the runtime's VLM runner."""
+def _vlm_checkpoint(root):
     from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
-
-    from edgellm_export.export import ExportOptions, export_checkpoint
-    from edgellm_validate.compare import cosine_rows
-    from edgellm_validate.cpu_backend import CpuBackend
-    from edgellm_validate.twin import run_twin
 
     text = {k: v for k, v in QWEN3_5.items()}
     text.update(vocab_size=512, hidden_size=256, intermediate_size=512, rms_norm_eps=1e-5)
@@ -220,8 +212,38 @@ def test_vlm_wrapper_exports_its_text_part(tmp_path):
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
         model.lm_head.weight.mul_(4.0)
-    ckpt = save_checkpoint(model, tmp_path / "ckpt")
-    export_checkpoint(ckpt, tmp_path / "out", ExportOptions())
+    return save_checkpoint(model, root / "ckpt"), model
+
+
+@pytest.mark.parametrize("components, code, words", [
+    (None, 2, ["a visual encoder (vision_config)", "--components llm"]),
+    ("llm,visual", 2, ["--components visual", "not implemented yet", "supported: llm"]),
+    ("llm,video", 2, ["'video'", "llm, visual, audio"]),
+])
+def test_a_vlm_never_loses_its_vision_tower_silently(tmp_path, capsys, components, code, words):
+    """Without --components, a checkpoint with an encoder this version cannot export is refused (it used to be
+    exported as its language model alone, exit 0); asking for the encoder says it is not implemented."""
+    from edgellm_export.cli import main
+
+    ckpt, _ = _vlm_checkpoint(tmp_path)
+    args = ["-q", "export", str(ckpt), str(tmp_path / "out")] + (["--components", components] if components else [])
+    assert main(args) == code
+    err = capsys.readouterr().err
+    assert all(w in err for w in words) and "config.json" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_vlm_wrapper_exports_its_text_part(tmp_path):
+    """The `qwen3_5` VLM wrapper (`Qwen3_5ForConditionalGeneration`, keys under `model.language_model.` and
+    `model.visual.`), with `--components llm`: its text decoder is exported and matches HF's text-only forward;
+    config.json carries the wrapper's vision_config verbatim for the runtime's VLM runner."""
+    from edgellm_export.export import ExportOptions, export_checkpoint
+    from edgellm_validate.compare import cosine_rows
+    from edgellm_validate.cpu_backend import CpuBackend
+    from edgellm_validate.twin import run_twin
+
+    ckpt, model = _vlm_checkpoint(tmp_path)
+    export_checkpoint(ckpt, tmp_path / "out", ExportOptions(components=("llm",)))  # the vision tower: knowingly not
     llm = tmp_path / "out" / "llm"
     cfg = json.loads((llm / "config.json").read_text())
     assert cfg["model"] == "qwen3_5_text" and cfg["model_type"] == "hybrid_mamba"

@@ -81,6 +81,8 @@ class SuiteCase:
         out = dict(self.options)
         if self.release is not None:
             out["target"] = self.release
+        if out.get("components") is not None:
+            out["components"] = tuple(out["components"])
         return out
 
     def report_identity(self) -> dict:
@@ -218,6 +220,10 @@ class ExportOptionsSpec(StrictModel):
     convert_pickle: bool = False
     unsafe_rope_passthrough: bool = Field(False, description="the reference exporter's RoPE handling: for "
                                                              "negative controls only")
+    components: list[Literal["llm", "visual", "audio"]] | None = Field(
+        None, json_schema_extra=no_default,
+        description="components to export; default: every component the checkpoint has (an encoder that cannot be "
+                    "exported yet is then an error); [llm] exports a multimodal checkpoint's language model alone")
 
 
 def _target(value):
