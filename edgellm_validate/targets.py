@@ -54,8 +54,12 @@ NATIVE_MIN_TENSORRT = (10, 15)
 # NvFP4MoEPluginGeforce: CuteDslNvfp4MoeRunner::canImplement, SM 120/121 only (0.7.1 nvfp4MoePluginGeforce).
 # Int4MoePlugin: Marlin MoE (marlin_moe_wna16/ops.cu refuses below SM 75; its kernels are the sm80
 # instantiations, 4-stage cp.async pipelines), so SM 80 and newer: every SM Edge-LLM's attention runs on.
-PLUGIN_SMS = {"NvFP4MoEPluginGeforce": frozenset({120, 121})}
+# Nvfp4MoePlugin (Nemotron-H): its prefill grouped GEMMs are CuTeDSL tcgen05 AOT kernels built for Blackwell
+# datacenter and Thor (kernelSrcs/nvfp4_moe_cutedsl/README.md: SM 100/101/103, SM 110); not GeForce 120/121.
+PLUGIN_SMS = {"NvFP4MoEPluginGeforce": frozenset({120, 121}), "Nvfp4MoePlugin": frozenset({100, 101, 103, 110})}
 PLUGIN_MIN_SM = {"Int4MoePlugin": 80}
+_PLUGIN_SM_NOTE = {"NvFP4MoEPluginGeforce": "; NVIDIA's 0.7.1 NVFP4 MoE is the GeForce Blackwell CuTeDSL build",
+                   "Nvfp4MoePlugin": "; its prefill GEMMs are the Blackwell/Thor tcgen05 CuTeDSL build"}
 
 _WHY = {
     "fp8": "FP8 tensor-core GEMMs (Q/DQ to FLOAT8E4M3FN) need SM 89 or newer",
@@ -485,8 +489,7 @@ def _plugin_sms(features: ExportFeatures, sm: int | None, reasons: list[str], re
             report.deferred.append(f"{op} runs on SM {where} only; checked when the backend starts")
         elif (sms is not None and sm not in sms) or (low is not None and sm < low):
             reasons.append(f"{op} (the exported MoE layers) has kernels for SM {where} only, not SM {sm}"
-                           + ("; NVIDIA's 0.7.1 NVFP4 MoE is the GeForce Blackwell CuTeDSL build"
-                              if op == "NvFP4MoEPluginGeforce" else ""))
+                           + _PLUGIN_SM_NOTE.get(op, ""))
 
 
 def _version(text: str | None) -> tuple[int, ...] | None:

@@ -292,8 +292,8 @@ def test_every_reason_is_given_at_once(tmp_path):
 
 
 def test_cpu_target_needs_lowerings(tmp_path):
-    odd = helper.make_node("Nvfp4MoePlugin", ["x"], ["y"], domain="trt_edgellm")
-    with pytest.raises(TargetRefusal, match="no CPU lowering for trt_edgellm::Nvfp4MoePlugin"):
+    odd = helper.make_node("NoSuchPlugin", ["x"], ["y"], domain="trt_edgellm")
+    with pytest.raises(TargetRefusal, match="no CPU lowering for trt_edgellm::NoSuchPlugin"):
         check_target_can_run("x86-cpu", make_export(tmp_path, nodes=[attn(), odd]))
 
 
@@ -351,3 +351,21 @@ def test_moe_plugins_are_gated_by_their_kernels_sms(tmp_path):
     assert check_target_can_run("orin-jp6", out).precisions == ["fp16", "int4"]
     check_target_can_run("thor-jp7", out)
     check_target_can_run("x86-cuda", out, sm=120)
+
+
+def test_nemotron_nvfp4_moe_plugin_is_gated_by_its_kernels_sms(tmp_path):
+    """Nvfp4MoePlugin (Nemotron-H NVFP4 experts): prefill GEMMs are CuTeDSL tcgen05 kernels for SM 100/101/103/110
+    (kernelSrcs/nvfp4_moe_cutedsl): kept on Thor and SM 100, refused on GeForce Blackwell (120) and Hopper (90),
+    deferred where the SM is unknown; the CPU twin lowers it."""
+    moe = helper.make_node("Nvfp4MoePlugin", ["l", "x"], ["y"], domain="trt_edgellm")
+    nodes, inits = nvfp4_linear()
+    out = make_export(tmp_path / "fp4", nodes=[attn(), moe, *nodes], inits=inits)
+    for name in ("thor-jp7", "drive-thor"):
+        assert check_target_can_run(name, out).precisions == ["fp16", "nvfp4"]
+    check_target_can_run("x86-cuda", out, sm=100)  # (103: no XQA decode attention kernels, refused anyway)
+    for sm in (120, 90):
+        with pytest.raises(TargetRefusal, match=r"Nvfp4MoePlugin .* SM 100, 101, 103, 110 only, not SM"):
+            check_target_can_run("x86-cuda", out, sm=sm)
+    assert any("Nvfp4MoePlugin runs on SM 100, 101, 103, 110" in d
+               for d in check_target_can_run("x86-cuda", out).deferred)
+    check_target_can_run("x86-cpu", out)

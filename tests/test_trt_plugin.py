@@ -153,8 +153,8 @@ def test_creator_checks():
 
 def test_image_smoke_wants_every_plugin_an_export_can_need(monkeypatch):
     """The validation image's smoke check asks the plugin registry for every trt_edgellm op the exporter
-    emits (AttentionPlugin, Int4GroupwiseGemmPlugin, the MoE plugins Int4MoePlugin and NvFP4MoEPluginGeforce
-    (version "1", default namespace, as their 0.7.1 creators register), and the hybrids' causal_conv1d,
+    emits (AttentionPlugin, Int4GroupwiseGemmPlugin, the MoE plugins Int4MoePlugin, NvFP4MoEPluginGeforce and
+    Nvfp4MoePlugin (version "1", default namespace, as their 0.7.1 creators register), and the hybrids' causal_conv1d,
     gated_delta_net and update_ssm_state, registered under those names in 0.7.1's plugin sources), so an image
     whose plugin library lacks one fails at build time, not at the first INT4 or hybrid export's validation."""
     import sys
@@ -165,7 +165,7 @@ def test_image_smoke_wants_every_plugin_an_export_can_need(monkeypatch):
 
     assert plugin_mod.exported_plugins() == [("AttentionPlugin", "1", ""), ("Int4GroupwiseGemmPlugin", "1", ""),
                                              ("Int4MoePlugin", "1", ""), ("NvFP4MoEPluginGeforce", "1", ""),
-                                             ("causal_conv1d", "1", ""),
+                                             ("Nvfp4MoePlugin", "1", ""), ("causal_conv1d", "1", ""),
                                              ("gated_delta_net", "1", ""), ("update_ssm_state", "1", "")]
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt)
     monkeypatch.setattr(smoke, "cuda_devices", lambda: ([{"name": "fake", "sm": 110}], "fake"))

@@ -19,6 +19,7 @@ from edgellm_core.ops import (
     int4_moe,
     mxfp8,
     nvfp4_moe,
+    nvfp4_moe_nemotron,
     update_ssm_state,
 )
 
@@ -31,6 +32,7 @@ CUSTOM_OPS = {
     (int4_gemm.DOMAIN, int4_gemm.OP_TYPE): int4_gemm,
     (int4_moe.DOMAIN, int4_moe.OP_TYPE): int4_moe,
     (nvfp4_moe.DOMAIN, nvfp4_moe.OP_TYPE): nvfp4_moe,
+    (nvfp4_moe_nemotron.DOMAIN, nvfp4_moe_nemotron.OP_TYPE): nvfp4_moe_nemotron,
     (fp4.DOMAIN, fp4.QUANTIZE): fp4,
     (fp4.DOMAIN, fp4.DEQUANTIZE): fp4,
     (mxfp8.DOMAIN, mxfp8.QUANTIZE): mxfp8,

@@ -183,7 +183,7 @@ def torch_modules():
             if self.mlp != NONE:
                 stream = self.mlp_stream(x)
                 if stream is None:
-                    out = self.mlp_eager(self.mlp_input(x))
+                    out = self.mlp_eager(self.mlp_input(x), sizes)
                 else:
                     for name in stream_stacks(self.mlp):
                         stream.take(name, self.t[f"mlp.experts.{name}.stacked"])
@@ -224,9 +224,12 @@ def torch_modules():
                 return sigmoid_moe.Stream(self.mlp_input(x), self.t, self.cfg, self.quant)
             return None
 
-        def mlp_eager(self, y):
+        def mlp_eager(self, y, sizes=None):
             if self.mlp == SOFTMAX_MOE:  # packed quantized experts, held whole (moe.eager: Int4MoePlugin)
                 return moe.eager(y, self.t, self.cfg, self.quant)
+            if self.mlp == SIGMOID_MOE:  # NVFP4 experts: Nvfp4MoePlugin's path depends on each call's B*S
+                return torch.cat([sigmoid_moe.eager(p, self.t, self.cfg, self.quant)
+                                  for p in y.split(sizes or [y.shape[1]], 1)], 1)
             return mlp.eager(y, self.t, self.quant, self.mlp)
 
     class DecoderHead(nn.Module):

@@ -8,13 +8,34 @@ the block that reads them (attention `self_attn.*`, MLP and MoE `mlp.*`; Mamba2 
 shared blocks (models/blocks/) read them unchanged.
 """
 
+from edgellm_core.errors import UnsupportedError
+
 from ..config import ATTENTION, NONE, ModelConfig
-from .registry import Family, refuse_quantized, register
+from .registry import Family, register
+
+# Tensor names a quantized linear (or KV cache) carries beside its weight, in the formats the plan reads.
+QUANT_SUFFIXES = (".weight_scale", ".weight_scale_2", ".input_scale", ".output_scale", ".pre_quant_scale",
+                  ".qweight", ".qzeros", ".scales", ".g_idx", ".k_scale", ".v_scale")
+
+
+def _quantized_outside_experts(ckpt) -> list[str]:
+    """Quantization tensors of anything but the routed experts (`layers.{i}.mixer.experts.*`)."""
+    return [name for name in ckpt.names() if name.endswith(QUANT_SUFFIXES) and ".mixer.experts." not in name]
 
 
 def prepare(ckpt, cfg: ModelConfig) -> None:
-    # NVFP4 experts need Nvfp4MoePlugin and the Mamba2 projections' quantized paths: not built yet.
-    refuse_quantized(ckpt, "Nemotron-H")
+    # Quantized checkpoints: NVFP4 routed experts only (Nvfp4MoePlugin, blocks/sigmoid_moe_nvfp4.py); the
+    # Mamba2, attention, dense MLP, shared-expert and router projections must be unquantized (their quantized
+    # paths are not validated for this family), so their scales are refused here, by name.
+    if ckpt.config.get("quantization_config") or (ckpt.path / "hf_quant_config.json").exists():
+        odd = _quantized_outside_experts(ckpt)
+        if odd:
+            raise UnsupportedError(
+                f"quantized Nemotron-H checkpoint: {odd[0]!r} ({len(odd)} such tensors) quantizes a projection "
+                "outside the routed MoE experts; only NVFP4 routed experts (through Nvfp4MoePlugin) are exported "
+                "for this family, with the Mamba2, attention, MLP, shared-expert and router projections in "
+                "BF16/FP16. Export a checkpoint quantized with those modules excluded, or the FP16/BF16 one",
+                ckpt.config_path)
     ckpt.rename("embeddings.weight", "embed_tokens.weight")
     ckpt.rename("norm_f.weight", "norm.weight")
     for i in range(cfg.num_hidden_layers):

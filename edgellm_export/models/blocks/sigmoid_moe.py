@@ -24,8 +24,9 @@ Numerics, choice by choice:
   the gaps between sigmoid scores it exists to shift;
 - ReLU^2 is `Relu` then `Mul(r, r)` in fp16 (the eager face rounds the square to fp16 as the graph stores it).
 
-Cost: all E experts per token (E / k times the routed arithmetic), as in moe.py; fine for small E, and the
-runtime's NVFP4 plugin (not exported here) routes instead.
+Cost: all E experts per token (E / k times the routed arithmetic), as in moe.py; fine for small E. NVFP4
+experts (ModelOpt) go through the runtime's Nvfp4MoePlugin instead (sigmoid_moe_nvfp4.py, dispatched from
+`emit` / `eager`), which routes.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from edgellm_core.errors import UnsupportedError
 from edgellm_core.onnx_graph.builder import FLOAT, FLOAT16
 
 from ...config import ModelConfig
-from . import linear
+from ...quant.plan import NVFP4
+from . import linear, moe_int4, sigmoid_moe_nvfp4
 from .moe import stack_name
 
 PROJECTIONS = ("up_proj", "down_proj")
@@ -84,6 +86,11 @@ def check(m, layer: int) -> None:
 def emit(e, layer: int, y: str) -> str:
     g, c, w, m = e.g, e.cfg, e.w, e.cfg.sigmoid_moe
     n, h, inter, ne = g.node, c.hidden_size, m.intermediate_size, m.num_experts
+    routed = [f"layers.{layer}.mlp.experts.{x}.{p}" for x in range(ne) for p in PROJECTIONS]
+    where = getattr(getattr(w, "ckpt", None), "path", None)
+    if moe_int4.expert_format(e.quant.linears, routed, where) == NVFP4:  # mixed formats: refused
+        check(m, layer)
+        return sigmoid_moe_nvfp4.emit(e, layer, y)  # trt_edgellm::Nvfp4MoePlugin
     quantized = [k for k in e.quant.linears if k.startswith(f"layers.{layer}.mlp.")
                  and e.quant.linears[k].format != "fp16"]
     if quantized:
@@ -159,7 +166,9 @@ def route(logits, bias, m):
 def eager(y, t: dict, cfg: ModelConfig, layer_quant: dict):
     """Eager face, the same numerics: fp16-rounded router logits routed in fp32 with the fp32 bias, expert
     outputs rounded to fp16 as the graph stores them, the weighted sum in fp32 rounded once, the shared
-    expert in fp16 added in fp16."""
+    expert in fp16 added in fp16. NVFP4 experts (packed, held whole): the Nvfp4MoePlugin's numerics."""
+    if sigmoid_moe_nvfp4.is_nvfp4(layer_quant):
+        return sigmoid_moe_nvfp4.eager(y, t, cfg, layer_quant)
     stream = Stream(y, t, cfg, layer_quant)
     for proj in PROJECTIONS:
         stream.take(proj, t[f"mlp.experts.{proj}.stacked"])
