@@ -100,3 +100,96 @@ def test_attention_plugin_attributes_reach_both_faces(case):
         assert graph_attrs["sliding_window_size"] == 32  # the drift this test exists for
     if kv_scales:
         assert graph_attrs["enable_fp8_kv_cache"] == 1 and graph_attrs["qkv_scales"] == pytest.approx([1.0, *kv_scales])
+
+
+# ---------------------------------------------------------------- recurrent mixers (Qwen3.5, Nemotron-H)
+QWEN3_5 = dict(model_type="qwen3_5_text", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+               num_attention_heads=2, num_key_value_heads=1, head_dim=256, vocab_size=64,
+               layer_types=["linear_attention"], linear_num_key_heads=1, linear_num_value_heads=2,
+               linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4)
+NEMOTRON = dict(model_type="nemotron_h", hidden_size=64, intermediate_size=128, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=64, vocab_size=64, hybrid_override_pattern="M", mamba_num_heads=2,
+                mamba_head_dim=64, ssm_state_size=64, n_groups=1, conv_kernel=4)
+
+
+class _StateWeights(_Weights):
+    """The WeightSource methods the recurrent blocks call besides linear_weight / vector."""
+
+    def tensor(self, name, shape):
+        return self.g.weight(name, FLOAT16, shape, lambda: None)
+
+    def vector_f32(self, name, size, transform=None, as_name=None):
+        return self.g.weight(as_name or name, 1, (size,), lambda: None)
+
+
+def _recording(op_module, calls, outputs):
+    """A stand-in for an op's registered torch op that records its arguments, named from the real schema."""
+    names = [a.name for a in op_module.register_torch_op().default._schema.arguments]
+
+    def op(*args):
+        calls.append(dict(zip(names, args)))
+        return outputs(*args)
+
+    return op
+
+
+def _graph_attrs(g, op_type):
+    node = next(nd for nd in g.nodes if nd.op_type == op_type)
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+@pytest.mark.parametrize("family", ["qwen3_5 gated delta net", "nemotron_h mamba2"])
+def test_recurrent_op_attributes_reach_both_faces(family, monkeypatch):
+    """Every attribute the graph's causal_conv1d / gated_delta_net / update_ssm_state nodes carry reaches the
+    eager op with the same value (the block decides them once: conv.eager_attrs, gdn_attrs, ssm_attrs)."""
+    from edgellm_core.ops import causal_conv1d, gated_delta_net, update_ssm_state
+    from edgellm_export.models.blocks import gdn, mamba
+
+    raw = QWEN3_5 if family.startswith("qwen3_5") else NEMOTRON
+    cfg = build_model_config(raw, lambda suffix: False, Path("config.json"))
+    g = GraphBuilder("t")
+    io = v0_7.declare_io(g, cfg)
+    e = _Emitter(g, cfg)
+    e.w = _StateWeights(g)
+    block, scan_mod, scan_op = ((gdn, gated_delta_net, "gated_delta_net") if cfg.gdn is not None
+                                else (mamba, update_ssm_state, "update_ssm_state"))
+    block.emit(e, io, v0_7, 0, io.inputs_embeds)
+    graph = {"causal_conv1d": _graph_attrs(g, "causal_conv1d"), scan_op: _graph_attrs(g, scan_op)}
+
+    calls = {"causal_conv1d": [], scan_op: []}
+    conv = _recording(causal_conv1d, calls["causal_conv1d"], lambda x, w, b, state, *rest: (x.clone(), state))
+    scan = _recording(scan_mod, calls[scan_op], lambda *a: (torch.zeros_like(a[2] if scan_op == "gated_delta_net"
+                                                                             else a[0]), a[7]))
+    monkeypatch.setattr(causal_conv1d, "register_torch_op", lambda: conv)
+    monkeypatch.setattr(scan_mod, "register_torch_op", lambda: scan)
+    h, s = cfg.hidden_size, 3
+    rng = torch.Generator().manual_seed(0)
+
+    def w(i, o):
+        return (torch.randn(i, o, generator=rng) * 0.05).half()
+
+    if cfg.gdn is not None:
+        d = cfg.gdn
+        p = "linear_attn."
+        t = {p + "in_proj_qkv.weight.T": w(h, d.conv_dim), p + "in_proj_z.weight.T": w(h, d.value_dim),
+             p + "in_proj_b.weight.T": w(h, d.num_v_heads), p + "in_proj_a.weight.T": w(h, d.num_v_heads),
+             "linear_attn.conv1d.weight": w(d.conv_dim, d.conv_kernel)[:, None, :],
+             "linear_attn.A_log": torch.zeros(d.num_v_heads), "linear_attn.dt_bias": torch.ones(d.num_v_heads).half(),
+             "linear_attn.norm.weight": torch.ones(d.v_head_dim).half(),
+             "linear_attn.out_proj.weight.T": w(d.value_dim, h)}
+    else:
+        m = cfg.mamba
+        t = {"mixer.in_proj.weight.T": w(h, m.inner + m.conv_dim + m.num_heads),
+             "mixer.conv1d.weight": w(m.conv_dim, m.conv_kernel)[:, None, :],
+             "mixer.conv1d.bias": torch.zeros(m.conv_dim).half(), "mixer.A": -torch.ones(m.num_heads),
+             "mixer.D": torch.ones(m.num_heads).half(), "mixer.dt_bias": torch.ones(m.num_heads).half(),
+             "mixer.norm.weight": torch.ones(m.inner).half(), "mixer.out_proj.weight.T": w(m.inner, h)}
+    states = [block.initial_state(cfg, 1, v0_7.BINDINGS)]
+    block.eager(torch.randn(1, s, h, generator=rng), [s], t, {}, cfg, states,
+                [(0, torch.tensor([s], dtype=torch.int32), torch.zeros(0, dtype=torch.int32))])
+    for op_type, attrs in graph.items():
+        assert len(calls[op_type]) == 1, op_type
+        got = calls[op_type][0]
+        assert set(attrs) <= set(got), f"{op_type}: attributes the eager op never receives: {sorted(attrs)}"
+        for name, value in attrs.items():
+            assert got[name] == value, f"{op_type}.{name}: graph {value}, eager {got[name]}"

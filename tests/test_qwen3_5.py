@@ -173,6 +173,25 @@ def test_bad_layer_plan_is_refused(tmp_path, capsys, layer_types, message):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("change, words", [
+    ({"linear_key_head_dim": 64}, ["GatedDeltaNet head dims 64 (key) / 128 (value)", "only 128 / 128"]),
+    ({"linear_conv_kernel_dim": 9}, ["linear_conv_kernel_dim 9", "1..8"]),
+    ({"linear_num_value_heads": 3}, ["linear_num_value_heads (3)", "multiple of linear_num_key_heads (2)"]),
+])
+def test_kernel_shapes_the_runtime_cannot_run_are_refused(tmp_path, capsys, change, words):
+    """GatedDeltaNet dims the 0.7.1 kernels do not have, named with the supported values; exit 2, nothing written."""
+    from edgellm_export.cli import main
+
+    ckpt = save_checkpoint(make_hf_model("qwen3_5_text", seed=1, **QWEN3_5), tmp_path / "ckpt")
+    raw = json.loads((ckpt / "config.json").read_text())
+    raw.update(change)
+    (ckpt / "config.json").write_text(json.dumps(raw))
+    assert main(["-q", "export", str(ckpt), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words) and "config.json" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_quantized_checkpoint_is_refused(tmp_path, capsys):
     from edgellm_export.cli import main
 

@@ -162,3 +162,26 @@ def test_quantized_experts_are_refused_by_name():
     x = g.input("x", FLOAT16, ["b", "s", 128])
     with pytest.raises(UnsupportedError, match=r"layers\.0\.mlp\.experts\.3\.up_proj: quantized MoE experts"):
         moe.emit(e, 0, x)
+
+
+@pytest.mark.parametrize("change, words", [
+    # the config claims more experts than the files hold: the router's shape says so first
+    ({"num_experts": 16}, ["mlp.gate.weight", "[8, 256]", "[16, 256]"]),
+    ({"num_experts_per_tok": 9}, ["num_experts_per_tok (9) exceeds num_experts (8)"]),
+    ({"moe_intermediate_size": 96}, ["experts.0.", "shape"]),
+])
+def test_experts_inconsistent_with_the_config_are_refused(moe_checkpoint, tmp_path, capsys, change, words):
+    """Exit 2, one paragraph naming the file and the problem, nothing written."""
+    import shutil
+
+    from edgellm_export.cli import main
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(moe_checkpoint[0], ckpt)
+    raw = json.loads((ckpt / "config.json").read_text())
+    raw.update(change)
+    (ckpt / "config.json").write_text(json.dumps(raw))
+    assert main(["-q", "export", str(ckpt), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words) and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
