@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--target", required=True, help="platform-matrix target, e.g. x86-cpu or orin-jp6")
     m.add_argument("--out", required=True, type=Path, metavar="DIR", help="pipeline directory")
     m.add_argument("--name", help="case name in the report (default: CHECKPOINT's name @ TARGET)")
-    _export_args(m, release_flag="--release", golden=False, attention=False)
+    _export_args(m, release_flag="--release", golden=False)
     _pipeline_args(m, per_target=False)
 
     q = sub.add_parser("qualify", help="run a SUITE.yaml's cases through make; one aggregated report",
@@ -338,6 +338,8 @@ def _make_or_qualify(args, progress) -> int:
                    "convert_pickle": args.convert_pickle, "unsafe_rope_passthrough": args.unsafe_rope_passthrough}
         if args.components is not None:
             options["components"] = list(args.components)
+        if args.attention != "plugin":
+            options["attention"] = args.attention
         from .checkpoint.hub import parse_checkpoint
 
         checkpoint = parse_checkpoint(args.checkpoint, args.revision)  # a local Path, or a HubId make resolves

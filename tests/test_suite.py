@@ -75,11 +75,12 @@ def test_full_suite(env, monkeypatch):
             skip: no Thor board this week
           - name: vlm-text
             checkpoint: ckpt/llama
-            options: {components: [llm]}
+            options: {components: [llm], attention: native}
         """)
     assert suite.name == "release-0.2" and len(suite.sha256) == 64
     assert [c.name for c in suite.cases] == ["llama@x86-cpu", "llama@orin-jp6", "qwen-neg", "thor-nvfp4", "vlm-text"]
-    assert suite.case("vlm-text").export_options()["components"] == ("llm",)  # a multimodal one's text part
+    vlm = suite.case("vlm-text").export_options()
+    assert vlm["components"] == ("llm",) and vlm["attention"] == "native"  # a multimodal one's text part, plugin-free
     llama = suite.case("llama@orin-jp6")
     assert (llama.target, llama.backend, llama.release, llama.precision) == ("orin-jp6", "trt", "0.7", "fp16")
     assert llama.checkpoint == env / "ckpt" / "llama"

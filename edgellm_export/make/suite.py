@@ -220,6 +220,8 @@ class ExportOptionsSpec(StrictModel):
     convert_pickle: bool = False
     unsafe_rope_passthrough: bool = Field(False, description="the reference exporter's RoPE handling: for "
                                                              "negative controls only")
+    attention: Literal["plugin", "native"] = Field(
+        "plugin", description="native: the plugin-free trt_native_ops form (edgellm export --attention native)")
     components: list[Literal["llm", "visual", "audio"]] | None = Field(
         None, json_schema_extra=no_default,
         description="components to export; default: every component the checkpoint has (an encoder that cannot be "
