@@ -22,6 +22,7 @@ import onnx
 import pytest
 import torch
 from conftest import make_hf_model
+from fixtures.moe_reference import check_twin_against_hf, hf_logits_with_router_margins, softmax_margin
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -394,32 +395,8 @@ def test_exported_stacks_hold_the_checkpoints_integers(kind, checkpoints, tmp_pa
 def hf_per_sequence(model, llm: Path):
     """HF logits per golden step, one sequence at a time, and per (scenario, row) the smallest gap between
     the k-th and (k+1)-th router logit over every token and MoE layer of that sequence."""
-    gaps: list[float] = []
-
-    def hook(module, inputs, output):
-        logits = (output[0] if isinstance(output, tuple) else output).float().sort(dim=-1, descending=True).values
-        gaps.append(float((logits[..., K_TOP - 1] - logits[..., K_TOP]).min()))
-
-    handles = [layer.mlp.gate.register_forward_hook(hook) for layer in model.model.layers if hasattr(layer.mlp, "gate")]
-    meta = json.loads((llm / "golden" / "bundle.json").read_text())
-    logits, margins = {}, {}
-    try:
-        for sc in meta["scenarios"]:
-            for b in range(len(sc["steps"][0]["context_lengths"])):
-                seq, wanted = [], []
-                for i, st in enumerate(sc["steps"]):
-                    seq.extend(st["token_ids"][b][: st["context_lengths"][b] if st["phase"] != "decode" else 1])
-                    wanted.append((i, len(seq) - 1))
-                gaps.clear()
-                with torch.no_grad():
-                    out = model(torch.tensor([seq])).logits[0].float().numpy()
-                margins[(sc["name"], b)] = min(gaps)
-                for i, pos in wanted:
-                    logits[(sc["name"], i, b)] = out[pos]
-    finally:
-        for hd in handles:
-            hd.remove()
-    return logits, margins
+    routers = [layer.mlp.gate for layer in model.model.layers if hasattr(layer.mlp, "gate")]
+    return hf_logits_with_router_margins(model, llm, routers, softmax_margin(K_TOP))
 
 
 NEAR_TIE = 1e-2  # router logits (fp16 in the graph)
@@ -438,8 +415,6 @@ def test_end_to_end_against_hf_on_the_dequantized_weights(kind, norm_topk_prob, 
     while still failing for a real mistake: with the rescale for norm_topk_prob false left out (the plugin
     always renormalises, HF here does not) the cosine drops to 0.9955. TOP1_MARGIN = 0.1 is 3x the largest
     logit error: a closer pair may swap legitimately (one does in the gptq_sym fixture, 0.009 apart)."""
-    from edgellm_validate.cpu_backend import CpuBackend
-    from edgellm_validate.twin import run_twin
     from edgellm_validate.validate import validate_export
 
     ckpt, model = checkpoints(kind, norm_topk_prob)
@@ -462,23 +437,9 @@ def test_end_to_end_against_hf_on_the_dequantized_weights(kind, norm_topk_prob, 
     assert [nd.op_type for nd in graph.node].count("TopK") == (0 if norm_topk_prob else 2)
 
     ref, margins = hf_per_sequence(model, llm)
-    clean = {key for key, gap in margins.items() if gap > NEAR_TIE}
-    assert len(clean) >= len(margins) - 1, f"too many near-tie sequences in this fixture: {margins}"
-    checked, worst = 0, 1.0
-    for s in run_twin(llm, CpuBackend(llm)).steps:
-        for b in range(s.logits.shape[0]):
-            if (s.scenario, b) not in clean:
-                continue
-            want = ref[(s.scenario, s.index, b)][None]
-            cos = float(cosine_rows(s.logits[b : b + 1], want).min())
-            worst = min(worst, cos)
-            assert cos >= 0.9999, f"{s.scenario}[{s.index}] row {b}: cosine {cos}"
-            top2 = np.sort(want[0])[-2:]
-            if top2[1] - top2[0] > TOP1_MARGIN:
-                assert s.logits[b].argmax() == want.argmax(), f"{s.scenario}[{s.index}] row {b}: top-1 differs"
-                checked += 1
-    print(f"\n{kind}: golden cos {res['worst_cosine']:.7f}; HF dequantized reference worst cos {worst:.6f}")
-    assert checked >= 15
+    stats = check_twin_against_hf(llm, ref, margins, near_tie=NEAR_TIE, min_cosine=0.9999, top1_margin=TOP1_MARGIN)
+    print(f"\n{kind}: golden cos {res['worst_cosine']:.7f}; HF dequantized reference worst cos {stats['worst']:.6f}")
+    assert stats["top1"] >= 15
 
 
 # --------------------------------------------------------------------------- bad input

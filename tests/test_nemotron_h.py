@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_hf_model, save_checkpoint
+from fixtures.moe_reference import check_twin_against_hf, hf_logits_with_router_margins, sigmoid_margin
 from onnx import TensorProto
 from onnx import load as onnx_load
 
@@ -53,14 +54,9 @@ def _model(seed=7, **overrides):
 
 def _routing_margin(model, seqs) -> float:
     """Smallest gap between the k-th and (k+1)-th biased router score over `seqs` (HF, fp32)."""
-    k, gaps = NEMOTRON["num_experts_per_tok"], []
-
-    def hook(module, inputs, output):
-        s = (torch.sigmoid(output[0].float()) + module.e_score_correction_bias.float()).sort(-1, True).values
-        gaps.append(float((s[..., k - 1] - s[..., k]).min()))
-
-    handles = [layer.mixer.gate.register_forward_hook(hook) for layer in model.model.layers
-               if hasattr(layer.mixer, "gate")]
+    margin, gaps = sigmoid_margin(NEMOTRON["num_experts_per_tok"]), []
+    handles = [layer.mixer.gate.register_forward_hook(lambda m, i, o: gaps.append(margin(m, o)))
+               for layer in model.model.layers if hasattr(layer.mixer, "gate")]
     with torch.no_grad():
         for seq in seqs:
             model(torch.tensor([seq]))
@@ -92,60 +88,18 @@ def nemotron_export(tmp_path_factory):
 def _hf_per_sequence(model, llm):
     """HF logits for every golden step (full sequences), and per (scenario, row) the smallest gap between
     the k-th and (k+1)-th biased router score over every token and MoE layer."""
-    k = NEMOTRON["num_experts_per_tok"]
-    gaps: list[float] = []
-
-    def hook(module, inputs, output):
-        scores = torch.sigmoid(output[0].float()) + module.e_score_correction_bias.float()
-        s = scores.sort(dim=-1, descending=True).values
-        gaps.append(float((s[..., k - 1] - s[..., k]).min()))
-
-    handles = [layer.mixer.gate.register_forward_hook(hook) for layer in model.model.layers
-               if hasattr(layer.mixer, "gate")]
-    meta = json.loads((llm / "golden" / "bundle.json").read_text())
-    logits, margins = {}, {}
-    try:
-        for sc in meta["scenarios"]:
-            for b in range(len(sc["steps"][0]["context_lengths"])):
-                seq, wanted = [], []
-                for i, st in enumerate(sc["steps"]):
-                    n = st["context_lengths"][b] if st["phase"] != "decode" else 1
-                    seq.extend(st["token_ids"][b][:n])
-                    wanted.append((i, len(seq) - 1))
-                gaps.clear()
-                with torch.no_grad():
-                    out = model(torch.tensor([seq])).logits[0].float().numpy()
-                margins[(sc["name"], b)] = min(gaps)
-                for i, pos in wanted:
-                    logits[(sc["name"], i, b)] = out[pos]
-    finally:
-        for h in handles:
-            h.remove()
-    return logits, margins
+    routers = [layer.mixer.gate for layer in model.model.layers if hasattr(layer.mixer, "gate")]
+    return hf_logits_with_router_margins(model, llm, routers, sigmoid_margin(NEMOTRON["num_experts_per_tok"]))
 
 
 def test_twin_matches_transformers_over_prefill_chunked_prefill_and_decode(nemotron_export):
-    from edgellm_validate.compare import cosine_rows
-    from edgellm_validate.cpu_backend import CpuBackend
-    from edgellm_validate.twin import run_twin
 
     _, model, out = nemotron_export
     llm = out / "llm"
     ref, margins = _hf_per_sequence(model, llm)
-    clean = {key for key, gap in margins.items() if gap > NEAR_TIE}
-    assert len(clean) >= len(margins) - 1, f"too many near-tie sequences in this fixture: {margins}"
-    checked, phases = 0, set()
-    for s in run_twin(llm, CpuBackend(llm)).steps:
-        for b in range(s.logits.shape[0]):
-            if (s.scenario, b) not in clean:
-                continue
-            want = ref[(s.scenario, s.index, b)][None]
-            cos = float(cosine_rows(s.logits[b : b + 1], want).min())
-            assert cos >= 0.999, f"{s.scenario}[{s.index}] ({s.phase}) row {b}: cosine {cos}"
-            assert s.logits[b].argmax() == want.argmax(), f"{s.scenario}[{s.index}] row {b}: top-1 differs"
-            checked += 1
-            phases.add(s.phase)
-    assert checked >= 15 and phases == {"prefill", "chunked_prefill", "decode"}
+    stats = check_twin_against_hf(llm, ref, margins, near_tie=NEAR_TIE, min_cosine=0.999)
+    assert stats["rows"] >= 15 and stats["top1"] == stats["rows"]
+    assert stats["phases"] == {"prefill", "chunked_prefill", "decode"}
 
 
 def test_validate_passes(nemotron_export):

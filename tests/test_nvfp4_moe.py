@@ -26,6 +26,7 @@ import onnx
 import pytest
 import torch
 from conftest import make_hf_model
+from fixtures.moe_reference import check_twin_against_hf, hf_logits_with_router_margins, softmax_margin
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -368,32 +369,8 @@ def test_exported_stacks_hold_the_checkpoints_bits(checkpoint, exported):
 def hf_per_sequence(model, llm: Path):
     """HF logits per golden step, one sequence at a time, and per (scenario, row) the smallest gap between
     the k-th and (k+1)-th router logit over every token and MoE layer of that sequence."""
-    gaps: list[float] = []
-
-    def hook(module, inputs, output):
-        logits = (output[0] if isinstance(output, tuple) else output).float().sort(dim=-1, descending=True).values
-        gaps.append(float((logits[..., K_TOP - 1] - logits[..., K_TOP]).min()))
-
-    handles = [layer.mlp.gate.register_forward_hook(hook) for layer in model.model.layers]
-    meta = json.loads((llm / "golden" / "bundle.json").read_text())
-    logits, margins = {}, {}
-    try:
-        for sc in meta["scenarios"]:
-            for b in range(len(sc["steps"][0]["context_lengths"])):
-                seq, wanted = [], []
-                for i, st in enumerate(sc["steps"]):
-                    seq.extend(st["token_ids"][b][: st["context_lengths"][b] if st["phase"] != "decode" else 1])
-                    wanted.append((i, len(seq) - 1))
-                gaps.clear()
-                with torch.no_grad():
-                    out = model(torch.tensor([seq])).logits[0].float().numpy()
-                margins[(sc["name"], b)] = min(gaps)
-                for i, pos in wanted:
-                    logits[(sc["name"], i, b)] = out[pos]
-    finally:
-        for hd in handles:
-            hd.remove()
-    return logits, margins
+    routers = [layer.mlp.gate for layer in model.model.layers]
+    return hf_logits_with_router_margins(model, llm, routers, softmax_margin(K_TOP))
 
 
 NEAR_TIE = 1e-2  # router logits (fp16 in the graph)
@@ -409,8 +386,6 @@ def test_end_to_end_against_hf_with_fake_quant_experts(checkpoint, exported):
     MoE layer agrees with the fake-quant experts at cosine 0.9997 (test above: 0.9999999 at H 256), but the
     twin's fp16 hidden states differ from HF's fp32 ones by fp16 roundings, and each that crosses an FP4
     rounding boundary moves a code by a whole step. Measured worst 0.9966 over 2 layers."""
-    from edgellm_validate.cpu_backend import CpuBackend
-    from edgellm_validate.twin import run_twin
     from edgellm_validate.validate import validate_export
 
     _, model = checkpoint
@@ -428,24 +403,10 @@ def test_end_to_end_against_hf_with_fake_quant_experts(checkpoint, exported):
     assert cast.op_type == "Cast" and producer[cast.input[0]].op_type == "MatMul"  # fp16 router, then fp32
 
     ref, margins = hf_per_sequence(model, llm)
-    clean = {key for key, gap in margins.items() if gap > NEAR_TIE}
-    assert len(clean) >= len(margins) - 1, f"too many near-tie sequences in this fixture: {margins}"
-    checked, worst = 0, 1.0
-    for s in run_twin(llm, CpuBackend(llm)).steps:
-        for b in range(s.logits.shape[0]):
-            if (s.scenario, b) not in clean:
-                continue
-            want = ref[(s.scenario, s.index, b)][None]
-            cos = float(cosine_rows(s.logits[b : b + 1], want).min())
-            worst = min(worst, cos)
-            assert cos >= 0.995, f"{s.scenario}[{s.index}] row {b}: cosine {cos}"
-            top2 = np.sort(want[0])[-2:]
-            if top2[1] - top2[0] > TOP1_MARGIN:
-                assert s.logits[b].argmax() == want.argmax(), f"{s.scenario}[{s.index}] row {b}: top-1 differs"
-                checked += 1
-    print(f"\nnvfp4 moe: golden cos {res['worst_cosine']:.7f}; HF fake-quant reference worst cos {worst:.6f}, "
-          f"{checked} top-1 checked")
-    assert checked >= 15
+    stats = check_twin_against_hf(llm, ref, margins, near_tie=NEAR_TIE, min_cosine=0.995, top1_margin=TOP1_MARGIN)
+    print(f"\nnvfp4 moe: golden cos {res['worst_cosine']:.7f}; HF fake-quant reference worst cos {stats['worst']:.6f}, "
+          f"{stats['top1']} top-1 checked")
+    assert stats["top1"] >= 15
 
 
 # --------------------------------------------------------------------------- bad input
