@@ -90,7 +90,7 @@ def _one_torch_thread():
     cache-sized block at a time), so a second OpenMP thread mostly spins at barriers: measured on
     the 1B shape it added ~40% CPU for no wall-time gain, and on a machine whose other core is
     busy those spinning barriers multiplied the export's time. The second core goes to the
-    writer and hasher threads (stream_writer.py) instead. Results are bit-identical either way
+    writer thread (stream_writer.py), which writes and hashes, instead. Results are bit-identical either way
     (tests pin the golden)."""
     import torch
 
