@@ -53,7 +53,7 @@ def test_a_write_error_reaches_the_producer_with_the_path(tmp_path, monkeypatch)
     assert len(calls) == 1  # nothing was written after the failure
     with pytest.raises(OSError, match="No space left"):  # finish drains, stops both threads, raises it too
         w.finish()
-    assert not w._thread.is_alive()
+    assert not any(t.is_alive() for t in w._threads)
 
 
 def test_files_opened_one_after_another_keep_their_own_digests(tmp_path):
