@@ -160,14 +160,6 @@ class ModelConfig:
     def is_hybrid(self) -> bool:
         return bool(self.recurrent_layers)
 
-    def attention_ordinal(self, i: int) -> int:
-        """Layer i's index among the attention layers: its KV cache binding's number."""
-        return self.attention_layers.index(i)
-
-    def recurrent_ordinal(self, i: int) -> int:
-        """Layer i's index among the recurrent layers: its conv / recurrent state bindings' number."""
-        return self.recurrent_layers.index(i)
-
     def is_moe_layer(self, i: int) -> bool:
         """Qwen3-MoE's layer plan (families.md §2.1): layer i's MLP is sparse iff it is not in
         `mlp_only_layers` and (i + 1) is a multiple of `decoder_sparse_step`."""

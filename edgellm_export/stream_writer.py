@@ -72,7 +72,7 @@ class StreamWriter:
 
     def close(self, handle: int, size: int | None = None) -> None:
         """Close the file after everything queued for it (truncated or extended to `size`, if given)."""
-        self._writes.put((handle, size, _CLOSE, [2]))
+        self._writes.put((handle, size, _CLOSE, [2 if self._files[handle].sha is not None else 1]))
 
     def finish(self) -> None:
         """Wait for every queued write and hash, close what is still open, raise the first error."""

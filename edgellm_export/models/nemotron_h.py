@@ -11,7 +11,7 @@ shared blocks (models/blocks/) read them unchanged.
 from edgellm_core.errors import UnsupportedError
 
 from ..config import ATTENTION, NONE, ModelConfig
-from .registry import Family, register
+from .registry import Family, is_quantized, register
 
 # Tensor names a quantized linear (or KV cache) carries beside its weight, in the formats the plan reads.
 QUANT_SUFFIXES = (".weight_scale", ".weight_scale_2", ".input_scale", ".output_scale", ".pre_quant_scale",
@@ -27,7 +27,7 @@ def prepare(ckpt, cfg: ModelConfig) -> None:
     # Quantized checkpoints: NVFP4 routed experts only (Nvfp4MoePlugin, blocks/sigmoid_moe_nvfp4.py); the
     # Mamba2, attention, dense MLP, shared-expert and router projections must be unquantized (their quantized
     # paths are not validated for this family), so their scales are refused here, by name.
-    if ckpt.config.get("quantization_config") or (ckpt.path / "hf_quant_config.json").exists():
+    if is_quantized(ckpt):
         odd = _quantized_outside_experts(ckpt)
         if odd:
             raise UnsupportedError(

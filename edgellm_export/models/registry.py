@@ -27,9 +27,14 @@ class Family:
 FAMILIES: dict[str, Family] = {}
 
 
+def is_quantized(ckpt: Checkpoint) -> bool:
+    """The checkpoint carries quantization metadata (embedded, or ModelOpt's hf_quant_config.json)."""
+    return bool(ckpt.config.get("quantization_config")) or (ckpt.path / "hf_quant_config.json").exists()
+
+
 def refuse_quantized(ckpt: Checkpoint, family: str) -> None:
     """For families whose quantized paths are not built yet: refuse any quantization metadata up front."""
-    if ckpt.config.get("quantization_config") or (ckpt.path / "hf_quant_config.json").exists():
+    if is_quantized(ckpt):
         raise UnsupportedError(f"quantized {family} checkpoints are not supported yet; export the FP16/BF16 one",
                                ckpt.config_path)
 
