@@ -13,8 +13,10 @@
 # used for this step only, never copied into the final image), SYSTEM_SITE_PACKAGES=1 (see the base image's
 # tensorrt / numpy / torch; the TensorRT images), NUMPY_VERSION, ONNX_VERSION, ONNXRUNTIME_VERSION,
 # ML_DTYPES_VERSION (exact pins; empty: the requirements' lower bounds), EXTRA_PIP (more requirements,
-# e.g. pycuda), REQUIRE_TENSORRT=1 (fail unless `tensorrt` comes from the base image), NO_TORCH=1 (fail if
-# torch is importable: the CPU image must stay small).
+# e.g. pycuda), REQUIRE_TENSORRT=1 (fail unless `tensorrt` comes from the base image), TENSORRT_RANGE=LOW,HIGH
+# (e.g. 10.15,11.0: fail unless the base image's tensorrt package says LOW <= version < HIGH; read from its
+# metadata, since nothing can be imported from TensorRT without a GPU; a tensorrt without metadata is left
+# to the smoke check), NO_TORCH=1 (fail if torch is importable: the CPU image must stay small).
 set -eu
 SRC=${SRC:-/src}
 VENV=${VENV:-/opt/edgellm/venv}
@@ -73,6 +75,29 @@ if os.path.realpath(spec.origin).startswith(os.path.realpath(sys.argv[1]) + os.s
     sys.exit(f"install_validate.sh: tensorrt was installed into the virtualenv ({spec.origin}); it must come "
              "from the base image, matching the TensorRT the plugin library is built against")
 print(f"tensorrt from the base image: {spec.origin}")
+PY
+    fi
+    if [ -n "${TENSORRT_RANGE:-}" ]; then
+        "$py" - "$TENSORRT_RANGE" <<'PY'
+import importlib.metadata as md, sys
+low, high = (tuple(int(x) for x in part.split(".")) for part in sys.argv[1].split(","))
+found = None
+for dist in ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt_libs"):
+    try:
+        found = (dist, md.version(dist))
+        break
+    except md.PackageNotFoundError:
+        continue
+if found is None:
+    print("install_validate.sh: the base image's tensorrt has no package metadata; the smoke check reads its version")
+    sys.exit(0)
+have = tuple(int(p) for p in found[1].split(".")[:2] if p.isdigit())
+span = f"TensorRT {'.'.join(map(str, low))} up to, not including, {'.'.join(map(str, high))}"
+if not low <= have < high:
+    sys.exit(f"install_validate.sh: the base image has TensorRT {found[1]} ({found[0]}), but this image needs "
+             f"{span} (the Edge-LLM release's plugin library, or, for a plugin-free image, TensorRT's native "
+             "RotaryEmbedding / TensorScatter / Attention); choose a base image with a TensorRT in that range")
+print(f"TensorRT {found[1]}: within {span}")
 PY
     fi
     "$py" -m edgellm_validate.smoke --versions-only >"$SHARE/versions.json"

@@ -2,11 +2,14 @@
 
 `python -m edgellm_validate.smoke [--target NAME] [--plugin PATH] [--json]` prints the versions that matter
 (python, numpy, onnx, onnxruntime, tensorrt and where it comes from), imports the validation path, and on a
-TensorRT target loads the Edge-LLM plugin library, checks that it registers every plugin an export can contain
-(AttentionPlugin, Int4GroupwiseGemmPlugin, the hybrids' ops: trt/plugin.exported_plugins), and checks
-the GPU's SM against the target (the CUDA driver API through ctypes, nvidia-smi as a fallback). When all of
-that holds it builds a one-layer engine from a graph made on the spot and runs a prefill and decode steps
-through it, against the CPU twin (smoke_engine.py; `--no-engine` skips it). It exits 1 with every problem
+TensorRT target checks TensorRT's version against what the Edge-LLM release works with, loads the Edge-LLM
+plugin library, checks that it registers every plugin an export can contain (AttentionPlugin,
+Int4GroupwiseGemmPlugin, the hybrids' ops: trt/plugin.exported_plugins), and checks the GPU's SM against the
+target (the CUDA driver API through ctypes, nvidia-smi as a fallback). When all of that holds it builds a
+one-layer engine from a graph made on the spot and runs a prefill and decode steps through it, against the
+CPU twin (smoke_engine.py; `--no-engine` skips it). A plugin-free target (platforms.json `plugin: false`)
+has no plugin library to load: its TensorRT must be 10.15 or later, any SM it lists will do (TensorRT's own
+attention, not the plugin's kernels), and its one-layer engine is the plugin-free graph. It exits 1 with every problem
 listed when the image cannot serve the target, so a wrong image or machine fails in seconds instead of
 after a model's engine build. The last output line is `EDGELLM_SMOKE_JSON {...}` for the host
 (`edgellm_export.make.containers.smoke`). `--versions-only` prints just the versions as JSON (used at
@@ -118,9 +121,10 @@ def sm_problems(target, sm: int) -> list[str]:
     if target.sm is not None and SM_RENUMBER.get(sm, sm) != SM_RENUMBER.get(target.sm, target.sm):
         problems.append(f"the GPU is SM {sm}, but target {target.name} is SM {target.sm}")
     elif target.sm is None and target.sm_choices and sm not in target.sm_choices:
-        problems.append(f"the GPU is SM {sm}; target {target.name}'s plugin library is built for SM "
+        built = "'s plugin library is built" if target.plugin else " is meant"
+        problems.append(f"the GPU is SM {sm}; target {target.name}{built} for SM "
                         f"{', '.join(map(str, target.sm_choices))}")
-    if not decode_attention_supported(sm):
+    if target.plugin and not decode_attention_supported(sm):
         problems.append(f"SM {sm} is not supported by Edge-LLM's decode attention kernels")
     return problems
 
@@ -156,7 +160,7 @@ def run_smoke(target_name: str | None = None, *, plugin_path: str | None = None,
     if target is not None and target.backend == "trt":
         _smoke_trt(target, plugin_path, report, problems)
         if engine_check and not problems:  # everything it needs is there: build and run a one-layer engine
-            _smoke_engine(plugin_path, report, problems)
+            _smoke_engine(plugin_path if target.plugin else None, report, problems, native=not target.plugin)
     report["problems"] = problems
     report["ok"] = not problems
     return report
@@ -171,6 +175,15 @@ def _smoke_trt(target, plugin_path, report: dict, problems: list[str]) -> None:
     except Exception as e:
         problems.append(f"tensorrt does not import ({e}); the image must provide TensorRT for {target.name}")
     if trt is not None:
+        from .trt.trt_api import check_tensorrt_version
+
+        try:
+            check_tensorrt_version(trt, report.get("edgellm_release"), native=not target.plugin)
+        except Exception as e:
+            problems.append(e.paragraph() if hasattr(e, "paragraph") else str(e))
+    if trt is not None and not target.plugin:  # a plugin-free image: nothing to load, nothing to look up
+        report["plugin"] = None
+    elif trt is not None:
         try:
             from .trt import plugin as plugin_mod
 
@@ -197,8 +210,9 @@ def _open_device():
     return PycudaDevice(0)
 
 
-def _smoke_engine(plugin_path, report: dict, problems: list[str]) -> None:
-    """smoke_engine.py: build a one-layer engine and run a prefill and decode steps on this GPU."""
+def _smoke_engine(plugin_path, report: dict, problems: list[str], *, native: bool = False) -> None:
+    """smoke_engine.py: build a one-layer engine (the plugin-free graph when `native`) and run a prefill and
+    decode steps on this GPU."""
     import tempfile
 
     import tensorrt as trt
@@ -207,7 +221,8 @@ def _smoke_engine(plugin_path, report: dict, problems: list[str]) -> None:
 
     try:
         with tempfile.TemporaryDirectory(prefix="edgellm-smoke-") as work:
-            result = run_engine_check(Path(work), plugin_path=plugin_path, device=_open_device(), trt=trt)
+            result = run_engine_check(Path(work), plugin_path=plugin_path, device=_open_device(), trt=trt,
+                                      native=native)
     except Exception as e:  # a build or run failure is exactly what this check is for: report it
         message = e.paragraph() if hasattr(e, "paragraph") else f"{type(e).__name__}: {e}"
         problems.append(f"the one-layer engine check failed: {message}")

@@ -98,7 +98,7 @@ def decode_attention_supported(sm: int) -> bool:
 class Target:
     name: str
     description: str
-    backend: str  # "cpu": onnxruntime twin only; "trt": TensorRT engine with the Edge-LLM plugin
+    backend: str  # "cpu": onnxruntime twin only; "trt": TensorRT engine (with the Edge-LLM plugin unless not `plugin`)
     arch: str
     support: str
     base_image: str | None
@@ -111,6 +111,7 @@ class Target:
     precisions: frozenset[str] | None = None  # None: decided by the SM
     plugin_build: dict = field(default_factory=dict)
     notes: str = ""
+    plugin: bool = True  # False: an image without the Edge-LLM plugin library, for plugin-free exports only
 
     def image(self, override: str | None = None) -> str:
         """The base image to use: the override, else the matrix's default."""
@@ -170,6 +171,8 @@ class TargetSpec(StrictModel):
     precisions: list[Literal[PRECISIONS]] | None = Field(None, description="null: decided by the GPU's SM")
     plugin_build: dict[str, str | int] = Field(default_factory=dict, description="Dockerfile.tensorrt build args "
                                                                                  "of the plugin library")
+    plugin: bool = Field(True, description="false: a TensorRT target whose image has no Edge-LLM plugin library; "
+                                           "it runs only plugin-free exports (edgellm export --attention native)")
     notes: str = ""
 
     def target(self, name: str) -> Target:
@@ -180,7 +183,7 @@ class TargetSpec(StrictModel):
                       sm=self.sm, sm_choices=tuple(self.sm_choices), tensorrt=self.tensorrt, cuda=self.cuda,
                       docker_run=dict(self.docker_run),
                       precisions=None if self.precisions is None else frozenset(self.precisions),
-                      plugin_build=dict(self.plugin_build), notes=self.notes)
+                      plugin_build=dict(self.plugin_build), notes=self.notes, plugin=self.plugin)
 
 
 class PlatformMatrix(StrictModel):
@@ -443,9 +446,15 @@ def target_refusals(target: Target, features: ExportFeatures, *, sm: int | None 
         return reasons, report
 
     # GPU targets
+    reasons += export_form_problems(target, features.native, features.custom_ops)
     if sm is not None and target.sm is not None and SM_RENUMBER.get(sm, sm) != SM_RENUMBER.get(target.sm, target.sm):
         reasons.append(f"this machine's GPU is SM {sm}, but target {target.name} is SM {target.sm}; engines are "
                        "built where they run")
+    if sm is not None and target.sm is None and target.sm_choices and sm not in target.sm_choices:
+        hint = (" (a plugin-free export runs on other GPUs through a target without the plugin library, e.g. "
+                "x86-cuda-native)" if features.native and target.plugin else "")
+        reasons.append(f"this machine's GPU is SM {sm}, but target {target.name} is meant for SM "
+                       f"{', '.join(map(str, target.sm_choices))}, as its smoke check requires" + hint)
     eff_sm = target.sm if target.sm is not None else sm
     report.sm = eff_sm
     if features.native:
@@ -470,12 +479,25 @@ def target_refusals(target: Target, features: ExportFeatures, *, sm: int | None 
             and features.num_key_value_heads:
         reasons += kernel_problems(features.head_dim, features.num_attention_heads, features.num_key_value_heads)
     _plugin_sms(features, eff_sm, reasons, report)
-    if "nvfp4" in features.precisions and (target.tensorrt or "").startswith("10.15"):
-        report.warnings.append("TensorRT 10.15 has a known NVFP4 accuracy degradation (use 10.13.3.9)")
+    if "nvfp4" in features.precisions and ((target.tensorrt or "").startswith("10.15")
+                                           or (features.native and target.tensorrt is None)):
+        report.warnings.append("NVIDIA lists an NVFP4 accuracy degradation with TensorRT 10.15 (Edge-LLM's known "
+                               "limitations; 10.13.3.9 is unaffected)")
     if target.support and not target.support.startswith(("official", "developer", "local")):
         report.warnings.append(f"{target.name}'s Edge-LLM support level is {target.support!r}: the plugin build "
                                "and engine are less proven there")
     return reasons, report
+
+
+def export_form_problems(target: Target, native: bool, custom_ops=()) -> list[str]:
+    """Why `target` cannot take an export of this form: a plugin-free target (no Edge-LLM plugin library in
+    its image) takes only plugin-free exports. Checked before an export is made too (make, qualify)."""
+    if target.backend != "trt" or target.plugin or native:
+        return []
+    ops = sorted({op for domain, op in custom_ops if domain == "trt_edgellm"}) or ["AttentionPlugin"]
+    return [f"target {target.name} has no Edge-LLM plugin library: it runs only plugin-free exports, and this "
+            f"export's graph needs the plugin ({', '.join(ops)}); export it with --attention native (a suite "
+            "case: options: {attention: native}), or validate it on a target with the plugin"]
 
 
 def _plugin_sms(features: ExportFeatures, sm: int | None, reasons: list[str], report: CapabilityReport) -> None:

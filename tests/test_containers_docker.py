@@ -156,7 +156,8 @@ def test_tampered_export_is_refused_in_the_container(client, image, export, tmp_
 
 # ---------------------------------------------------------------- containers/Dockerfile.tensorrt, for real
 
-FAKE_TRT = '''__version__ = "10.13.3.9"
+STAND_IN_TRT_VERSION = "10.15.1.29"  # in both images' ranges: the plugin's [10.3, 11), the plugin-free [10.15, 11)
+FAKE_TRT = f'''__version__ = "{STAND_IN_TRT_VERSION}"
 class _Registry:
     def get_creator(self, name, version, namespace):
         return object()
@@ -214,22 +215,32 @@ def stand_in_upstream(tmp_path):
         daemon.wait(timeout=10)
 
 
-def test_tensorrt_dockerfile_builds_with_a_stand_in_upstream(client, base_image, stand_in_upstream, tmp_path):
+@pytest.fixture(scope="module")
+def stand_in_trt_base(client, base_image, tmp_path_factory):
+    """A base image with a stand-in `tensorrt` module where JetPack / NGC images keep theirs, and the package
+    metadata pip would have left (the image build checks the version from it)."""
+    ctx = tmp_path_factory.mktemp("stand-in-trt-base")
+    (ctx / "tensorrt.py").write_text(FAKE_TRT)
+    (ctx / "METADATA").write_text(f"Metadata-Version: 2.1\nName: tensorrt\nVersion: {STAND_IN_TRT_VERSION}\n")
+    site = "/usr/lib/python3/dist-packages"
+    (ctx / "Dockerfile").write_text(
+        f"FROM {base_image}\n"
+        "RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv "
+        "&& rm -rf /var/lib/apt/lists/*\n"
+        f"COPY tensorrt.py {site}/tensorrt/__init__.py\n"
+        f"COPY METADATA {site}/tensorrt-{STAND_IN_TRT_VERSION}.dist-info/METADATA\n")
+    tag = "edgellm-test:stand-in-tensorrt-base"
+    client.images.build(path=str(ctx), tag=tag, network_mode="host", rm=True, forcerm=True)
+    return tag
+
+
+def test_tensorrt_dockerfile_builds_with_a_stand_in_upstream(client, stand_in_trt_base, stand_in_upstream, tmp_path):
     """Everything of containers/Dockerfile.tensorrt but NVIDIA's bits: the base image gets a stand-in `tensorrt`
     module, the upstream a stand-in CMake project; the clone by tag + commit pin, the CMake flags, the venv
     over the base image's packages, the final stage's layout, labels and environment, and the smoke check
     (which must then fail only for want of a GPU) are real."""
     url, commit = stand_in_upstream
-    ctx = tmp_path / "base"
-    ctx.mkdir()
-    (ctx / "tensorrt.py").write_text(FAKE_TRT)
-    (ctx / "Dockerfile").write_text(
-        f"FROM {base_image}\n"
-        "RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv "
-        "&& rm -rf /var/lib/apt/lists/*\n"
-        "COPY tensorrt.py /usr/lib/python3/dist-packages/tensorrt/__init__.py\n")
-    fake_base = "edgellm-test:stand-in-tensorrt-base"
-    client.images.build(path=str(ctx), tag=fake_base, network_mode="host", rm=True, forcerm=True)
+    fake_base = stand_in_trt_base
     ca = os.environ.get(C.CA_ENV) or (SYSTEM_CA if Path(SYSTEM_CA).is_file() else None)
     info = C.build_image("x86-cuda", base_image=fake_base, ca_bundle=ca, tag="edgellm-test:stand-in-x86-cuda",
                          client=client, extra_build_args={"EDGELLM_REPO": url, "EDGELLM_COMMIT": commit,
@@ -248,8 +259,9 @@ def test_tensorrt_dockerfile_builds_with_a_stand_in_upstream(client, base_image,
     from edgellm_validate.smoke import MARKER
 
     report = json.loads(marker[len(MARKER):])
-    assert report["tensorrt"] == {"version": "10.13.3.9",
+    assert report["tensorrt"] == {"version": STAND_IN_TRT_VERSION,
                                   "origin": "/usr/lib/python3/dist-packages/tensorrt/__init__.py"}
+    assert labels["io.edgellm.plugin"] == "edgellm"
     from edgellm_validate.trt.plugin import exported_plugins
 
     assert report["plugin"] == {"path": plugin_path, "source": "EDGELLM_PLUGIN_PATH", "attention_plugin": True,
@@ -258,6 +270,35 @@ def test_tensorrt_dockerfile_builds_with_a_stand_in_upstream(client, base_image,
     # and with the target's GPU options, a docker host without the NVIDIA toolkit is told so
     with pytest.raises(C.ContainerFailed, match="NVIDIA Container Toolkit"):
         C.smoke("x86-cuda", info["tag"], client=client)
+
+
+def test_plugin_free_image_has_no_plugin_and_checks_tensorrt(client, stand_in_trt_base):
+    """x86-cuda-native: the same Dockerfile stopped at its `native` stage. No upstream clone (no git daemon is
+    even running), no plugin library or its variables; the smoke check asks nothing of a plugin and fails only
+    for want of a GPU. A base image whose TensorRT is outside the range fails the build, saying so."""
+    ca = os.environ.get(C.CA_ENV) or (SYSTEM_CA if Path(SYSTEM_CA).is_file() else None)
+    info = C.build_image("x86-cuda-native", base_image=stand_in_trt_base, ca_bundle=ca,
+                         tag="edgellm-test:stand-in-x86-cuda-native", client=client,
+                         extra_build_args={"WITH_PYCUDA": "0"})
+    print(f"[containers] plugin-free stand-in TensorRT image built in {info['seconds']} s")
+    labels = info["labels"]
+    assert labels["io.edgellm.target"] == "x86-cuda-native" and labels["io.edgellm.plugin"] == "none"
+    assert not any(k.startswith(("io.edgellm.upstream", "io.edgellm.plugin.")) for k in labels), labels
+    assert labels["io.edgellm.sm"] == "80,86,89,90,100,103,120"
+    script = ("ls /opt/edgellm/lib 2>/dev/null | wc -l; echo \"plugin=$EDGELLM_PLUGIN_PATH\"; "
+              "python -m edgellm_validate.smoke --json || true")
+    out = client.containers.run(info["tag"], ["sh", "-c", script], remove=True, network_mode="none").decode()
+    libs, plugin_env, marker = out.strip().splitlines()[-3:]
+    assert libs == "0" and plugin_env == "plugin="
+    from edgellm_validate.smoke import MARKER
+
+    report = json.loads(marker[len(MARKER):])
+    assert report["target"] == "x86-cuda-native" and report["plugin"] is None
+    assert report["tensorrt"]["version"] == STAND_IN_TRT_VERSION
+    assert report["problems"] == [report["gpu_query"]] and "no GPU visible" in report["gpu_query"]
+    with pytest.raises(C.ImageBuildError, match=rf"has TensorRT {STAND_IN_TRT_VERSION} .*10\.16 up to"):
+        C.build_image("x86-cuda-native", base_image=stand_in_trt_base, ca_bundle=ca, tag="edgellm-test:too-old",
+                      client=client, extra_build_args={"WITH_PYCUDA": "0", "TENSORRT_RANGE": "10.16,11.0"})
 
 
 def test_edgellm_make_validates_inside_the_image_it_built(base_image, tmp_path):

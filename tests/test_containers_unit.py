@@ -4,6 +4,7 @@ calls of build_image / smoke / run_validate against a fake client."""
 from __future__ import annotations
 
 import gzip
+import inspect
 import io
 import json
 import os
@@ -21,7 +22,8 @@ from edgellm_validate import smoke as S
 from edgellm_validate.targets import TargetError, TargetRefusal, get_target, load_platforms
 
 ROOT = Path(__file__).resolve().parents[1]
-TRT_TARGETS = ["x86-cuda", "orin-jp6", "orin-jp7", "thor-jp7", "drive-thor"]
+TRT_TARGETS = ["x86-cuda", "orin-jp6", "orin-jp7", "thor-jp7", "drive-thor"]  # with the plugin library
+PLUGIN_FREE_TARGETS = ["x86-cuda-native"]
 BASES = {"drive-thor": "example.com/driveos-sdk:7.2"}  # the matrix has no public DriveOS image
 CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n"
 TRUST_VARS = (C.CA_ENV, "PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
@@ -132,18 +134,33 @@ def dockerfile_args(path: Path) -> tuple[set[str], set[str]]:
 
 def test_dockerfile_per_target_and_files_exist():
     assert C.dockerfile_for("x86-cpu") == "Dockerfile"
-    for name in TRT_TARGETS:
+    for name in TRT_TARGETS + PLUGIN_FREE_TARGETS:
         assert C.dockerfile_for(name) == "containers/Dockerfile.tensorrt"
-    assert set(load_platforms()) == {"x86-cpu", *TRT_TARGETS}
+    assert set(load_platforms()) == {"x86-cpu", *TRT_TARGETS, *PLUGIN_FREE_TARGETS}
+    assert [n for n, t in load_platforms().items() if t.backend == "trt" and not t.plugin] == PLUGIN_FREE_TARGETS
     for rel in ("Dockerfile", "containers/Dockerfile.tensorrt", "containers/install_validate.sh",
                 "containers/build_edgellm_plugin.sh", "containers/requirements-validate.txt", ".dockerignore"):
         assert (ROOT / rel).is_file(), rel
 
 
-@pytest.mark.parametrize("name", ["x86-cpu", *TRT_TARGETS])
-def test_build_args_are_declared_by_the_dockerfile(name):
+def dockerfile_stages(path: Path, upto: str | None) -> str:
+    """The Dockerfile's text up to the end of stage `upto` (None: all of it): what the legacy builder runs for
+    `--target upto` (it builds every stage before the target, needed or not)."""
+    text = path.read_text()
+    if upto is None:
+        return text
+    start = re.search(rf"^FROM \S+ AS {upto}\s*$", text, re.M)
+    assert start, upto
+    after = re.search(r"^FROM ", text[start.end():], re.M)
+    return text[: start.end() + (after.start() if after else len(text) - start.end())]
+
+
+@pytest.mark.parametrize("name", ["x86-cpu", *TRT_TARGETS, *PLUGIN_FREE_TARGETS])
+def test_build_args_are_declared_by_the_dockerfile(name, tmp_path):
     args = C.build_args(name, base_image=BASES.get(name), ca_context_path=C.CA_CONTEXT_PATH)
-    declared, used = dockerfile_args(ROOT / C.dockerfile_for(name))
+    built = tmp_path / "Dockerfile"  # the stages this target's build runs
+    built.write_text(dockerfile_stages(ROOT / C.dockerfile_for(name), C.build_stage(name)))
+    declared, used = dockerfile_args(built)
     assert set(args) <= declared, set(args) - declared  # docker ignores unknown build args silently
     runtime_env = {"PATH", "LD_LIBRARY_PATH", "extra", "ca", "SRC", "VENV"}
     assert used - declared <= runtime_env, used - declared - runtime_env
@@ -182,6 +199,49 @@ def test_trt_build_args(name, embedded, arch, ctk, cute):
     assert args.get("ENABLE_CUTE_DSL") == cute
     assert args["BASE_IMAGE"] == (BASES.get(name) or get_target(name).base_image)
     assert "CUDA_VERSION" not in args  # Edge-LLM rejects -DCUDA_VERSION
+
+
+def test_plugin_free_build_args_and_stage():
+    """x86-cuda-native: the `native` stage, none of the plugin's build args, and TensorRT 10.15 up to 11 checked
+    against the base image (the plugin images check the plugin's own range)."""
+    args = C.build_args("x86-cuda-native")
+    assert C.build_stage("x86-cuda-native") == "native" and C.build_stage("x86-cuda") is None
+    assert C.build_stage("x86-cpu") is None
+    assert not {"EDGELLM_REPO", "EDGELLM_TAG", *C.PLUGIN_BUILD_ARGS} & set(args)
+    assert args["TENSORRT_RANGE"] == "10.15,11.0" and C.build_args("x86-cuda")["TENSORRT_RANGE"] == "10.3,11.0"
+    assert args["EXPECTED_SM"] == "80,86,89,90,100,103,120"  # SM 90 included: no decode-attention kernels needed
+    assert "90" not in C.build_args("x86-cuda")["EXPECTED_SM"].split(",")
+    stages = "\n".join(line for line in dockerfile_stages(ROOT / C.TRT_DOCKERFILE, "native").splitlines()
+                        if not line.lstrip().startswith("#"))
+    assert "AS plugin" not in stages and "--from=plugin" not in stages and "build_edgellm_plugin" not in stages
+    assert "EDGELLM_PLUGIN_PATH" not in stages and 'io.edgellm.plugin="none"' in stages
+    assert 'TENSORRT_RANGE="$TENSORRT_RANGE"' in stages  # reaches install_validate.sh
+
+
+@pytest.mark.parametrize("version,ok", [("10.15.1.29", True), ("10.16.0", True), ("10.13.3.9", False),
+                                        ("11.0.0.3", False), (None, True)])
+def test_install_script_checks_the_base_images_tensorrt(version, ok, tmp_path):
+    """install_validate.sh package's TENSORRT_RANGE check, run on its own: a python whose `tensorrt` package
+    metadata says `version` (None: no metadata, left to the smoke check)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    if version:
+        dist = site / f"tensorrt-{version}.dist-info"
+        dist.mkdir()
+        (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: tensorrt\nVersion: {version}\n")
+    script = (ROOT / "containers/install_validate.sh").read_text()
+    check = script[script.index('    if [ -n "${TENSORRT_RANGE:-}" ]; then'):]
+    check = check[: check.index("\n    fi\n") + len("\n    fi\n")]
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(site), "TENSORRT_RANGE": "10.15,11.0",
+           "PYTHONNOUSERSITE": "1"}
+    r = subprocess.run(["sh", "-c", f"py={sys.executable} ; set -eu\n{check}"], capture_output=True, text=True,
+                       env=env, cwd=tmp_path)
+    if version is not None and not ok:
+        assert r.returncode != 0 and f"has TensorRT {version}" in r.stderr and "10.15 up to, not including, 11.0" \
+            in r.stderr, r.stderr
+    else:
+        assert r.returncode == 0, r.stderr
+        assert ("within" if version else "no package metadata") in r.stdout
 
 
 def test_dockerfiles_default_version_is_the_packages():
@@ -583,3 +643,39 @@ def test_docker_host_without_nvidia_runtime(demo_export, tmp_path):
     with pytest.raises(C.ContainerFailed, match="cannot start the validate container.*NVIDIA Container Toolkit"):
         C.run_validate("x86-cuda", "img", demo_export, tmp_path / "v.json", backend="trt", client=client)
     assert client.created[0].removed
+
+
+def test_plugin_free_image_builds_the_native_stage():
+    pytest.importorskip("docker")
+    import docker
+
+    client = FakeClient()
+    info = C.build_image("x86-cuda-native", base_image="b:1", tag="t:native", client=client, ca_bundle=None)
+    C.build_image("x86-cuda", base_image="b:1", tag="t:plugin", client=client, ca_bundle=None)
+    native, plugin = client.build_calls
+    assert native["target"] == "native" and "target" not in plugin and info["stage"] == "native"
+    assert native["dockerfile"] == plugin["dockerfile"] == C.TRT_DOCKERFILE
+    # every keyword passed is one the real docker SDK's build takes
+    real = inspect.signature(docker.APIClient.build).parameters
+    for call in (native, plugin):
+        assert set(call) <= set(real), set(call) - set(real)
+
+
+def test_hil_workflow_rows_name_real_targets_suites_and_cases(monkeypatch, tmp_path):
+    """Each row of .github/workflows/hil-jetson.yml: a matrix target, a suite that has cases for it (plugin
+    exports only where the image has the plugin), a TensorRT test case from that suite, its GPU flags."""
+    yaml = pytest.importorskip("yaml")
+    from edgellm_export.make.suite import load_suite
+
+    monkeypatch.setenv("EDGELLM_CHECKPOINTS", str(tmp_path))
+    workflow = yaml.safe_load((ROOT / ".github/workflows/hil-jetson.yml").read_text())
+    rows = workflow["jobs"]["qualify"]["strategy"]["matrix"]["include"]
+    assert {r["target"] for r in rows} == {"orin-jp6", "thor-jp7", "x86-cuda-native"}
+    for row in rows:
+        t = get_target(row["target"])
+        cases = [c for c in load_suite(ROOT / row["suite"], check_paths=False).cases if c.target == t.name]
+        assert cases, row
+        assert f"{row['trt_case']}@{t.name}" in {c.name for c in cases}, row
+        if not t.plugin:
+            assert all(c.export_options().get("attention") == "native" for c in cases), row
+        assert row["gpu_flags"] == ("--runtime nvidia" if t.arch == "aarch64" else "--gpus all")

@@ -221,6 +221,20 @@ def test_refusals_before_any_work(ckpt, tmp_path, fake, capsys, monkeypatch):
     assert main(["validate", str(out / "export"), "--plugin", "/x.so"]) == 2
 
 
+def test_plugin_free_target_refuses_a_plugin_export_before_any_work(ckpt, tmp_path, fake, capsys):
+    """x86-cuda-native's image has no plugin library: a plugin export for it is refused before it is made
+    (exit 2, nothing written), and `edgellm validate --target` refuses an existing one the same way."""
+    out = tmp_path / "DIR"
+    assert main(["-q", "make", str(ckpt), "--target", "x86-cuda-native", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "x86-cuda-native has no Edge-LLM plugin library" in err and "--attention native" in err
+    assert not out.exists() and fake.calls == []
+    plugin_export = tmp_path / "plugin-export"
+    assert main(["-q", "export", str(ckpt), str(plugin_export), "--no-golden"]) == 0
+    assert main(["validate", str(plugin_export), "--target", "x86-cuda-native"]) == 2
+    assert "needs the plugin (AttentionPlugin)" in capsys.readouterr().err
+
+
 def test_validate_report_previous_and_regressions(ckpt, tmp_path, capsys):
     out = tmp_path / "OUT"
     assert main(["-q", "export", str(ckpt), str(out)]) == 0

@@ -256,19 +256,27 @@ def test_trt_profiles_cover_every_native_input_with_static_dims_pinned(exports):
 
 
 def test_targets_gate_on_tensorrt_not_on_the_plugin_kernels(exports):
-    """No AttentionPlugin: x86-cuda takes H100/H200 (SM 90, refused for plugin exports); a target pinned to a
-    TensorRT older than 10.15 cannot parse the graph."""
+    """No AttentionPlugin: no decode-attention SM limit, so x86-cuda-native takes H100/H200 (SM 90); x86-cuda,
+    whose image carries a plugin library not built for SM 90, points there; a target pinned to a TensorRT older
+    than 10.15 cannot parse the graph."""
     from edgellm_validate.targets import TargetRefusal, check_target_can_run
 
     llm, plugin_llm, _ = exports("qwen3")
-    report = check_target_can_run("x86-cuda", llm.parent, sm=90)
-    assert report.sm == 90 and any("TensorRT 10.15" in d for d in report.deferred)
+    report = check_target_can_run("x86-cuda", llm.parent, sm=89)
+    assert report.sm == 89 and any("TensorRT 10.15" in d for d in report.deferred)
+    with pytest.raises(TargetRefusal, match="SM 90.*meant for SM 80, 86, 89, 100, 120.*x86-cuda-native"):
+        check_target_can_run("x86-cuda", llm.parent, sm=90)
     with pytest.raises(TargetRefusal, match="SM 90"):
         check_target_can_run("x86-cuda", plugin_llm.parent, sm=90)
     for target, version in (("thor-jp7", "10.13.3.9"), ("orin-jp6", "10.3")):
         with pytest.raises(TargetRefusal, match=f"needs TensorRT 10.15 or later.*has TensorRT {version}"):
             check_target_can_run(target, llm.parent)
     check_target_can_run("x86-cpu", llm.parent)  # nothing to lower
+    # the plugin-free image's target: native exports on any SM it lists, plugin exports refused outright
+    report = check_target_can_run("x86-cuda-native", llm.parent, sm=90)
+    assert report.sm == 90 and any("TensorRT 10.15" in d for d in report.deferred)
+    with pytest.raises(TargetRefusal, match="no Edge-LLM plugin library.*AttentionPlugin.*--attention native"):
+        check_target_can_run("x86-cuda-native", plugin_llm.parent, sm=89)
 
 
 def _fp8_checkpoint(root: Path, *, kv: bool = False) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,7 +27,8 @@ from edgellm_validate.targets import (
     precisions_for_sm,
 )
 
-ALL_TARGETS = ["x86-cpu", "x86-cuda", "orin-jp6", "orin-jp7", "thor-jp7", "drive-thor"]
+ALL_TARGETS = ["x86-cpu", "x86-cuda", "x86-cuda-native", "orin-jp6", "orin-jp7", "thor-jp7", "drive-thor"]
+PLUGIN_TARGETS = [t for t in ALL_TARGETS if t != "x86-cuda-native"]  # what a plugin export can run on
 CONFIG = {"model": "llama", "model_type": "llm", "edgellm_version": "0.7.1", "vocab_size": 64, "hidden_size": 256,
           "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64}
 
@@ -50,6 +52,10 @@ def test_matrix_has_every_target_with_its_facts():
     assert cuda.docker_run["device_requests"][0]["capabilities"] == [["gpu"]]
     for name in ALL_TARGETS:
         assert ts[name].precisions is None or ts[name].precisions <= set(PRECISIONS)
+    native = ts["x86-cuda-native"]  # the plugin-free image: no plugin build, SM 90 among its GPUs
+    assert not native.plugin and not native.plugin_build and 90 in native.sm_choices
+    assert native.docker_run == cuda.docker_run and native.arch == "x86_64"
+    assert all(ts[n].plugin for n in ALL_TARGETS if n != "x86-cuda-native")
 
 
 def test_base_images_default_and_override():
@@ -217,7 +223,7 @@ def test_bundle_label_counts_too(tmp_path):
 # ---------------------------------------------------------------- gating
 
 
-@pytest.mark.parametrize("target", ALL_TARGETS)
+@pytest.mark.parametrize("target", PLUGIN_TARGETS)
 def test_plain_fp16_runs_everywhere(tmp_path, target):
     report = check_target_can_run(target, make_export(tmp_path, nodes=[attn()]))
     assert report.target == target and report.precisions == ["fp16"]
@@ -322,8 +328,10 @@ def demo_exports(tmp_path_factory):
 
 
 def test_real_exports(demo_exports):
-    for name in ALL_TARGETS:
+    for name in PLUGIN_TARGETS:
         assert check_target_can_run(name, demo_exports / "fp16").precisions == ["fp16"]
+    with pytest.raises(TargetRefusal, match="x86-cuda-native has no Edge-LLM plugin library"):
+        check_target_can_run("x86-cuda-native", demo_exports / "fp16", sm=89)
     r = check_target_can_run("orin-jp6", demo_exports / "fp8emb")
     assert r.precisions == ["fp16", "fp8_embedding"]
     with pytest.raises(TargetRefusal, match="SM 90"):
@@ -342,8 +350,11 @@ def test_moe_plugins_are_gated_by_their_kernels_sms(tmp_path):
             check_target_can_run(name, out)
     with pytest.raises(TargetRefusal, match="NvFP4MoEPluginGeforce"):
         check_target_can_run("x86-cuda", out, sm=100)
-    for sm in (120, 121):
-        assert check_target_can_run("x86-cuda", out, sm=sm).precisions == ["fp16", "nvfp4"]
+    assert check_target_can_run("x86-cuda", out, sm=120).precisions == ["fp16", "nvfp4"]
+    spark = replace(targets.get_target("x86-cuda"), name="gb10", sm_choices=(121,))  # an SM 121 machine
+    assert check_target_can_run(spark, out, sm=121).precisions == ["fp16", "nvfp4"]
+    with pytest.raises(TargetRefusal, match="SM 121, but target x86-cuda is meant for SM 80, 86, 89, 100, 120"):
+        check_target_can_run("x86-cuda", out, sm=121)  # its image's plugin library is not built for 121
     assert any("NvFP4MoEPluginGeforce runs on SM 120, 121" in d for d in check_target_can_run("x86-cuda", out).deferred)
     check_target_can_run("x86-cpu", out)
     int4 = helper.make_node("Int4MoePlugin", ["l", "x"], ["y"], domain="trt_edgellm")

@@ -25,6 +25,7 @@ import logging
 from dataclasses import dataclass, field
 
 from edgellm_core.onnx_graph.builder import FLOAT, FLOAT16, INT32, INT64, GraphBuilder
+from edgellm_core.ops import native_attention
 from edgellm_core.ops.schemas import ONNX_OPSET
 
 from ..config import SIGMOID_MOE, SOFTMAX_MOE, ModelConfig
@@ -77,7 +78,7 @@ class NativeIO:
     k_cache: dict[int, str] = field(default_factory=dict)  # attention layer -> K cache input
     v_cache: dict[int, str] = field(default_factory=dict)
     presents: dict[int, tuple[str, str] | None] = field(default_factory=dict)
-    # Shared per-step values (models/blocks/attention.py native_shared).
+    # Shared per-step values (edgellm_core/ops/native_attention.py native_shared).
     shared: dict[str, str] = field(default_factory=dict)
     rotary_dim: int = 0
 
@@ -91,8 +92,6 @@ def declare_io(g: GraphBuilder, cfg: ModelConfig, kv_fp8: bool = False) -> Nativ
     k_cache, every v_cache, kvcache_start_index; the runtime binds by name), then the values every attention
     layer shares: position ids, the per-sequence mask, the number of keys in use and the RoPE cos / sin."""
     from edgellm_core.errors import UnsupportedError
-
-    from ..models.blocks import attention as attention_block
 
     if kv_fp8:
         raise UnsupportedError(_FP8_KV_WHY)
@@ -109,21 +108,19 @@ def declare_io(g: GraphBuilder, cfg: ModelConfig, kv_fp8: bool = False) -> Nativ
     # batch of the other inputs starts at 1; the native runtime always binds [batch].
     start = g.input(b.kvcache_start_index, INT32, [KV_BATCH])
     io = NativeIO(emb, rope, ctx, start, last, k, v, {i: None for i in layers}, rotary_dim=cfg.rotary_dim)
-    io.shared = attention_block.native_shared(g, emb, rope, ctx, start, cfg.rotary_dim)
+    io.shared = native_attention.native_shared(g, emb, rope, ctx, start, cfg.rotary_dim)
     return io
 
 
 def attention(g: GraphBuilder, io: NativeIO, layer: int, q: str, k: str, v: str, attrs: dict) -> str:
-    """RoPE, cache update and attention of one layer in standard ops (models/blocks/attention.py
+    """RoPE, cache update and attention of one layer in standard ops (edgellm_core/ops/native_attention.py
     native_core); returns the `[B, S, Hq, D]` attention output. `attrs` are the plugin path's
     (`plugin_attrs`): the head counts and size are the same facts."""
-    from ..models.blocks import attention as attention_block
-
     if attrs.get("enable_fp8_kv_cache"):
         from edgellm_core.errors import UnsupportedError
 
         raise UnsupportedError(_FP8_KV_WHY)
-    out, pk, pv = attention_block.native_core(g, io.shared, q, k, v, io.k_cache[layer], io.v_cache[layer],
+    out, pk, pv = native_attention.native_core(g, io.shared, q, k, v, io.k_cache[layer], io.v_cache[layer],
                                               attrs["num_q_heads"], attrs["num_kv_heads"], attrs["head_size"],
                                               io.rotary_dim)
     io.presents[layer] = (pk, pv)

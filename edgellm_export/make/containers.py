@@ -6,7 +6,9 @@
 
 Images: the root `Dockerfile` for the CPU target (onnxruntime twin, no torch), `containers/Dockerfile.tensorrt`
 for the NVIDIA targets (plugin library built from the pinned upstream tag at image build time, TensorRT from
-the base image). Build args come from edgellm_validate/data/platforms.json through `edgellm_validate.targets`.
+the base image; a plugin-free target, platforms.json `plugin: false`, stops at its `native` stage: no plugin
+build, and the base image's TensorRT must be NATIVE_MIN_TENSORRT or later). Build args come from
+edgellm_validate/data/platforms.json through `edgellm_validate.targets`.
 Builds use the host network (package indexes are reached the way the host reaches them) and trust what the host
 trusts: the CA bundle is `ca_bundle`, else the first of $EDGELLM_CA_BUNDLE, $PIP_CERT, $SSL_CERT_FILE,
 $REQUESTS_CA_BUNDLE that is set (trust.py; recorded as `ca_bundle` in build_image's result). It is put into the
@@ -51,6 +53,7 @@ LOG_TAIL_LINES = 40
 # platforms.json `plugin_build` keys that are Dockerfile.tensorrt build args
 PLUGIN_BUILD_ARGS = ("EMBEDDED_TARGET", "CUDA_CTK_VERSION", "CMAKE_CUDA_ARCHITECTURES", "CUTE_DSL_ARTIFACT_TAG",
                      "ENABLE_CUTE_DSL", "TRT_PACKAGE_DIR", "EDGELLM_COMMIT")
+NATIVE_STAGE = "native"  # Dockerfile.tensorrt's final stage without the plugin library
 _CONTEXT_MTIME = 315_619_200  # 1980-01-02 UTC
 _ARCH = {"amd64": "x86_64", "x86_64": "x86_64", "arm64": "aarch64", "aarch64": "aarch64"}
 
@@ -147,6 +150,12 @@ def dockerfile_for(target) -> str:
     return CPU_DOCKERFILE if _target(target).backend == "cpu" else TRT_DOCKERFILE
 
 
+def build_stage(target) -> str | None:
+    """The Dockerfile stage to build (None: its last): a plugin-free target's image has no plugin build."""
+    t = _target(target)
+    return NATIVE_STAGE if t.backend == "trt" and not t.plugin else None
+
+
 def default_tag(target) -> str:
     return f"edgellm-validate:{__version__}-{_target(target).name}"
 
@@ -168,6 +177,14 @@ def build_args(target, *, base_image: str | None = None, ca_context_path: str | 
     if ca_context_path:
         args["CA_BUNDLE"] = ca_context_path
     if t.backend == "trt":
+        from edgellm_validate.trt.trt_api import supported_tensorrt
+
+        low, high = supported_tensorrt(edgellm_release(platforms_path), native=not t.plugin)
+        args["TENSORRT_RANGE"] = f"{low[0]}.{low[1]},{high[0]}.{high[1]}"  # checked against the base image's
+        args["EXPECTED_SM"] = str(t.sm) if t.sm is not None else ",".join(map(str, t.sm_choices))
+    if t.backend == "trt" and not t.plugin:  # no plugin library: nothing of the upstream's is built
+        args["TENSORRT_EXPECTED"] = t.tensorrt or f"{low[0]}.{low[1]} or later, from the base image"
+    elif t.backend == "trt":
         args["EDGELLM_REPO"] = UPSTREAM_REPO
         args["EDGELLM_TAG"] = upstream_tag(edgellm_release(platforms_path))
         for key in PLUGIN_BUILD_ARGS:
@@ -175,7 +192,6 @@ def build_args(target, *, base_image: str | None = None, ca_context_path: str | 
             if value not in (None, ""):
                 args[key] = str(value)
         args["TENSORRT_EXPECTED"] = t.tensorrt or "from the base image"
-        args["EXPECTED_SM"] = str(t.sm) if t.sm is not None else ",".join(map(str, t.sm_choices))
     return args
 
 
@@ -290,6 +306,8 @@ def build_image(target, *, base_image: str | None = None, ca_bundle: str | os.Pa
                   nocache=nocache)
     if platform:
         kwargs["platform"] = platform
+    if build_stage(t):
+        kwargs["target"] = build_stage(t)
     try:
         for chunk in client.api.build(**kwargs):
             if "stream" in chunk:
@@ -311,6 +329,7 @@ def build_image(target, *, base_image: str | None = None, ca_bundle: str | os.Pa
         context.close()
     image = client.images.get(tag)
     return {"tag": tag, "id": image.id, "labels": dict(image.labels or {}), "dockerfile": dockerfile,
+            "stage": build_stage(t),
             "build_args": {k: v for k, v in args.items() if k != "CA_BUNDLE"},
             "ca_bundle": ca.record() if ca else None, "seconds": round(time.monotonic() - t0, 1)}
 

@@ -132,6 +132,7 @@ def make_case(case: SuiteCase, out: Path, settings: MakeSettings, *, image_root:
         stage = EXPORT
         target = resolve_target(case.target, settings)
         ident["backend"] = target.backend
+        _check_export_form(case, target)
         export_dir = _export_stage(case, source, out, settings, run)
         stage = "gate"
         from edgellm_validate.targets import check_target_can_run
@@ -161,6 +162,16 @@ def make_case(case: SuiteCase, out: Path, settings: MakeSettings, *, image_root:
         store.record(VALIDATE, fp, [result, *([logged] if logged.is_file() else [])])
         run.stamped.append((store, VALIDATE, fp))
     return run
+
+
+def _check_export_form(case: SuiteCase, target) -> None:
+    """Refuse, before anything is exported, a plugin export for a target without the plugin library (the gate
+    after the export would refuse it too, but only after the export's minutes)."""
+    from edgellm_validate.targets import TargetRefusal, export_form_problems
+
+    problems = export_form_problems(target, case.export_options().get("attention") == "native")
+    if problems:
+        raise TargetRefusal(f"case {case.name}: " + "; ".join(problems))
 
 
 def resolve_target(name: str, settings: MakeSettings):
@@ -395,6 +406,7 @@ def make(case: SuiteCase, out: Path, settings: MakeSettings, *, previous: Path |
     out = Path(out).absolute()
     _check_pipeline_dir(out, case.checkpoint)
     target = resolve_target(case.target, settings)  # an unknown target, or one without a base image: before any work
+    _check_export_form(case, target)  # a plugin export for a plugin-free target: before any work too
     if settings.container:
         target.image()
         resolve_ca_bundle(settings.ca_bundle)  # a CA variable naming a missing file: before any work too

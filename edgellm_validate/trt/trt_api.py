@@ -44,13 +44,18 @@ def tensorrt_version(trt) -> str:
 SUPPORTED_TENSORRT = {"0.7": ((10, 3), (11, 0))}
 
 
+def supported_tensorrt(release: str | None, *, native: bool = False) -> tuple[tuple[int, int], tuple[int, int]]:
+    """[low, high) TensorRT (major, minor) for an Edge-LLM release (`native`: a trt_native_ops export, which also
+    needs NATIVE_MIN_TENSORRT). The image build checks the same range (containers.build_args)."""
+    key = ".".join((release or "0.7").split(".")[:2])
+    low, high = SUPPORTED_TENSORRT.get(key, SUPPORTED_TENSORRT["0.7"])
+    return (max(low, NATIVE_MIN_TENSORRT) if native else low), high
+
+
 def check_tensorrt_version(trt, release: str | None, *, native: bool = False) -> None:
     """EnvironmentProblem (exit 3) when this TensorRT is outside what the export's Edge-LLM release supports
     (`native`: a trt_native_ops export, which also needs NATIVE_MIN_TENSORRT)."""
-    key = ".".join((release or "0.7").split(".")[:2])
-    low, high = SUPPORTED_TENSORRT.get(key, SUPPORTED_TENSORRT["0.7"])
-    if native:
-        low = max(low, NATIVE_MIN_TENSORRT)
+    low, high = supported_tensorrt(release, native=native)
     version = tensorrt_version(trt)
     try:
         have = tuple(int(p) for p in version.split("-")[0].split(".")[:2])
@@ -60,8 +65,10 @@ def check_tensorrt_version(trt, release: str | None, *, native: bool = False) ->
         raise EnvironmentProblem(
             f"TensorRT {version} is outside what the Edge-LLM {release or '0.7'} "
             + ("runtime needs for a plugin-free (trt_native_ops) export" if native else "plugin library works with")
-            + f" (TensorRT {low[0]}.{low[1]} up to, not including, {high[0]}.{high[1]}); use the TensorRT of the "
-            "target's JetPack / DriveOS image (JetPack 6.2: 10.3, JetPack 7.1: 10.13.3.9)")
+            + f" (TensorRT {low[0]}.{low[1]} up to, not including, {high[0]}.{high[1]}); "
+            + ("build or run it with an image whose TensorRT is in that range (target x86-cuda-native)" if native
+               else "use the TensorRT of the target's JetPack / DriveOS image (JetPack 6.2: 10.3, JetPack 7.1: "
+                    "10.13.3.9)"))
 
 
 class _LogSink:
