@@ -216,16 +216,48 @@ def _float(cfg: dict, key: str, path: Path, default: float) -> float:
     return float(v)
 
 
+# The runtime's multimodal token ids (families.md §7): the LLM's config.json carries them (the engine runner
+# reads image_token_id / audio_token_id), taken from a Qwen-Omni style thinker_config, else the root.
+MULTIMODAL_TOKEN_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
+                         "audio_token_id", "audio_start_token_id", "audio_end_token_id")
+
+
+_LLM_SUBCONFIGS = ("llm_config", "text_config", "language_config")
+
+
+def _llm_subconfig(raw: dict) -> dict | None:
+    """The wrapped language model's config (families.md §1.2): none when the root is one itself; else the
+    first of llm_config (InternVL3), text_config (Qwen VLs, InternVL3.5), language_config that has the
+    decoder's sizes, else the same under thinker_config (Qwen3-Omni / ASR)."""
+    if "num_attention_heads" in raw:
+        return None
+    for scope in (raw, raw.get("thinker_config")):
+        for key in _LLM_SUBCONFIGS:
+            inner = scope.get(key) if isinstance(scope, dict) else None
+            if isinstance(inner, dict) and "hidden_size" in inner and "num_attention_heads" in inner:
+                return inner
+    return None
+
+
 def text_config_of(raw: dict) -> dict:
-    """The text decoder's config: VLM wrappers keep it under `text_config`."""
-    inner = raw.get("text_config")
-    if isinstance(inner, dict) and "hidden_size" in inner and "hidden_size" not in raw:
+    """The text decoder's config: VLM wrappers keep it in a sub-config (flat hub configs, e.g. the Qwen2.5-VL
+    releases, have it at the root), with what the runtime config needs from the wrapper: its vision_config
+    (VLM runners read it from the LLM's config, families.md §0.3) and multimodal token ids."""
+    inner = _llm_subconfig(raw)
+    if inner is not None:
         merged = dict(inner)
         merged.setdefault("model_type", raw.get("model_type"))
-        if "vision_config" in raw:  # the runtime config carries it for VLM runners (families.md §0.3)
+        if "vision_config" in raw:
             merged.setdefault("vision_config", raw["vision_config"])
-        return merged
-    return raw
+        if merged.get("tie_word_embeddings") is None and "tie_word_embeddings" in raw:
+            merged["tie_word_embeddings"] = raw["tie_word_embeddings"]
+    else:
+        merged = dict(raw)
+    for scope in (raw.get("thinker_config"), raw):
+        for key in MULTIMODAL_TOKEN_KEYS:
+            if isinstance(scope, dict) and isinstance(scope.get(key), int) and merged.get(key) is None:
+                merged[key] = scope[key]
+    return merged
 
 
 def parse_rope(cfg: dict, path: Path) -> tuple[RopeSpec, float]:
@@ -241,11 +273,29 @@ def parse_rope(cfg: dict, path: Path) -> tuple[RopeSpec, float]:
         raise ExportError(f"rope_theta must be a positive number, got {theta!r}", path)
     rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
     scaling.pop("type", None)
+    if "mrope_section" in scaling and rope_type in ("default", "mrope"):
+        # MRoPE (Qwen VLs): the 0.7.1 runtime knows it as "default" + mrope_section, never the string
+        # "mrope" (families.md §1.3); an "mrope" it does not know would silently run as plain RoPE.
+        rope_type = "default"
     scaling.pop("rope_theta", None)
     prf = cfg.get("partial_rotary_factor", scaling.pop("partial_rotary_factor", 1.0))
     if not isinstance(prf, (int, float)) or not 0 < prf <= 1:
         raise ExportError(f"partial_rotary_factor must be in (0, 1], got {prf!r}", path)
     return RopeSpec(str(rope_type), float(theta), scaling), float(prf)
+
+
+def _check_mrope(rope: RopeSpec, rotary_dim: int, path: Path) -> None:
+    """mrope_section: three non-negative frequency counts (temporal, height, width) covering the rotary
+    dim's rotate-half pairs, as the runtime's MRoPE table and the HF model split them."""
+    section = rope.params.get("mrope_section")
+    if section is None:
+        return
+    if (not isinstance(section, list) or len(section) != 3
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in section)):
+        raise ExportError(f"rope mrope_section must be three non-negative integers, got {section!r}", path)
+    if 2 * sum(section) != rotary_dim:
+        raise ExportError(f"rope mrope_section {section} covers {2 * sum(section)} rotary channels, but the "
+                          f"rotary dim is {rotary_dim}; the config contradicts itself", path)
 
 
 def build_model_config(raw: dict, tensor_names_have, path: Path) -> ModelConfig:
@@ -264,6 +314,7 @@ def build_model_config(raw: dict, tensor_names_have, path: Path) -> ModelConfig:
             path,
         )
     rope, prf = parse_rope(cfg, path)
+    _check_mrope(rope, int(head_dim * prf), path)
     # HF Mistral applies `sliding_window` whenever it is set; Qwen2 only with
     # `use_sliding_window`. Other families: only when explicitly enabled.
     window = -1

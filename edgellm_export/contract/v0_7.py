@@ -14,7 +14,7 @@ from edgellm_core.onnx_graph.builder import FLOAT, FLOAT8E4M3FN, FLOAT16, INT32,
 from edgellm_core.ops import attention_plugin
 from edgellm_core.ops.schemas import ONNX_OPSET
 
-from ..config import ModelConfig
+from ..config import MULTIMODAL_TOKEN_KEYS, ModelConfig
 from . import rope_v0_7
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,9 @@ def runtime_config(cfg: ModelConfig, *, allow_rope_passthrough: bool = False) ->
     out.update(rope)  # original_max_position_embeddings for longrope
     if isinstance(cfg.raw.get("vision_config"), dict):  # copied verbatim: VLM runners read it from here (§0.3)
         out["vision_config"] = cfg.raw["vision_config"]
+    for key in MULTIMODAL_TOKEN_KEYS:  # the engine runner reads image_token_id / audio_token_id (families.md §7)
+        if cfg.raw.get(key) is not None:
+            out[key] = cfg.raw[key]
     if cfg.is_hybrid:
         out.update(_hybrid_fields(cfg))
     return out
