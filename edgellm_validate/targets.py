@@ -25,6 +25,7 @@ from pydantic import Field, ValidationError
 
 from edgellm_core.bindings import Bindings, bindings_for
 from edgellm_core.errors import ExportError, UnsupportedError
+from edgellm_core.ops.attention_plugin import DOMAIN as PLUGIN_DOMAIN
 from edgellm_core.ops.attention_plugin import kernel_problems  # the AttentionPlugin's head-size and ratio limits
 from edgellm_core.schema import StrictModel, explain, no_default
 
@@ -494,7 +495,7 @@ def export_form_problems(target: Target, native: bool, custom_ops=()) -> list[st
     its image) takes only plugin-free exports. Checked before an export is made too (make, qualify)."""
     if target.backend != "trt" or target.plugin or native:
         return []
-    ops = sorted({op for domain, op in custom_ops if domain == "trt_edgellm"}) or ["AttentionPlugin"]
+    ops = sorted({op for domain, op in custom_ops if domain == PLUGIN_DOMAIN}) or ["AttentionPlugin"]
     return [f"target {target.name} has no Edge-LLM plugin library: it runs only plugin-free exports, and this "
             f"export's graph needs the plugin ({', '.join(ops)}); export it with --attention native (a suite "
             "case: options: {attention: native}), or validate it on a target with the plugin"]
