@@ -26,6 +26,7 @@ from onnx import helper
 
 from edgellm_core.onnx_graph.builder import FLOAT, FLOAT8E4M3FN, FLOAT16, INT64, GraphBuilder
 from edgellm_core.ops.schemas import FP8_E4M3_MAX, LOWERING_DOMAIN, ONNX_OPSET, register_missing
+from edgellm_core.ops.torch_ops import define_torch_op
 
 DOMAIN = "trt_edgellm"
 OP_TYPE = "AttentionPlugin"
@@ -63,26 +64,10 @@ INT_ATTRS = (
 
 
 # -- face 1: torch custom op with eager reference -----------------------------------------
-_TORCH_LIBRARY = None  # keeps the op registered for the life of the process
-
-
 @functools.cache
 def register_torch_op():
-    """Define `torch.ops.trt_edgellm.attention_plugin` (once) and return it.
-
-    Registered through `torch.library.Library` rather than `custom_op`, which
-    would import torch's compiler stack (seconds) for an op we only run eagerly.
-    """
-    global _TORCH_LIBRARY
+    """Define `torch.ops.trt_edgellm.attention_plugin` (once) and return it."""
     import torch
-
-    lib = torch.library.Library("trt_edgellm", "DEF")
-    lib.define(
-        "attention_plugin(Tensor q, Tensor k, Tensor v, Tensor past_key_value, Tensor context_lengths, "
-        "Tensor rope_rotary_cos_sin, Tensor kvcache_start_index, int num_q_heads, int num_kv_heads, "
-        "int head_size, int enable_tree_attention, int enable_fp8_kv_cache, int sliding_window_size, "
-        "float[] qkv_scales) -> (Tensor, Tensor)"
-    )
 
     def impl(q, k, v, past, ctx, table, start, hq, hkv, d, tree, fp8_kv, window, scales):
         if tree:
@@ -92,10 +77,12 @@ def register_torch_op():
     def fake(q, k, v, past, ctx, table, start, hq, hkv, d, *rest):
         return q.new_empty((q.shape[0], q.shape[1], hq, d)), torch.empty_like(past)
 
-    lib.impl("attention_plugin", impl, "CompositeExplicitAutograd")
-    lib.impl("attention_plugin", fake, "Meta")
-    _TORCH_LIBRARY = lib
-    return torch.ops.trt_edgellm.attention_plugin
+    return define_torch_op(
+        "trt_edgellm",
+        "attention_plugin(Tensor q, Tensor k, Tensor v, Tensor past_key_value, Tensor context_lengths, "
+        "Tensor rope_rotary_cos_sin, Tensor kvcache_start_index, int num_q_heads, int num_kv_heads, "
+        "int head_size, int enable_tree_attention, int enable_fp8_kv_cache, int sliding_window_size, "
+        "float[] qkv_scales) -> (Tensor, Tensor)", impl, fake)
 
 
 

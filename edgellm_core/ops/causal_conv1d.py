@@ -32,6 +32,7 @@ from onnx import TensorProto, helper
 
 from edgellm_core.onnx_graph.builder import FLOAT, FLOAT16, INT64, GraphBuilder
 from edgellm_core.ops.schemas import LOWERING_DOMAIN, ONNX_OPSET, register_missing
+from edgellm_core.ops.torch_ops import define_torch_op
 
 DOMAIN = "trt_edgellm"
 OP_TYPE = "causal_conv1d"
@@ -52,28 +53,17 @@ def _check_attrs(stride: int, padding: int, dilation: int, use_mtp: int) -> None
 
 
 # -- face 1: torch custom op with eager reference -----------------------------------------
-_TORCH_LIBRARY = None  # keeps the op registered for the life of the process
-
-
 @functools.cache
 def register_torch_op():
     """Define `torch.ops.trt_edgellm.causal_conv1d` (once) and return it."""
-    global _TORCH_LIBRARY
-    import torch
-
-    lib = torch.library.Library("trt_edgellm", "FRAGMENT")
-    lib.define(
-        "causal_conv1d(Tensor x, Tensor weight, Tensor bias, Tensor conv_state, Tensor context_lengths, "
-        "int stride, int padding, int dilation, int groups, int use_mtp) -> (Tensor, Tensor)"
-    )
 
     def fake(x, weight, bias, conv_state, context_lengths, *attrs):
         return x.new_empty(x.shape), conv_state.new_empty(conv_state.shape)
 
-    lib.impl("causal_conv1d", _eager, "CompositeExplicitAutograd")
-    lib.impl("causal_conv1d", fake, "Meta")
-    _TORCH_LIBRARY = lib
-    return torch.ops.trt_edgellm.causal_conv1d
+    return define_torch_op(
+        "trt_edgellm",
+        "causal_conv1d(Tensor x, Tensor weight, Tensor bias, Tensor conv_state, Tensor context_lengths, "
+        "int stride, int padding, int dilation, int groups, int use_mtp) -> (Tensor, Tensor)", _eager, fake)
 
 
 def _eager(x, weight, bias, conv_state, context_lengths, stride, padding, dilation, groups, use_mtp):

@@ -23,6 +23,7 @@ from onnx import helper
 
 from edgellm_core.onnx_graph.builder import FLOAT, FLOAT8E4M3FN, FLOAT16, INT32, GraphBuilder
 from edgellm_core.ops.schemas import FP8_E4M3_MAX, LOWERING_DOMAIN, ONNX_OPSET, register_missing
+from edgellm_core.ops.torch_ops import define_torch_op
 
 DOMAIN = "trt"
 QUANTIZE = "TRT_FP4DynamicQuantize"
@@ -68,21 +69,12 @@ def dequantize_eager(x, scale, block_size: int = 0):
     return (x.float() * scale.float()).to(torch.float16)
 
 
-_LIB = None
-
-
 @functools.cache
 def register_torch_op():
-    global _LIB
-    import torch
-
-    lib = torch.library.Library("trt", "FRAGMENT")
-    lib.define("fp4_dynamic_quantize(Tensor x, Tensor global_scale, int block_size) -> (Tensor, Tensor)")
-    lib.define("dequantize_linear(Tensor x, Tensor scale, int block_size) -> Tensor")
-    lib.impl("fp4_dynamic_quantize", quantize_eager, "CompositeExplicitAutograd")
-    lib.impl("dequantize_linear", dequantize_eager, "CompositeExplicitAutograd")
-    _LIB = lib
-    return torch.ops.trt.fp4_dynamic_quantize, torch.ops.trt.dequantize_linear
+    return (define_torch_op("trt", "fp4_dynamic_quantize(Tensor x, Tensor global_scale, int block_size) -> "
+                            "(Tensor, Tensor)", quantize_eager),
+            define_torch_op("trt", "dequantize_linear(Tensor x, Tensor scale, int block_size) -> Tensor",
+                            dequantize_eager))
 
 
 # -- face 2: schemas -----------------------------------------------------------------------------

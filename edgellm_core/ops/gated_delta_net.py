@@ -28,6 +28,7 @@ from onnx import helper
 
 from edgellm_core.onnx_graph.builder import FLOAT, FLOAT16, INT64, GraphBuilder
 from edgellm_core.ops.schemas import LOWERING_DOMAIN, ONNX_OPSET, register_missing
+from edgellm_core.ops.torch_ops import define_torch_op
 
 DOMAIN = "trt_edgellm"
 OP_TYPE = "gated_delta_net"
@@ -45,29 +46,20 @@ def _refuse_mtp(use_mtp: int) -> None:
 
 
 # -- face 1: torch custom op with eager reference -----------------------------------------
-_TORCH_LIBRARY = None  # keeps the op registered for the life of the process
-
-
 @functools.cache
 def register_torch_op():
     """Define `torch.ops.trt_edgellm.gated_delta_net` (once) and return it."""
-    global _TORCH_LIBRARY
     import torch
-
-    lib = torch.library.Library("trt_edgellm", "FRAGMENT")
-    lib.define(
-        "gated_delta_net(Tensor q, Tensor k, Tensor v, Tensor a, Tensor b, Tensor A_log, Tensor dt_bias, "
-        "Tensor h0_source, Tensor context_lengths, int k_dim, int v_dim, int use_mtp=0) -> (Tensor, Tensor)"
-    )
 
     def fake(q, k, v, a, b, A_log, dt_bias, h0_source, context_lengths, k_dim, v_dim, use_mtp=0):
         _refuse_mtp(use_mtp)
         return v.new_empty(v.shape), torch.empty_like(h0_source)
 
-    lib.impl(OP_TYPE, _eager, "CompositeExplicitAutograd")
-    lib.impl(OP_TYPE, fake, "Meta")
-    _TORCH_LIBRARY = lib
-    return torch.ops.trt_edgellm.gated_delta_net
+    return define_torch_op(
+        "trt_edgellm",
+        "gated_delta_net(Tensor q, Tensor k, Tensor v, Tensor a, Tensor b, Tensor A_log, Tensor dt_bias, "
+        "Tensor h0_source, Tensor context_lengths, int k_dim, int v_dim, int use_mtp=0) -> (Tensor, Tensor)",
+        _eager, fake)
 
 
 def decay_and_beta(a, b, A_log, dt_bias):

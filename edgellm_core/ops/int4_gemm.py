@@ -23,6 +23,7 @@ from onnx import helper
 
 from edgellm_core.onnx_graph.builder import FLOAT, FLOAT16, INT32, GraphBuilder
 from edgellm_core.ops.schemas import LOWERING_DOMAIN, ONNX_OPSET, register_missing
+from edgellm_core.ops.torch_ops import define_torch_op
 
 DOMAIN = "trt_edgellm"
 OP_TYPE = "Int4GroupwiseGemmPlugin"
@@ -43,22 +44,11 @@ def check_shape(n: int, k: int, group: int) -> str | None:
 
 
 # -- face 1: torch op with eager reference --------------------------------------------------
-_LIB = None
-
-
 @functools.cache
 def register_torch_op():
-    global _LIB
-    import torch
-
-    lib = torch.library.Library("trt_edgellm", "FRAGMENT")
-    lib.define("int4_groupwise_gemm(Tensor x, Tensor qweight, Tensor scales, int gemm_n, int gemm_k, "
-               "int group_size) -> Tensor")
-    lib.impl("int4_groupwise_gemm", _eager, "CompositeExplicitAutograd")
-    lib.impl("int4_groupwise_gemm",
-             lambda x, qw, s, n, k, g: x.new_empty((*x.shape[:-1], n)), "Meta")
-    _LIB = lib
-    return torch.ops.trt_edgellm.int4_groupwise_gemm
+    return define_torch_op("trt_edgellm", "int4_groupwise_gemm(Tensor x, Tensor qweight, Tensor scales, int gemm_n, "
+                           "int gemm_k, int group_size) -> Tensor", _eager,
+                           lambda x, qw, s, n, k, g: x.new_empty((*x.shape[:-1], n)))
 
 
 def unpack_torch(qweight, n: int, k: int):

@@ -43,6 +43,7 @@ from onnx import helper
 
 from edgellm_core.onnx_graph.builder import FLOAT, FLOAT16, INT32, GraphBuilder
 from edgellm_core.ops.schemas import LOWERING_DOMAIN, ONNX_OPSET, register_missing
+from edgellm_core.ops.torch_ops import define_torch_op
 
 DOMAIN = "trt_edgellm"
 OP_TYPE = "Int4MoePlugin"
@@ -116,23 +117,15 @@ unpermute_scales = permute_scales
 
 
 # -- face 1: torch op with eager reference ----------------------------------------------------------
-_LIB = None
-
-
 @functools.cache
 def register_torch_op():
-    global _LIB
     import torch
 
-    lib = torch.library.Library("trt_edgellm", "FRAGMENT")
-    lib.define("int4_moe(Tensor router_logits, Tensor hidden_states, Tensor fc_gate_up_qweights, "
-               "Tensor fc_gate_up_scales, Tensor fc_down_qweights, Tensor fc_down_scales, int num_experts, "
-               "int top_k, int hidden_size, int moe_inter_size, int activation_type, "
-               "int quantization_group_size) -> Tensor")
-    lib.impl("int4_moe", _eager, "CompositeExplicitAutograd")
-    lib.impl("int4_moe", lambda r, x, *rest: torch.empty_like(x), "Meta")
-    _LIB = lib
-    return torch.ops.trt_edgellm.int4_moe
+    schema = ("int4_moe(Tensor router_logits, Tensor hidden_states, Tensor fc_gate_up_qweights, "
+              "Tensor fc_gate_up_scales, Tensor fc_down_qweights, Tensor fc_down_scales, int num_experts, "
+              "int top_k, int hidden_size, int moe_inter_size, int activation_type, "
+              "int quantization_group_size) -> Tensor")
+    return define_torch_op("trt_edgellm", schema, _eager, lambda r, x, *rest: torch.empty_like(x))
 
 
 def _r16(x):

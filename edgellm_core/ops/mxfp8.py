@@ -20,6 +20,7 @@ from onnx import helper
 
 from edgellm_core.onnx_graph.builder import FLOAT, FLOAT8E4M3FN, FLOAT16, GraphBuilder
 from edgellm_core.ops.schemas import FP8_E4M3_MAX, LOWERING_DOMAIN, ONNX_OPSET, register_missing
+from edgellm_core.ops.torch_ops import define_torch_op
 
 DOMAIN = "trt"
 QUANTIZE = "TRT_MXFP8DynamicQuantize"
@@ -47,21 +48,12 @@ def dequantize_eager(x, scale, block_size: int = BLOCK):
     return (x.float() * s).to(torch.float16)
 
 
-_LIB = None
-
-
 @functools.cache
 def register_torch_op():
-    global _LIB
-    import torch
-
-    lib = torch.library.Library("trt", "FRAGMENT")
-    lib.define("mxfp8_dynamic_quantize(Tensor x, int block_size) -> (Tensor, Tensor)")
-    lib.define("mxfp8_dequantize_linear(Tensor x, Tensor scale, int block_size) -> Tensor")
-    lib.impl("mxfp8_dynamic_quantize", quantize_eager, "CompositeExplicitAutograd")
-    lib.impl("mxfp8_dequantize_linear", dequantize_eager, "CompositeExplicitAutograd")
-    _LIB = lib
-    return torch.ops.trt.mxfp8_dynamic_quantize, torch.ops.trt.mxfp8_dequantize_linear
+    return (define_torch_op("trt", "mxfp8_dynamic_quantize(Tensor x, int block_size) -> (Tensor, Tensor)",
+                            quantize_eager),
+            define_torch_op("trt", "mxfp8_dequantize_linear(Tensor x, Tensor scale, int block_size) -> Tensor",
+                            dequantize_eager))
 
 
 # -- face 2: schemas -------------------------------------------------------------------------

@@ -51,6 +51,7 @@ from onnx import helper
 from edgellm_core.onnx_graph.builder import FLOAT, FLOAT8E4M3FN, FLOAT16, INT8, INT32, GraphBuilder
 from edgellm_core.ops import fp4, int4_moe
 from edgellm_core.ops.schemas import LOWERING_DOMAIN, ONNX_OPSET, register_missing
+from edgellm_core.ops.torch_ops import define_torch_op
 
 DOMAIN = "trt_edgellm"
 OP_TYPE = "NvFP4MoEPluginGeforce"
@@ -131,24 +132,16 @@ def unswizzle_scales(s6: np.ndarray, m: int, ks: int) -> np.ndarray:
 
 
 # -- face 1: torch op with eager reference ----------------------------------------------------------
-_LIB = None
-
-
 @functools.cache
 def register_torch_op():
-    global _LIB
     import torch
 
-    lib = torch.library.Library("trt_edgellm", "FRAGMENT")
-    lib.define("nvfp4_moe_geforce(Tensor router_logits, Tensor hidden_states, Tensor fc1_qweights, "
-               "Tensor fc1_blocks_scale, Tensor fc1_alpha, Tensor fc2_qweights, Tensor fc2_blocks_scale, "
-               "Tensor fc2_alpha, Tensor input_global_scale, Tensor down_input_scale, int num_experts, int top_k, "
-               "int hidden_size, int moe_inter_size, int activation_type, int backend, int max_routed_rows, "
-               "int io_dtype) -> Tensor")
-    lib.impl("nvfp4_moe_geforce", _eager, "CompositeExplicitAutograd")
-    lib.impl("nvfp4_moe_geforce", lambda r, x, *rest: torch.empty_like(x), "Meta")
-    _LIB = lib
-    return torch.ops.trt_edgellm.nvfp4_moe_geforce
+    schema = ("nvfp4_moe_geforce(Tensor router_logits, Tensor hidden_states, Tensor fc1_qweights, "
+              "Tensor fc1_blocks_scale, Tensor fc1_alpha, Tensor fc2_qweights, Tensor fc2_blocks_scale, "
+              "Tensor fc2_alpha, Tensor input_global_scale, Tensor down_input_scale, int num_experts, int top_k, "
+              "int hidden_size, int moe_inter_size, int activation_type, int backend, int max_routed_rows, "
+              "int io_dtype) -> Tensor")
+    return define_torch_op("trt_edgellm", schema, _eager, lambda r, x, *rest: torch.empty_like(x))
 
 
 def _r16(x):

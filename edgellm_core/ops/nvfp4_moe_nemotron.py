@@ -56,6 +56,7 @@ from onnx import helper
 from edgellm_core.onnx_graph.builder import FLOAT, FLOAT16, INT32, GraphBuilder
 from edgellm_core.ops import fp4, nvfp4_moe
 from edgellm_core.ops.schemas import LOWERING_DOMAIN, ONNX_OPSET, register_missing
+from edgellm_core.ops.torch_ops import define_torch_op
 
 DOMAIN = "trt_edgellm"
 OP_TYPE = "Nvfp4MoePlugin"
@@ -152,25 +153,17 @@ def decode_scales(sf_nk: np.ndarray) -> np.ndarray:
 
 
 # -- face 1: torch op with eager reference ----------------------------------------------------------
-_LIB = None
-
-
 @functools.cache
 def register_torch_op():
-    global _LIB
     import torch
 
-    lib = torch.library.Library("trt_edgellm", "FRAGMENT")
-    lib.define("nvfp4_moe_nemotron(Tensor router_logits, Tensor hidden_states, Tensor hidden_global_scale, "
-               "Tensor up_qweights, Tensor up_block_scale, Tensor up_global_scale, Tensor down_qweights, "
-               "Tensor down_block_scale, Tensor down_global_scale, Tensor up_block_scale_decode, "
-               "Tensor down_block_scale_decode, Tensor e_score_correction_bias, int num_experts, int top_k, "
-               "int hidden_size, int moe_inter_size, int activation_type, int n_group, int topk_group, "
-               "int norm_topk_prob, float routed_scaling_factor, int routing_mode) -> Tensor")
-    lib.impl("nvfp4_moe_nemotron", _eager, "CompositeExplicitAutograd")
-    lib.impl("nvfp4_moe_nemotron", lambda r, x, *rest: torch.empty_like(x), "Meta")
-    _LIB = lib
-    return torch.ops.trt_edgellm.nvfp4_moe_nemotron
+    schema = ("nvfp4_moe_nemotron(Tensor router_logits, Tensor hidden_states, Tensor hidden_global_scale, "
+              "Tensor up_qweights, Tensor up_block_scale, Tensor up_global_scale, Tensor down_qweights, "
+              "Tensor down_block_scale, Tensor down_global_scale, Tensor up_block_scale_decode, "
+              "Tensor down_block_scale_decode, Tensor e_score_correction_bias, int num_experts, int top_k, "
+              "int hidden_size, int moe_inter_size, int activation_type, int n_group, int topk_group, "
+              "int norm_topk_prob, float routed_scaling_factor, int routing_mode) -> Tensor")
+    return define_torch_op("trt_edgellm", schema, _eager, lambda r, x, *rest: torch.empty_like(x))
 
 
 def _r16(x):

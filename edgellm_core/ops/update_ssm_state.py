@@ -34,6 +34,7 @@ from onnx import helper
 
 from edgellm_core.onnx_graph.builder import FLOAT, FLOAT16, INT64, GraphBuilder
 from edgellm_core.ops.schemas import LOWERING_DOMAIN, ONNX_OPSET, register_missing
+from edgellm_core.ops.torch_ops import define_torch_op
 
 DOMAIN = "trt_edgellm"
 OP_TYPE = "update_ssm_state"
@@ -59,25 +60,16 @@ def check_shape(num_heads: int, head_dim: int, state_size: int, ngroups: int) ->
 
 
 # -- face 1: torch custom op with eager reference -----------------------------------------
-_LIB = None  # keeps the op registered for the life of the process
-
-
 @functools.cache
 def register_torch_op():
     """Define `torch.ops.trt_edgellm.update_ssm_state` (once) and return it."""
-    global _LIB
     import torch
 
-    lib = torch.library.Library("trt_edgellm", "FRAGMENT")
-    lib.define(
+    return define_torch_op(
+        "trt_edgellm",
         "update_ssm_state(Tensor x, Tensor A, Tensor B, Tensor C, Tensor D, Tensor dt, Tensor dt_bias, "
-        "Tensor state, Tensor context_lengths, int dt_softplus, int ngroups, int chunk_size) -> (Tensor, Tensor)"
-    )
-    lib.impl("update_ssm_state", _eager, "CompositeExplicitAutograd")
-    lib.impl("update_ssm_state", lambda x, a, b, c, d, dt, dtb, state, *rest: (x.new_empty(x.shape),
-                                                                              torch.empty_like(state)), "Meta")
-    _LIB = lib
-    return torch.ops.trt_edgellm.update_ssm_state
+        "Tensor state, Tensor context_lengths, int dt_softplus, int ngroups, int chunk_size) -> (Tensor, Tensor)",
+        _eager, lambda x, a, b, c, d, dt, dtb, state, *rest: (x.new_empty(x.shape), torch.empty_like(state)))
 
 
 def _eager(x, A, B, C, D, dt, dt_bias, state, context_lengths, dt_softplus, ngroups, chunk_size):
