@@ -5,7 +5,7 @@ Graph: the router as moe.py has it (fp16 `MatMul` over the hidden states flatten
 `Cast` to fp32) and one plugin node taking the four expert stacks. The plugin always renormalises the k
 routing weights; for a checkpoint with `norm_topk_prob: false` the plugin's output is multiplied by the
 sum of the k softmax probabilities (computed from the same fp32 logits, in fp32, rounded once to fp16),
-which turns the renormalised mix back into HF's unnormalised one.
+which turns the renormalised mix back into HF's unnormalised one (moe_plugin_routing.py).
 
 Weights, per expert, from any INT4 layout the dense path reads (quant/int4_pack.py): GPTQ (v1 or v2),
 AutoAWQ GEMM and ModelOpt W4A16, all to biased nibbles U (value U - 8) in `[N, K]`, gate rows then up rows
@@ -28,13 +28,14 @@ from __future__ import annotations
 import numpy as np
 
 from edgellm_core.errors import ExportError, UnsupportedError
-from edgellm_core.onnx_graph.builder import FLOAT, FLOAT16, INT8
+from edgellm_core.onnx_graph.builder import FLOAT16, INT8
 from edgellm_core.ops import int4_moe
 
 from ...config import ModelConfig
 from ...quant import int4_linear, int4_pack  # int4_linear only at call time: it imports models (a cycle)
 from ...quant.plan import FP16, INT4_AWQ_GEMM, INT4_AWQ_MODELOPT, INT4_FORMATS, INT4_GPTQ
 from . import linear
+from . import moe_plugin_routing as routing
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # The expert stacks, in the order the graph declares them (each scale before its weights).
@@ -162,12 +163,9 @@ def emit(e, layer: int, y: str, fmt: str) -> str:
     import torch
 
     g, c, ws, m = e.g, e.cfg, e.w, e.cfg.moe
-    n, h, inter, experts = g.node, c.hidden_size, m.intermediate_size, m.num_experts
-    router = f"layers.{layer}.mlp.gate"
+    h, inter, experts = c.hidden_size, m.intermediate_size, m.num_experts
     where = ws.ckpt.path
-    if router in e.quant.linears and e.quant.linears[router].format != FP16:
-        raise UnsupportedError(f"{router}: the MoE router is quantized ({e.quant.linears[router].format}); the "
-                               "runtime reads its logits from an fp16 MatMul", where)
+    routing.refuse_quantized_router(e, layer)
     lqs = {p: [e.quant.linears[f"layers.{layer}.mlp.experts.{x}.{p}"] for x in range(experts)] for p in PROJECTIONS}
     groups = {lq.group_size for per in lqs.values() for lq in per}
     if len(groups) != 1:
@@ -183,10 +181,7 @@ def emit(e, layer: int, y: str, fmt: str) -> str:
     parts = {p: [_Expert(ws, f"layers.{layer}.mlp.experts.{x}.{p}", lqs[p][x], *dims[p]) for x in range(experts)]
              for p in PROJECTIONS}
 
-    # Router, on the flattened tokens, as the plugin reads its logits ([B*S, E] fp32).
-    flat = n("Reshape", [y, g.i64(-1, h)])
-    logits = n("Cast", [linear.emit(e, flat, router, experts, h, False)], {"to": FLOAT})
-
+    logits = routing.router_logits(e, layer, y)  # as the plugin reads them: [B*S, E] fp32
     shapes = int4_moe.stack_shapes(experts, h, inter, group)
     fc1 = list(zip(parts["gate_proj"], parts["up_proj"]))
     fc2 = [(d,) for d in parts["down_proj"]]
@@ -222,12 +217,7 @@ def emit(e, layer: int, y: str, fmt: str) -> str:
                         moe_inter_size=inter, group_size=group)
     if m.norm_topk_prob:
         return out
-    # Undo the plugin's renormalisation: times the sum of the k probabilities, in fp32, rounded once.
-    top_v, _ = n("TopK", [n("Softmax", [logits], {"axis": -1}), g.i64(m.top_k)],
-                 {"axis": -1, "largest": 1, "sorted": 1}, n_out=2)
-    total = n("ReduceSum", [top_v, g.i64(-1)], {"keepdims": 1})  # [T, 1]
-    scaled = n("Mul", [n("Cast", [n("Reshape", [out, g.i64(-1, h)])], {"to": FLOAT}), total])
-    return n("Reshape", [n("Cast", [scaled], {"to": FLOAT16}), n("Shape", [y])])
+    return routing.undo_renormalisation(g, out, logits, y, h, m.top_k)
 
 
 def eager(y, t: dict, cfg: ModelConfig, layer_quant: dict):
@@ -253,7 +243,7 @@ class Stream:
         weights, routed = int4_moe.route_torch(logits, m.top_k)
         self.total = None
         if not m.norm_topk_prob:
-            self.total = torch.topk(torch.softmax(logits, dim=-1), m.top_k, dim=-1).values.sum(-1, keepdim=True)
+            self.total = routing.topk_probability_sum(logits, m.top_k)
         self.x = y.reshape(-1, h).float()
         self.rows = [routed[:, x].nonzero().flatten() for x in range(m.num_experts)]
         self.weights = weights

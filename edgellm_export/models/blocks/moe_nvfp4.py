@@ -4,7 +4,7 @@
 Graph: the router as moe.py has it (fp16 `MatMul` over the hidden states flattened to `[B*S, H]`, then a
 `Cast` to fp32) and one plugin node. The plugin always renormalises the k routing weights; with
 `norm_topk_prob: false` its output is multiplied by the sum of the k softmax probabilities (fp32, rounded
-once to fp16), as moe_int4.py does.
+once to fp16): moe_plugin_routing.py, shared with moe_int4.py.
 
 Weights: an exact repack, not NVIDIA's. The 0.7.1 exporter decodes every expert, rounds it through bf16 and
 re-quantizes it with block scale amax / 6 and no global scale (so small blocks fall into fp8 subnormals),
@@ -33,13 +33,14 @@ import logging
 import numpy as np
 
 from edgellm_core.errors import UnsupportedError
-from edgellm_core.onnx_graph.builder import FLOAT, FLOAT16, INT8
+from edgellm_core.onnx_graph.builder import FLOAT, INT8
 from edgellm_core.ops import nvfp4_moe
 
 from ...config import ModelConfig
-from ...quant.plan import FP16, NVFP4
+from ...quant.plan import NVFP4
 from ...quant.scales import checked_fp32
 from . import linear
+from . import moe_plugin_routing as routing
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +96,9 @@ def emit(e, layer: int, y: str) -> str:
     import torch
 
     g, c, ws, m = e.g, e.cfg, e.w, e.cfg.moe
-    n, h, inter, experts = g.node, c.hidden_size, m.intermediate_size, m.num_experts
-    router = f"layers.{layer}.mlp.gate"
+    h, inter, experts = c.hidden_size, m.intermediate_size, m.num_experts
     where = ws.ckpt.path
-    if router in e.quant.linears and e.quant.linears[router].format != FP16:
-        raise UnsupportedError(f"{router}: the MoE router is quantized ({e.quant.linears[router].format}); the "
-                               "runtime reads its logits from an fp16 MatMul", where)
+    routing.refuse_quantized_router(e, layer)
     names = [f"layers.{layer}.mlp.experts.{x}.{p}" for x in range(experts) for p in PROJECTIONS]
     groups = {e.quant.linears[nm].group_size for nm in names}
     if groups != {nvfp4_moe.BLOCK}:
@@ -128,10 +126,7 @@ def emit(e, layer: int, y: str) -> str:
             log.warning("%s: gate/up input_scale differ (%g, %g); the plugin quantizes the token once per expert, "
                         "with the larger", gate.name, gate.sx, up.sx)
 
-    # Router, on the flattened tokens, as the plugin reads its logits ([B*S, E] fp32).
-    flat = n("Reshape", [y, g.i64(-1, h)])
-    logits = n("Cast", [linear.emit(e, flat, router, experts, h, False)], {"to": FLOAT})
-
+    logits = routing.router_logits(e, layer, y)  # as the plugin reads them: [B*S, E] fp32
     shapes = nvfp4_moe.stack_shapes(experts, h, inter)
     fc1 = [(d["up_proj"], d["gate_proj"]) for d in ex]  # [up; gate], the kernel's FC1 row order
     fc2 = [(d["down_proj"],) for d in ex]
@@ -173,18 +168,12 @@ def emit(e, layer: int, y: str) -> str:
                          hidden_size=h, moe_inter_size=inter)
     if m.norm_topk_prob:
         return out
-    # Undo the plugin's renormalisation: times the sum of the k probabilities, in fp32, rounded once.
-    top_v, _ = n("TopK", [n("Softmax", [logits], {"axis": -1}), g.i64(m.top_k)],
-                 {"axis": -1, "largest": 1, "sorted": 1}, n_out=2)
-    total = n("ReduceSum", [top_v, g.i64(-1)], {"keepdims": 1})  # [T, 1]
-    scaled = n("Mul", [n("Cast", [n("Reshape", [out, g.i64(-1, h)])], {"to": FLOAT}), total])
-    return n("Reshape", [n("Cast", [scaled], {"to": FLOAT16}), n("Shape", [y])])
+    return routing.undo_renormalisation(g, out, logits, y, h, m.top_k)
 
 
 def eager(y, t: dict, cfg: ModelConfig, layer_quant: dict):
     """Eager face over the block's initializers (names without the `layers.{i}.` prefix): the plugin's
     numerics (nvfp4_moe's torch helpers), then the norm_topk_prob rescale."""
-    import torch
 
     m, h = cfg.moe, cfg.hidden_size
     logits = linear.eager(y, t, "mlp.gate", layer_quant).float().reshape(-1, m.num_experts)
@@ -193,6 +182,5 @@ def eager(y, t: dict, cfg: ModelConfig, layer_quant: dict):
     out = op(logits, y.half(), *(s[w] for w in STACKS), m.num_experts, m.top_k, h, m.intermediate_size,
              nvfp4_moe.ACTIVATION_SWIGLU, nvfp4_moe.BACKEND_AUTO, 0, nvfp4_moe.IO_FP16).float()
     if not m.norm_topk_prob:
-        total = torch.topk(torch.softmax(logits, dim=-1), m.top_k, dim=-1).values.sum(-1, keepdim=True)
-        out = linear.r16(out.reshape(-1, h) * total).reshape(out.shape)
+        out = linear.r16(out.reshape(-1, h) * routing.topk_probability_sum(logits, m.top_k)).reshape(out.shape)
     return out
