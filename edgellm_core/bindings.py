@@ -33,6 +33,8 @@ class Bindings:
     v_cache: str
     present_k_cache: str
     present_v_cache: str
+    # Qwen3-VL: the visual tower's deepstack features, added to the residual after decoder layer i.
+    deepstack_embeds: str  # format with the layer index
 
     def past(self, i: int) -> str:
         return self.past_kv.format(i)
@@ -47,6 +49,16 @@ class Bindings:
     def recurrent(self, i: int) -> tuple[str, str]:
         """(input, output) names of recurrent layer i's recurrent (SSM / delta-rule) state."""
         return self.recurrent_state.format(i), self.present_recurrent_state.format(i)
+
+    def deepstack(self, i: int) -> str:
+        """The per-step input added to the hidden states after decoder layer i (`[batch, seq_len, hidden]`
+        fp16, zeros on text positions; families.md §0.1)."""
+        return self.deepstack_embeds.format(i)
+
+    def deepstack_ordinal(self, name: str) -> int | None:
+        """i for `deepstack_embeds_i`, else None."""
+        m = re.fullmatch(self.deepstack_embeds.replace("{}", r"(\d+)"), name)
+        return int(m.group(1)) if m else None
 
     def native_kv(self, i: int) -> tuple[str, str]:
         """(K, V) cache input names of attention layer i in a `trt_native_ops` export."""
@@ -126,6 +138,7 @@ V0_7 = Bindings(
     v_cache="v_cache_{}",
     present_k_cache="present_k_cache_{}",
     present_v_cache="present_v_cache_{}",
+    deepstack_embeds="deepstack_embeds_{}",
 )
 RELEASES = {"0.7": V0_7}
 

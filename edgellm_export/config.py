@@ -138,6 +138,8 @@ class ModelConfig:
     norm_plus_one: bool = False  # Qwen3.5: RMSNorm weights stored as w, applied as (1 + w)
     norm_fp32_product: bool = False  # Qwen3.5, Nemotron-H: the weight multiplies in fp32, one rounding after
     use_rope: bool = True  # Nemotron-H attention is NoPE
+    # Qwen3-VL: `deepstack_embeds_i` inputs added to the residual after decoder layers 0..N-1.
+    num_deepstack_features: int = 0
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def mixer(self, i: int) -> str:
@@ -357,9 +359,33 @@ def _base_config(cfg, raw, model_type, hidden, heads, kv_heads, head_dim, rope, 
         sliding_window=window,
         hidden_act=str(cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))),
         moe=_moe_spec(cfg, path) if model_type == "qwen3_moe" else None,
+        # Qwen3.5's VLM adds no deepstack features to its language model (0.7.1's Qwen3.5 class forces none)
+        num_deepstack_features=0 if model_type in QWEN3_5_TYPES else _deepstack_count(cfg, raw, path),
         raw=cfg,
         **(_qwen3_5_fields(cfg, path) if model_type in QWEN3_5_TYPES else {}),
     )
+
+
+def _deepstack_count(cfg: dict, raw: dict, path: Path) -> int:
+    """How many deepstack inputs the language model takes (families.md §1.3): `num_deepstack_features` of the
+    language model's config, else of the root; else one per `vision_config.deepstack_visual_indexes`; else 3
+    for a Qwen3-VL / Qwen3-Omni text model (their towers' default); else none."""
+    for scope in (cfg, raw):
+        n = scope.get("num_deepstack_features")
+        if n is not None:
+            if isinstance(n, bool) or not isinstance(n, int):
+                raise ExportError(f"config.json field 'num_deepstack_features' must be an integer, got {n!r}", path)
+            break
+    else:
+        vision = raw.get("vision_config") if isinstance(raw.get("vision_config"), dict) else {}
+        indexes = vision.get("deepstack_visual_indexes")
+        types = f"{cfg.get('model_type')} {raw.get('model_type')}"
+        n = len(indexes) if isinstance(indexes, list) else 3 if ("qwen3_vl" in types or "qwen3_omni" in types) else 0
+    layers = _int(cfg, "num_hidden_layers", path)
+    if not 0 <= n <= layers:
+        raise ExportError(f"{n} deepstack features for a language model of {layers} layers: each is added after "
+                          "one decoder layer", path)
+    return n
 
 
 QWEN3_5_TYPES = ("qwen3_5_text", "qwen3_5")

@@ -109,6 +109,8 @@ class Twin:
         self.rope = rope_table(self.config, self.capacity)
         self.embedding = EmbeddingTable(self.llm_dir / "embedding.safetensors")
         self.states = state_specs(self.llm_dir, self.bindings)
+        self.deepstack = [self.bindings.deepstack(i) for i in range(int(self.config.get("num_deepstack_features")
+                                                                         or 0))]
         # A plugin-free export (native.md): per-step inputs as LLMEngineRunner's trt_native_ops path feeds them,
         # and caches of the graph's static capacity, which the positions must stay within.
         self.native = bool(self.config.get("trt_native_ops"))
@@ -124,13 +126,15 @@ class Twin:
         """Zeroed full-capacity buffers for a fresh sequence batch, keyed by input name."""
         return {s.past: s.zeros(batch, self.capacity) for s in self.states}
 
-    def step(self, state: dict, token_ids, context_lengths, kvcache_start_index, last_token_ids):
+    def step(self, state: dict, token_ids, context_lengths, kvcache_start_index, last_token_ids, deepstack=None):
         """One forward step; returns (logits [B, V] fp32, the state to feed to the next step).
 
         token_ids [B, S]; context_lengths [B] (new tokens of a prefill, the cached length + 1 in decode);
         kvcache_start_index [B], or empty for a plain prefill; last_token_ids [B] or [B, 1].
         A native export is fed what the trt_native_ops runtime feeds (`native_step_inputs`); its own inputs
-        (start index [B] on every step, context_lengths 1 in decode) pass through unchanged."""
+        (start index [B] on every step, context_lengths 1 in decode) pass through unchanged.
+        A Qwen3-VL export's deepstack inputs are `deepstack` (one `[B, S, H]` array each) or, as the runtime
+        binds them for text, zeros."""
         tokens = np.asarray(token_ids, dtype=np.int64)
         batch = tokens.shape[0]
         b = self.bindings
@@ -145,6 +149,10 @@ class Twin:
             b.kvcache_start_index: start,
             b.last_token_ids: np.asarray(last_token_ids, np.int64).reshape(batch, 1),
         }
+        embeds = feeds[b.inputs_embeds]
+        for k, name in enumerate(self.deepstack):
+            feeds[name] = (np.zeros_like(embeds) if deepstack is None
+                           else np.asarray(deepstack[k], np.float16).reshape(embeds.shape))
         feeds.update(state)
         out = self.backend.run(feeds)
         # The presents are the full-capacity buffers, fed back in place (on TensorRT, device handles).

@@ -128,7 +128,8 @@ def test_lora_rank_is_unsupported():
     ({"trt_native_ops": True, "model_type": "hybrid_mamba", "num_linear_attn_layers": 1}, UnsupportedError,
      "hybrid"),
     ({"model_type": "eagle3_base"}, UnsupportedError, "vanilla"),
-    ({"num_deepstack_features": 3}, UnsupportedError, "deepstack"),
+    ({"num_deepstack_features": -1}, ProfileError, "num_deepstack_features"),
+    ({"num_deepstack_features": 2, "trt_native_ops": True}, UnsupportedError, "deepstack"),
 ])
 def test_configs_the_vanilla_profiles_do_not_cover(change, exc, words):
     cfg = {**CONFIG, **change}
@@ -221,3 +222,18 @@ def test_profiles_fit_the_exported_graph(demo_export):
                 else:
                     named.setdefault(dim.dim_param, set()).add(triple)
         assert all(len(v) == 1 for v in named.values()), (pname, named)
+
+
+def test_deepstack_inputs_get_the_inputs_embeds_ranges():
+    """Qwen3-VL (setupDeepstackProfiles): every deepstack_embeds_i, after last_token_ids, in both profiles."""
+    cfg = {**CONFIG, "num_deepstack_features": 3}
+    names = input_names(cfg)
+    assert names[names.index("last_token_ids") + 1:][:3] == ["deepstack_embeds_0", "deepstack_embeds_1",
+                                                             "deepstack_embeds_2"]
+    got = optimization_profiles(cfg, BuildLimits(4, 64, 128))
+    for shapes in got.values():
+        for i in range(3):
+            assert shapes[f"deepstack_embeds_{i}"] == shapes["inputs_embeds"]
+    assert got["context"]["deepstack_embeds_2"] == ShapeRange((1, 1, 256), (4, 32, 256), (4, 64, 256))
+    assert got["generation"]["deepstack_embeds_0"].max == (4, 1, 256)
+    check_inputs_covered(got, names)

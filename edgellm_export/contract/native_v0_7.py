@@ -81,6 +81,7 @@ class NativeIO:
     # Shared per-step values (edgellm_core/ops/native_attention.py native_shared).
     shared: dict[str, str] = field(default_factory=dict)
     rotary_dim: int = 0
+    deepstack: list[str] = field(default_factory=list)  # none: check_supported refuses deepstack models
 
 
 def _cache_shape(cfg: ModelConfig) -> list:
@@ -173,6 +174,11 @@ def check_supported(cfg: ModelConfig) -> None:
             "without --attention native")
     if cfg.attn_output_gate:
         raise UnsupportedError("gated attention (attn_output_gate) is not covered by --attention native")
+    if cfg.num_deepstack_features:
+        raise UnsupportedError(
+            f"{cfg.model_type} takes {cfg.num_deepstack_features} deepstack inputs (Qwen3-VL); Edge-LLM 0.7.1's "
+            "trt_native_ops path covers vanilla decoding only (native.md: deepstack is out of its scope). Export "
+            "it without --attention native")
     if 0 < cfg.sliding_window < KV_CAPACITY:
         log.warning("sliding_window=%d is not applied by the native attention mask (neither NVIDIA's nor ours): "
                     "contexts longer than %d tokens attend to the whole cache, unlike the checkpoint",

@@ -56,6 +56,7 @@ class GraphIO:
     recurrent: dict[int, str] = field(default_factory=dict)  # recurrent layer -> recurrent state input
     state_presents: dict[str, str | None] = field(default_factory=dict)  # state input -> its output value
     kv_dtype: int = FLOAT16
+    deepstack: list[str] = field(default_factory=list)  # Qwen3-VL: added after decoder layer i
 
 
 def recurrent_state_dtype(cfg: ModelConfig) -> int:
@@ -97,7 +98,10 @@ def declare_io(g: GraphBuilder, cfg: ModelConfig, kv_fp8: bool = False) -> Graph
     ctx = g.input(b.context_lengths, INT32, [BATCH])
     start = g.input(b.kvcache_start_index, INT32, [KV_BATCH])
     last = g.input(b.last_token_ids, INT64, [BATCH, 1])
-    io = GraphIO(emb, rope, ctx, start, last, past, {i: None for i in past}, kv_dtype=kv_dtype)
+    # Qwen3-VL's deepstack features follow last_token_ids (text.md §2.2); llm_build finds them by name.
+    deepstack = [g.input(b.deepstack(i), FLOAT16, [BATCH, SEQ, cfg.hidden_size])
+                 for i in range(cfg.num_deepstack_features)]
+    io = GraphIO(emb, rope, ctx, start, last, past, {i: None for i in past}, kv_dtype=kv_dtype, deepstack=deepstack)
     for k, i in enumerate(cfg.recurrent_layers):
         io.conv[i] = g.input(b.conv(k)[0], FLOAT16, list(conv_state_shape(cfg, BATCH)))
     for k, i in enumerate(cfg.recurrent_layers):
@@ -152,7 +156,7 @@ def runtime_config(cfg: ModelConfig, *, allow_rope_passthrough: bool = False) ->
         "rope_theta": rope.pop("rope_theta"),
         "rope_scaling": rope.pop("rope_scaling"),
         "partial_rotary_factor": cfg.partial_rotary_factor,
-        "num_deepstack_features": 0,
+        "num_deepstack_features": cfg.num_deepstack_features,
     }
     out.update(rope)  # original_max_position_embeddings for longrope
     if isinstance(cfg.raw.get("vision_config"), dict):  # copied verbatim: VLM runners read it from here (§0.3)

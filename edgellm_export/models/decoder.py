@@ -91,6 +91,8 @@ def emit_graph(g: GraphBuilder, w: WeightSource, cfg: ModelConfig, contract, has
         if c.mlp(i) != NONE:
             y = norm(x, p + ("input_layernorm.weight" if first else "post_attention_layernorm.weight"))
             x = n("Add", [x, _emit_mlp(e, i, y)])
+        if i < len(io.deepstack):  # Qwen3-VL: the tower's features at image positions (zeros elsewhere)
+            x = n("Add", [x, io.deepstack[i]])
     g.scope = "head"
     y = norm(x, "norm.weight")
     # Logits only for the selected token of each sequence: GatherND(batch_dims=1).

@@ -158,7 +158,7 @@ def _builder_config(trt, builder, profiles, opts: BuildOptions, version: str):
 def engine_config(config: dict, limits: BuildLimits) -> dict:
     """The config.json llm_build 0.7.1 writes next to the engine: the export's plus `builder_config`."""
     return {**config, "builder_config": limits.builder_config(config.get("trt_native_ops") is True),
-            "num_deepstack_features": 0}
+            "num_deepstack_features": config.get("num_deepstack_features") or 0}  # llm_build counts the inputs
 
 
 def build_engine(export_dir: str | os.PathLike, engine_dir: str | os.PathLike, options: BuildOptions | None = None,

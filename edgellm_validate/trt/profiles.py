@@ -16,6 +16,10 @@ the KV cache is one `[B, 2, Hkv, 0..Cap, D]` tensor per layer, there is no page 
     past_key_values_i      [1,2,Hkv,0,D] / [B,2,Hkv,C,D] / [B,2,Hkv,C,D]   same
     conv_state_j           [1,Cd,K] / [B,Cd,K] / [B,Cd,K]                  same    (hybrids)
     recurrent_state_j      [1,Hr,Dr,N] / [B,Hr,Dr,N] / [B,Hr,Dr,N]         same    (hybrids)
+    deepstack_embeds_i     as inputs_embeds                    as inputs_embeds        (Qwen3-VL)
+
+Qwen3-VL's `deepstack_embeds_i` (i < `num_deepstack_features`) get inputs_embeds' ranges, as
+`LLMBuilder::setupDeepstackProfiles` gives them.
 
 A hybrid (`model_type` hybrid_mamba) has a KV cache per attention layer only (`num_attention_layers`)
 and a conv and a recurrent state per recurrent layer (`num_linear_attn_layers`; Cd = `conv_dim`,
@@ -117,6 +121,7 @@ class ModelDims:
     conv_state: tuple[int, int] = (0, 0)  # (conv_dim, conv_kernel)
     recurrent_state: tuple[int, int, int] = (0, 0, 0)  # (heads, head_dim, state size)
     native: bool = False  # trt_native_ops: separate K / V caches of fixed capacity
+    num_deepstack: int = 0  # Qwen3-VL: deepstack_embeds_i inputs
 
 
 def check_limits(limits: BuildLimits) -> None:
@@ -165,8 +170,13 @@ def model_dims(config: dict, where: str | Path | None = None) -> ModelDims:
     if config.get("model_type") in _NON_VANILLA:
         raise UnsupportedError(f"config.json model_type {config['model_type']!r}: only vanilla LLM profiles "
                                "(model_type 'llm') are implemented", where)
-    if config.get("num_deepstack_features"):
-        raise UnsupportedError("deepstack inputs (Qwen3-VL) are not covered by these profiles", where)
+    deepstack = config.get("num_deepstack_features") or 0
+    if isinstance(deepstack, bool) or not isinstance(deepstack, int) or deepstack < 0:
+        raise ProfileError(f"config.json num_deepstack_features must be a non-negative integer, not {deepstack!r}",
+                           where)
+    if deepstack and native:
+        raise UnsupportedError("config.json sets trt_native_ops with deepstack inputs: 0.7.1's native path covers "
+                               "vanilla decoding only", where)
     hidden = _int_field(config, "hidden_size", where)
     heads = _int_field(config, "num_attention_heads", where)
     kv_heads = _int_field(config, "num_key_value_heads", where)
@@ -184,9 +194,9 @@ def model_dims(config: dict, where: str | Path | None = None) -> ModelDims:
         raise ProfileError(f"rotary dim int(head_dim * partial_rotary_factor) = {rotary}", where)
     recurrent = config.get("num_linear_attn_layers") or 0
     if config.get("model_type") != HYBRID or not recurrent:
-        return ModelDims(hidden, kv_heads, head_dim, rotary, layers, native=native)
+        return ModelDims(hidden, kv_heads, head_dim, rotary, layers, native=native, num_deepstack=deepstack)
     recurrent = _int_field(config, "num_linear_attn_layers", where)
-    return ModelDims(hidden, kv_heads, head_dim, rotary,
+    return ModelDims(hidden, kv_heads, head_dim, rotary, num_deepstack=deepstack,
                      num_kv_inputs=config.get("num_attention_layers", layers),
                      num_recurrent=recurrent,
                      conv_state=(_int_field(config, "conv_dim", where), _int_field(config, "conv_kernel", where)),
@@ -202,7 +212,8 @@ def input_names(config: dict) -> list[str]:
         return [INPUTS_EMBEDS, ROPE_COS_SIN, CONTEXT_LENGTHS, LAST_TOKEN_IDS, *(_B.native_kv(i)[0] for i in layers),
                 *(_B.native_kv(i)[1] for i in layers), KVCACHE_START_INDEX]
     return [INPUTS_EMBEDS, *(PAST_KV.format(i) for i in range(dims.num_kv_inputs)), ROPE_COS_SIN, CONTEXT_LENGTHS,
-            KVCACHE_START_INDEX, LAST_TOKEN_IDS, *(_B.conv(j)[0] for j in range(dims.num_recurrent)),
+            KVCACHE_START_INDEX, LAST_TOKEN_IDS, *(_B.deepstack(i) for i in range(dims.num_deepstack)),
+            *(_B.conv(j)[0] for j in range(dims.num_recurrent)),
             *(_B.recurrent(j)[0] for j in range(dims.num_recurrent))]
 
 
@@ -238,14 +249,16 @@ def optimization_profiles(config: dict, limits: BuildLimits | None = None,
         rec = _B.recurrent_state_dims
         kv[_B.recurrent(j)[0]] = rng(rec(1, *dims.recurrent_state), rec(b, *dims.recurrent_state),
                                      rec(b, *dims.recurrent_state))
+    embeds = {CONTEXT: rng([1, 1, h], [b, seq // 2, h], [b, seq, h]), GENERATION: rng([1, 1, h], [b, 1, h], [b, 1, h])}
+    deepstack = [_B.deepstack(i) for i in range(dims.num_deepstack)]  # inputs_embeds' ranges
     context = {
-        INPUTS_EMBEDS: rng([1, 1, h], [b, seq // 2, h], [b, seq, h]),
+        INPUTS_EMBEDS: embeds[CONTEXT], **{name: embeds[CONTEXT] for name in deepstack},
         # Shape [0] is the runtime's "fresh prefill, empty cache" sentinel.
         KVCACHE_START_INDEX: rng([0], [b], [b]),
         **common, **kv,
     }
     generation = {
-        INPUTS_EMBEDS: rng([1, 1, h], [b, 1, h], [b, 1, h]),
+        INPUTS_EMBEDS: embeds[GENERATION], **{name: embeds[GENERATION] for name in deepstack},
         KVCACHE_START_INDEX: rng([1], [b], [b]),
         **common, **kv,
     }
