@@ -28,6 +28,18 @@ MROPE = [8, 12, 12]  # temporal, height, width: 32 rotate-half pairs of head_dim
 TOKENS = {"image_token_id": 500, "video_token_id": 501, "vision_start_token_id": 502, "vision_end_token_id": 503}
 
 
+def _give_the_text_model_signal(model, tower: str) -> None:
+    """Random biases and norm weights (every optional path carries signal) and a sharper lm_head (top-1 well
+    clear of fp16 noise) for the language model; the tower (`tower` in the parameter name) is left as made."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if tower not in name and "projector" not in name and (name.endswith(".bias") or "norm" in name):
+                p.add_(torch.randn_like(p) * 0.1)
+        model.lm_head.weight.mul_(4.0)
+
+
 @pytest.fixture(scope="module")
 def vl_checkpoint(tmp_path_factory):
     """(checkpoint dir, fp32 HF model): tiny random Qwen2.5-VL saved in bf16 by transformers."""
@@ -43,11 +55,7 @@ def vl_checkpoint(tmp_path_factory):
                        "temporal_patch_size": 2, "window_size": 56, "fullatt_block_indexes": [1]},
         initializer_range=0.05, **TOKENS)
     model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():  # random biases and norms: every optional path carries signal
-            if "visual" not in name and (name.endswith(".bias") or "norm" in name):
-                p.add_(torch.randn_like(p) * 0.1)
-        model.lm_head.weight.mul_(4.0)
+    _give_the_text_model_signal(model, tower="visual")
     path = tmp_path_factory.mktemp("qwen2_5_vl") / "ckpt"
     model.to(torch.bfloat16).save_pretrained(path)
     model.float()
@@ -134,11 +142,7 @@ def test_internvl_hf_layout_language_model_matches_transformers(tmp_path):
                                         "num_attention_heads": 2, "image_size": [28, 28], "patch_size": [14, 14]},
                          image_token_id=500, downsample_ratio=0.5, initializer_range=0.05)
     model = InternVLForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "language_model" in name and (name.endswith(".bias") or "norm" in name):
-                p.add_(torch.randn_like(p) * 0.1)
-        model.lm_head.weight.mul_(4.0)
+    _give_the_text_model_signal(model, tower="vision_tower")
     ckpt = tmp_path / "ckpt"
     model.to(torch.bfloat16).save_pretrained(ckpt)
     model.float()
