@@ -70,6 +70,11 @@ def _print_validation(res: dict, quiet: bool) -> None:
               f"max |diff| {res['max_abs']:.4g}")
     else:
         print(f"Validation {status}")
+    for name, comp in res.get("components", {}).items():
+        for out, r in comp.get("outputs", {}).items():
+            if "worst_cosine" in r:
+                print(f"  {name}: {out} {r['tokens']} tokens, worst cosine {r['worst_cosine']:.6f}, "
+                      f"max |diff| {r['max_abs_diff']:.4g}")
     for f in res["failures"]:
         print(f"  - {f}")
     print(f"Result written to {res['result_file']}")

@@ -535,7 +535,14 @@ def _nemotron_h_fields(cfg: dict, path: Path) -> dict:
 # them (the root config, or a Qwen-Omni style `thinker_config`).
 COMPONENT_KEYS = {"visual": ("vision_config",), "audio": ("audio_config",)}
 COMPONENTS = ("llm", "visual", "audio")
-EXPORTED_COMPONENTS = ("llm",)  # what this version writes
+
+
+def exported_components(raw: dict) -> tuple[str, ...]:
+    """What this version can write for the checkpoint: the language model, and its vision tower where the
+    tower's family is implemented (visual.FAMILIES)."""
+    from .visual import exportable
+
+    return ("llm", "visual") if exportable(raw) else ("llm",)
 
 
 def multimodal_components(raw: dict) -> dict[str, str]:
@@ -551,24 +558,39 @@ def multimodal_components(raw: dict) -> dict[str, str]:
     return found
 
 
-def check_components(raw: dict, requested: tuple[str, ...] | None, path: Path) -> None:
-    """A multimodal checkpoint never loses a component silently: without `--components`, an encoder the
-    checkpoint has and this version cannot export is an error; `--components llm` exports the language
-    model alone, knowingly."""
+def check_components(raw: dict, requested: tuple[str, ...] | None, path: Path) -> tuple[str, ...]:
+    """The components to write. A multimodal checkpoint never loses a component silently: without
+    `--components`, every component the checkpoint has is written, and an encoder this version cannot export
+    is an error; `--components llm` exports the language model alone, knowingly."""
     from edgellm_core.errors import UnsupportedError
 
     unknown = [c for c in requested or () if c not in COMPONENTS]
     if unknown:
         raise ExportError(f"--components names {', '.join(map(repr, unknown))}; components are "
                           f"{', '.join(COMPONENTS)}", path)
-    missing = [c for c in requested or () if c not in EXPORTED_COMPONENTS]
+    if requested is not None and "llm" not in requested:
+        raise UnsupportedError("--components without llm: an export always holds the language model (the encoders' "
+                               "outputs only mean something to it)", path)
+    can = exported_components(raw)
+    present = multimodal_components(raw)
+    absent = [c for c in requested or () if c != "llm" and c not in present]
+    if absent:
+        raise ExportError(f"--components {','.join(absent)}: the checkpoint has no {' or '.join(absent)} encoder",
+                          path)
+    missing = [c for c in requested or () if c not in can]
     if missing:
-        raise UnsupportedError(f"--components {','.join(missing)}: exporting the {' and '.join(missing)} "
-                               f"encoder is not implemented yet (supported: {', '.join(EXPORTED_COMPONENTS)})", path)
-    extra = multimodal_components(raw)
-    if requested is None and extra:
-        named = ", ".join(f"a {c} encoder ({key})" for c, key in extra.items())
+        from .visual import FAMILIES
+
+        raise UnsupportedError(f"--components {','.join(missing)}: exporting the {' and '.join(missing)} encoder of "
+                               f"a {raw.get('model_type')!r} checkpoint is not implemented yet (vision towers: "
+                               f"{', '.join(sorted(FAMILIES))}; audio: none)", path)
+    if requested is not None:
+        return tuple(c for c in COMPONENTS if c in requested)
+    cannot = {c: key for c, key in present.items() if c not in can}
+    if cannot:
+        named = ", ".join(f"a {c} encoder ({key})" for c, key in cannot.items())
         raise UnsupportedError(
             f"this checkpoint also has {named}, which edgellm-export cannot export yet; exporting the "
             "language model alone would drop it without a word. Pass --components llm to export only the "
             "language model, knowingly", path)
+    return ("llm", *(c for c in COMPONENTS if c in present))

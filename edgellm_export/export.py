@@ -13,9 +13,11 @@ from pathlib import Path
 from edgellm_core.errors import ExportError
 from edgellm_core.manifest import write_manifest
 from edgellm_core.onnx_graph.builder import GraphBuilder
+from edgellm_core.ops.schemas import ONNX_OPSET
 
 from . import __version__, interrupts
 from . import golden as golden_mod
+from . import visual as visual_mod
 from .checkpoint import open_checkpoint
 from .checkpoint.hub import CheckpointRef
 from .checkpoint.reader import TensorRef
@@ -152,15 +154,44 @@ def export_checkpoint(checkpoint: str | Path | CheckpointRef, out_dir: str | Pat
                     writer.finish()  # stop the thread; the error that got here first is the one to report
                 raise
             writer.finish()
-            ckpt.check_unchanged()
             if run is not None:
                 run.finish()
                 golden_mod.write_bundle(llm, scenarios, precision=_precision(planned.quant, opts), kv_capacity=capacity)
+            digests = dict(writer.digests)
+            if planned.visual is not None:
+                digests.update(_write_visual(planned.visual, tmp / visual_mod.SUBDIR, ckpt.path, opts, report,
+                                             contract))
+            ckpt.check_unchanged()
             interrupts.check()
-            known = {Path(p).relative_to(tmp).as_posix(): d for p, d in writer.digests.items()}
+            known = {Path(p).relative_to(tmp).as_posix(): d for p, d in digests.items()}
             write_manifest(tmp, known, source.identity())
             files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
     return ExportResult(Path(out_dir), files, time.perf_counter() - t0, _cpu_seconds() - cpu0)
+
+
+def _write_visual(planned: visual_mod.PlannedVisual, out: Path, ckpt_dir: Path, opts: ExportOptions, report,
+                  contract) -> dict:
+    """OUT/visual/: graph, weights, config.json, the preprocessor's config and the golden tiles; returns the
+    digests the writer computed (path -> sha256) for the manifest."""
+    g = planned.graph
+    data_size = g.layout_weights()
+    model = g.to_model(contract.DATA_FILE, {"": ONNX_OPSET}, contract.IR_VERSION,
+                       producer=("edgellm-export", __version__))
+    out.mkdir()
+    (out / contract.GRAPH_FILE).write_bytes(model.SerializeToString())
+    _write_json(out / "config.json", planned.runtime_config)
+    visual_mod.copy_preprocessor(ckpt_dir, out)
+    writer = StreamWriter()
+    try:
+        _write_weights(g, writer, out / contract.DATA_FILE, data_size, planned if opts.golden else None, report)
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            writer.finish()
+        raise
+    writer.finish()
+    if opts.golden:
+        visual_mod.write_golden(out, planned)
+    return writer.digests
 
 
 def _precision(quant: QuantDecisions, opts: ExportOptions) -> str:
@@ -178,6 +209,7 @@ class PlannedExport:
     embed_ref: TensorRef
     runtime_config: dict
     quant: QuantDecisions = field(default_factory=QuantDecisions)
+    visual: visual_mod.PlannedVisual | None = None  # OUT/visual/, when the checkpoint's tower is exported
 
 
 def plan_export(ckpt, contract, opts: ExportOptions) -> PlannedExport:
@@ -188,7 +220,7 @@ def plan_export(ckpt, contract, opts: ExportOptions) -> PlannedExport:
     zero-point correction."""
     has_lm_head = ckpt.has("lm_head.weight")
     try:
-        check_components(ckpt.config, opts.components, ckpt.config_path)
+        components = check_components(ckpt.config, opts.components, ckpt.config_path)
         plan = parse_quant_plan(ckpt.path, ckpt.config)
         cfg = build_model_config(ckpt.config, ckpt.has_layer_tensor, ckpt.config_path)
         family = family_for(cfg, ckpt.config_path)
@@ -213,7 +245,8 @@ def plan_export(ckpt, contract, opts: ExportOptions) -> PlannedExport:
     family.emit_graph(g, weights, cfg, contract, has_lm_head, quant)
     _refuse_unread_tensors(ckpt, family.linear_names(cfg, has_lm_head), weights.used, quant)
     embed_ref = weights.ref("embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
-    return PlannedExport(cfg, family, g, embed_ref, runtime_cfg, quant)
+    planned_visual = visual_mod.plan(ckpt, cfg.hidden_size, opts.clamp_fp16) if "visual" in components else None
+    return PlannedExport(cfg, family, g, embed_ref, runtime_cfg, quant, planned_visual)
 
 
 def _refuse_unread_tensors(ckpt, linears: list[str], used: set[str], quant: QuantDecisions) -> None:

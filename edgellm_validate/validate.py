@@ -14,6 +14,8 @@ from .compare import step_metrics, verdict
 from .export_dir import find_llm_dir
 from .runtime_rules import RuntimeRefusal
 from .twin import BUNDLE, load_bundle, run_twin
+from .visual import MIN_COSINE as VISUAL_MIN_COSINE
+from .visual import validate_visual, visual_dir
 
 RESULT_FILE = "validation.json"
 
@@ -51,6 +53,14 @@ def validate_export(out_dir: str | Path, *, backend: str = "cpu", result_path: P
         be.close()
     result.update({"backend": be.name, "export": str(llm), "manifest_verified": verify,
                    "seconds": round(time.perf_counter() - t0, 3)})
+    vdir = visual_dir(llm.parent)
+    if vdir is not None:  # the vision encoder, on its golden tiles (visual.py)
+        result["components"] = {"visual": validate_visual(vdir, "cpu" if backend == "cpu" else backend)}
+        if not result["components"]["visual"]["passed"]:
+            result["passed"] = False
+            result.setdefault("failures", []).append(
+                "visual: " + result["components"]["visual"].get("reason", "the encoder's output differs from its "
+                                                                          f"golden (cosine below {VISUAL_MIN_COSINE})"))
     limits = runtime_limits(json.loads((llm / "config.json").read_text()))
     if limits:  # not failures: what the runtime does regardless of the export (core/runtime_limits.py)
         result["runtime_limits"] = limits

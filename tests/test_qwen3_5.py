@@ -236,7 +236,7 @@ def _vlm_checkpoint(root):
 
 @pytest.mark.parametrize("components, code, words", [
     (None, 2, ["a visual encoder (vision_config)", "--components llm"]),
-    ("llm,visual", 2, ["--components visual", "not implemented yet", "supported: llm"]),
+    ("llm,visual", 2, ["--components visual", "not implemented yet", "vision towers: internvl"]),
     ("llm,video", 2, ["'video'", "llm, visual, audio"]),
 ])
 def test_a_vlm_never_loses_its_vision_tower_silently(tmp_path, capsys, components, code, words):

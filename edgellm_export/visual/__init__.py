@@ -1,0 +1,95 @@
+"""Vision encoders: `OUT/visual/` next to the language model (families.md §5, §7).
+
+One module per tower family, chosen by the checkpoint's root `model_type` (`FAMILIES`). Each gives
+`parse(raw, text_hidden, path) -> spec`, `runtime_config(raw, spec)`, `emit_graph(g, weights, spec)` and
+`eager(pixels, tensors, spec)`. Here: planning (graph and config before a byte is written), and the golden
+bundle the validation side replays: synthetic tiles and the eager face's output for them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgellm_core.errors import ExportError
+from edgellm_core.onnx_graph.builder import GraphBuilder
+
+from . import internvl
+
+SUBDIR = "visual"
+FAMILIES = {"internvl": internvl}  # root model_type -> tower module
+GOLDEN_DIR, GOLDEN_FILE, GOLDEN_TENSORS = "golden", "bundle.json", "tensors.safetensors"
+GOLDEN_TILES = 2  # two tiles in one call: the batch dim is exercised
+PREPROCESSOR_FILES = ("preprocessor_config.json",)
+
+
+def exportable(raw: dict) -> bool:
+    """This version can export the checkpoint's vision tower."""
+    return raw.get("model_type") in FAMILIES
+
+
+@dataclass
+class PlannedVisual:
+    module: object
+    spec: object
+    graph: GraphBuilder
+    runtime_config: dict
+    tensors: dict = field(default_factory=dict)  # initializer name -> fp16 tensor, kept for the golden pass
+
+    def consume(self, name: str, t) -> None:
+        """Called with every initializer as it is written (export._write_weights); towers are small enough to
+        keep whole, and reading them twice would double the tower's I/O."""
+        self.tensors[name] = t
+
+
+def plan(ckpt, text_hidden: int, clamp: bool = False) -> PlannedVisual:
+    """Config, runtime config and the graph with every weight declared; refuses tensors of the tower the
+    graph does not read (they would change its meaning)."""
+    from ..models.weights import WeightSource
+
+    module = FAMILIES[ckpt.config.get("model_type")]
+    spec = module.parse(ckpt.config, text_hidden, ckpt.config_path)
+    g = GraphBuilder("edgellm_visual")
+    weights = WeightSource(ckpt, g, clamp=clamp)
+    module.emit_graph(g, weights, spec)
+    prefixes = (module.TOWER, module.PROJECTOR)
+    stray = sorted(n for n in ckpt.names() if n.startswith(prefixes) and n not in weights.used)
+    if stray:
+        shown = ", ".join(stray[:4]) + (f" and {len(stray) - 4} more" if len(stray) > 4 else "")
+        raise ExportError(f"the vision tower has tensors this export does not read ({shown}); exporting without "
+                          "them would compute something else", ckpt.path)
+    return PlannedVisual(module, spec, g, module.runtime_config(ckpt.config, spec))
+
+
+def golden_tiles(spec) -> np.ndarray:
+    """Deterministic normalized-pixel tiles `[GOLDEN_TILES, C, S, S]` fp16 (what the runtime's preprocessing
+    feeds: per-channel normalized values, mostly within +-2)."""
+    rng = np.random.default_rng(20261202)
+    return rng.standard_normal((GOLDEN_TILES, spec.channels, spec.image_size, spec.image_size)).astype(np.float16)
+
+
+def write_golden(out: Path, planned: PlannedVisual) -> None:
+    """visual/golden/: the tiles and what the eager face computes for them."""
+    import torch
+    from safetensors.numpy import save_file
+
+    tiles = golden_tiles(planned.spec)
+    with torch.no_grad():
+        want = planned.module.eager(torch.from_numpy(tiles), planned.tensors, planned.spec)
+    d = out / GOLDEN_DIR
+    d.mkdir()
+    save_file({"input": tiles, "output": want.numpy().astype(np.float32)}, str(d / GOLDEN_TENSORS))
+    (d / GOLDEN_TENSORS).chmod(0o644)
+    (d / GOLDEN_FILE).write_text(json.dumps({"format": 1, "inputs": {planned.module.INPUT: "input"},
+                                             "outputs": {planned.module.OUTPUT: "output"}}, indent=1) + "\n")
+    planned.tensors.clear()
+
+
+def copy_preprocessor(ckpt_dir: Path, out: Path) -> None:
+    """The image preprocessor's config, as the runtime's multimodal runner reads it (copied when present)."""
+    for name in PREPROCESSOR_FILES:
+        if (ckpt_dir / name).is_file():
+            (out / name).write_bytes((ckpt_dir / name).read_bytes())

@@ -1,0 +1,174 @@
+"""InternVL3.5's vision tower and projector exported as `OUT/visual/` next to the language model, validated.
+
+Reference: transformers' InternVLModel.get_image_features on the same tiles (the tower, CLS dropped, pixel
+shuffle, projector), against onnxruntime on the exported graph as it is. Tiny towers made by transformers
+with 128 px tiles and 4 px patches, so that each tile gives the 256 tokens the 0.7.1 runtime sizes tiles at.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import BASE
+from safetensors.numpy import load_file, save_file
+
+from edgellm_export.cli import main
+from edgellm_validate.cpu_backend import CpuBackend
+from edgellm_validate.validate import validate_export
+from edgellm_validate.visual import validate_visual
+
+VARIANTS = {
+    # InternVL3.5-1B/2B/4B-like: LayerNorm, biased q/k/v, mean pooling (no final norm)
+    "layer_norm": {"norm_type": "layer_norm", "attention_bias": True},
+    # the 6B tower's options: RMSNorm, q/k RMSNorm, no q/k/v bias, a final LayerNorm
+    "rms_norm": {"norm_type": "rms_norm", "use_qk_norm": True, "attention_bias": False, "use_mean_pooling": False},
+}
+
+
+def make_internvl(path: Path, variant: dict, seed: int = 0, **vision):
+    """(checkpoint dir, fp32 HF model), saved in bf16 as the hub ships it."""
+    import torch
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = {k: v for k, v in BASE.items() if k != "initializer_range"}
+    cfg = InternVLConfig(
+        text_config={"model_type": "qwen2", **text, "rope_theta": 10000.0},
+        vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": [128, 128], "patch_size": [4, 4], **variant, **vision},
+        image_token_id=500, downsample_ratio=0.5, initializer_range=0.05)
+    model = InternVLForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # every optional path carries signal: random biases, norms and layer scales
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") or "norm" in name or "lambda" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+        model.lm_head.weight.mul_(4.0)
+    model.to(torch.bfloat16).save_pretrained(path)
+    return path, model.float()
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def exported(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"internvl_{request.param}")
+    ckpt, model = make_internvl(root / "ckpt", VARIANTS[request.param])
+    assert main(["-q", "export", str(ckpt), str(root / "out")]) == 0  # every component, by default
+    return ckpt, model, root / "out"
+
+
+def hf_features(model, tiles: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        out = model.model.get_image_features(pixel_values=torch.from_numpy(tiles).float()).pooler_output
+    return out.reshape(-1, out.shape[-1]).numpy()
+
+
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def test_visual_graph_matches_transformers(exported, record_property):
+    """The golden tiles and three other tiles (one call, batch 3), onnxruntime on the graph vs HF."""
+    _, model, out = exported
+    golden = load_file(str(out / "visual" / "golden" / "tensors.safetensors"))
+    other = (np.random.default_rng(7).standard_normal((3, 3, 128, 128)) * 1.5).astype(np.float16)
+    be = CpuBackend(out / "visual")
+    try:
+        worst = 1.0
+        for tiles in (golden["input"], other):
+            got = be.run({"input": tiles})["output"].astype(np.float32)
+            want = hf_features(model, tiles)
+            assert got.shape == want.shape == (tiles.shape[0] * 256, BASE["hidden_size"])
+            cos = row_cosines(got, want)
+            worst = min(worst, float(cos.min()))
+            assert cos.min() >= 0.999, cos.min()
+    finally:
+        be.close()
+    record_property("worst_cosine_vs_hf", worst)
+    # the golden bundle's expected rows (the exporter's eager face) agree with HF too
+    assert row_cosines(golden["output"], hf_features(model, golden["input"])).min() >= 0.999
+
+
+def test_layout_config_manifest_and_validation(exported):
+    import onnx
+
+    _, _, out = exported
+    cfg = json.loads((out / "visual" / "config.json").read_text())
+    # what 0.7.1's InternViTRunner reads
+    assert cfg["model_type"] == "internvl" and cfg["vision_config"]["model_type"] == "internvl"
+    assert cfg["vision_config"]["patch_size"] == [4, 4] and cfg["vision_config"]["image_size"] == [128, 128]
+    assert cfg["vision_config"]["num_channels"] == 3 and cfg["image_token_id"] == 500
+    assert cfg["text_config"]["vocab_size"] == BASE["vocab_size"]
+    graph = onnx.load(str(out / "visual" / "model.onnx"), load_external_data=False).graph
+    onnx.checker.check_model(onnx.load(str(out / "visual" / "model.onnx")), full_check=True)
+    dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
+    assert [(i.name, dims(i)) for i in graph.input] == [("input", ["num_tiles", 3, 128, 128])]
+    assert [(o.name, dims(o)) for o in graph.output] == [("output", ["num_image_tokens", BASE["hidden_size"]])]
+    assert not [n for n in graph.node if n.domain]  # standard ops only: no plugin for this tower
+    files = json.loads((out / "manifest.json").read_text())["files"]
+    assert {"visual/model.onnx", "visual/model.onnx.data", "visual/config.json",
+            "visual/golden/tensors.safetensors"} <= set(files)
+    res = validate_export(out, result_path=out.parent / "v.json")
+    assert res["passed"], res["failures"]
+    vis = res["components"]["visual"]["outputs"]["output"]
+    assert vis["passed"] and vis["tokens"] == 512 and vis["worst_cosine"] >= 0.999
+
+
+def test_a_changed_encoder_fails_validation(exported, tmp_path):
+    """The golden catches a wrong tower: one weight byte flipped after export (manifest check off, as a
+    pipeline that trusts OUT would run it), and the TensorRT backend, which has no visual path, says so."""
+    import shutil
+
+    _, _, out = exported
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    data = bad / "visual" / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[-1] ^= 0x40  # the top exponent bit of the last fp16 weight (little-endian: its high byte)
+    data.write_bytes(bytes(raw))
+    res = validate_export(bad, result_path=tmp_path / "v.json", verify=False)
+    assert not res["passed"] and any(f.startswith("visual:") for f in res["failures"])
+    assert res["components"]["visual"]["outputs"]["output"]["worst_cosine"] < 0.999
+    trt = validate_visual(out / "visual", "trt")
+    assert not trt["passed"] and not trt["validated"] and "TensorRT" in trt["reason"]
+
+
+def test_components_choice(exported, tmp_path, capsys):
+    ckpt, _, _ = exported
+    assert main(["-q", "export", str(ckpt), str(tmp_path / "llm_only"), "--components", "llm"]) == 0
+    assert not (tmp_path / "llm_only" / "visual").exists()
+    assert main(["-q", "export", str(ckpt), str(tmp_path / "a"), "--components", "llm,audio"]) == 2
+    assert "has no audio encoder" in capsys.readouterr().err
+    assert main(["-q", "export", str(ckpt), str(tmp_path / "b"), "--components", "visual"]) == 2
+    assert "always holds the language model" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("vision, words", [
+    ({"image_size": [64, 64]}, "each tile gives 64 tokens (64 px, patch 4, downsample 0.5), but Edge-LLM 0.7.1"),
+    ({"image_size": [128, 96]}, "image_size [128, 96]: the runtime's InternVL tiles are square"),
+    ({"norm_type": "batch_norm"}, "norm_type 'batch_norm'"),
+])
+def test_towers_the_runtime_cannot_take_are_refused(tmp_path, capsys, vision, words):
+    ckpt, _ = make_internvl(tmp_path / "ckpt", VARIANTS["layer_norm"])
+    raw = json.loads((ckpt / "config.json").read_text())
+    raw["vision_config"].update(vision)
+    (ckpt / "config.json").write_text(json.dumps(raw))
+    assert main(["-q", "export", str(ckpt), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "config.json" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tower_tensor_the_graph_does_not_read_is_refused(tmp_path, capsys):
+    ckpt, _ = make_internvl(tmp_path / "ckpt", VARIANTS["layer_norm"])
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    tensors["vision_tower.encoder.layer.0.attention.q_norm.weight"] = np.ones(64, np.float32)
+    save_file(tensors, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    assert main(["-q", "export", str(ckpt), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "vision tower has tensors this export does not read" in err and "q_norm" in err
+    assert not (tmp_path / "out").exists()
