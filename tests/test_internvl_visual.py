@@ -172,3 +172,73 @@ def test_a_tower_tensor_the_graph_does_not_read_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "vision tower has tensors this export does not read" in err and "q_norm" in err
     assert not (tmp_path / "out").exists()
+
+
+def to_chat_layout(hf: Path, dst: Path, image_token: int = 500) -> Path:
+    """The same model in InternVL3's own layout (`internvl_chat`, remote code on the hub, so no transformers
+    class to make it with): llm_config, vision_model.* with a fused attn.qkv, mlp1.*, and the image token
+    only in the tokenizer (`<IMG_CONTEXT>`)."""
+    raw = json.loads((hf / "config.json").read_text())
+    v = raw["vision_config"]
+    vision = {"hidden_size": v["hidden_size"], "num_attention_heads": v["num_attention_heads"],
+              "num_hidden_layers": v["num_hidden_layers"], "intermediate_size": v["intermediate_size"],
+              "image_size": v["image_size"][0], "patch_size": v["patch_size"][0], "num_channels": 3,
+              "norm_type": v["norm_type"], "layer_norm_eps": v["layer_norm_eps"], "qkv_bias": v["attention_bias"],
+              "qk_normalization": v["use_qk_norm"], "hidden_act": "gelu", "model_type": "intern_vit_6b"}
+    config = {"model_type": "internvl_chat", "architectures": ["InternVLChatModel"], "llm_config": raw["text_config"],
+              "vision_config": vision, "downsample_ratio": raw["downsample_ratio"], "select_layer": -1,
+              "ps_version": "v2", "tie_word_embeddings": raw.get("tie_word_embeddings", False)}
+    t = load_file(str(hf / "model.safetensors"))
+    emb, proj = "vision_tower.embeddings.", "multi_modal_projector."
+    names = {emb + "cls_token": "vision_model.embeddings.class_embedding",
+             emb + "position_embeddings": "vision_model.embeddings.position_embedding",
+             **{f"{emb}patch_embeddings.projection.{x}": f"vision_model.embeddings.patch_embedding.{x}"
+                for x in ("weight", "bias")},
+             **{f"{proj}{m}.{x}": f"mlp1.{k}.{x}" for m, k in (("layer_norm", 0), ("linear_1", 1), ("linear_2", 3))
+                for x in ("weight", "bias")}}
+    layer = {"attention.projection_layer": "attn.proj", "attention.q_norm": "attn.q_norm",
+             "attention.k_norm": "attn.k_norm", "layernorm_before": "norm1", "layernorm_after": "norm2",
+             "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2", "lambda_1": "ls1", "lambda_2": "ls2"}
+    out = {}
+    for key, value in t.items():
+        if key in names:
+            out[names[key]] = value
+        elif key.startswith("vision_tower.encoder.layer."):
+            i, rest = key[len("vision_tower.encoder.layer."):].split(".", 1)
+            pre = f"vision_model.encoder.layers.{i}."
+            if rest.split(".")[:2] in (["attention", "q_proj"], ["attention", "k_proj"], ["attention", "v_proj"]):
+                continue  # fused below
+            base, _, suffix = rest.rpartition(".") if not rest.startswith("lambda") else (rest, "", "")
+            out[pre + layer[base] + ("." + suffix if suffix else "")] = value
+        else:
+            out[key] = value
+    for i in range(v["num_hidden_layers"]):
+        for suffix in ("weight", "bias"):
+            parts = [t.get(f"vision_tower.encoder.layer.{i}.attention.{m}_proj.{suffix}") for m in "qkv"]
+            if parts[0] is not None:
+                out[f"vision_model.encoder.layers.{i}.attn.qkv.{suffix}"] = np.concatenate(parts, axis=0)
+    dst.mkdir(parents=True)
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps(config))
+    (dst / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {
+        str(image_token): {"content": "<IMG_CONTEXT>", "special": True}}}))
+    return dst
+
+
+@pytest.mark.parametrize("variant", [VARIANTS["layer_norm"], {**VARIANTS["rms_norm"], "use_mean_pooling": True}])
+def test_internvl3_chat_layout_exports_the_same_tower(variant, tmp_path):
+    """InternVL3 (`internvl_chat`; its tower has no final norm): the fused qkv split, every name mapped, the
+    image token from the tokenizer; byte-identical graph and weights to the transformers layout's export."""
+    ckpt, _ = make_internvl(tmp_path / "hf", variant)
+    out = tmp_path / "hf_out"
+    assert main(["-q", "export", str(ckpt), str(out)]) == 0
+    chat = to_chat_layout(ckpt, tmp_path / "chat")
+    assert main(["-q", "export", str(chat), str(tmp_path / "out")]) == 0
+    got, want = tmp_path / "out" / "visual", out / "visual"
+    assert (got / "model.onnx").read_bytes() == (want / "model.onnx").read_bytes()
+    assert (got / "model.onnx.data").read_bytes() == (want / "model.onnx.data").read_bytes()
+    cfg = json.loads((got / "config.json").read_text())
+    assert cfg["image_token_id"] == 500 and cfg["model_type"] == "internvl"
+    assert cfg["text_config"] == json.loads((chat / "config.json").read_text())["llm_config"]
+    assert cfg["vision_config"]["patch_size"] == [4, 4] and cfg["vision_config"]["image_size"] == [128, 128]
+    assert validate_export(tmp_path / "out", result_path=tmp_path / "v.json")["passed"]

@@ -235,11 +235,12 @@ class Checkpoint:
                               "checkpoint is ambiguous", self.path)
         self._refs[new] = ref
 
-    def split_fused(self, fused: str, parts: list[tuple[str, int]]) -> None:
-        """Expose row slices of `fused` under the names in `parts` (name, rows)."""
+    def split_fused(self, fused: str, parts: list[tuple[str, int]], *, keep: bool = True) -> None:
+        """Expose row slices of `fused` under the names in `parts` (name, rows); `keep=False` retires the fused
+        name (a family that reads only the parts, and checks every remaining tensor is read)."""
         if fused not in self._refs:
             return
-        base = self._refs[fused]
+        base = self._refs[fused] if keep else self._refs.pop(fused)
         total = sum(rows for _, rows in parts)
         if base.shape[0] != total:
             raise ExportError(

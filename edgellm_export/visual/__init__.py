@@ -1,8 +1,9 @@
 """Vision encoders: `OUT/visual/` next to the language model (families.md §5, §7).
 
 One module per tower family, chosen by the checkpoint's root `model_type` (`FAMILIES`). Each gives
-`parse(raw, text_hidden, path) -> spec`, `runtime_config(raw, spec)`, `emit_graph(g, weights, spec)` and
-`eager(pixels, tensors, spec)`. Here: planning (graph and config before a byte is written), and the golden
+`parse(raw, text_hidden, path) -> spec`, `prepare(ckpt, spec)` (tensor names), `runtime_config(raw, spec,
+ckpt_dir)`, `emit_graph(g, weights, spec)`, `eager(pixels, tensors, spec)` and `PREFIXES` (every tensor under
+them must be read). Here: planning (graph and config before a byte is written), and the golden
 bundle the validation side replays: synthetic tiles and the eager face's output for them.
 """
 
@@ -20,7 +21,7 @@ from edgellm_core.onnx_graph.builder import GraphBuilder
 from . import internvl
 
 SUBDIR = "visual"
-FAMILIES = {"internvl": internvl}  # root model_type -> tower module
+FAMILIES = {"internvl": internvl, "internvl_chat": internvl}  # root model_type -> tower module
 GOLDEN_DIR, GOLDEN_FILE, GOLDEN_TENSORS = "golden", "bundle.json", "tensors.safetensors"
 GOLDEN_TILES = 2  # two tiles in one call: the batch dim is exercised
 PREPROCESSOR_FILES = ("preprocessor_config.json",)
@@ -52,16 +53,17 @@ def plan(ckpt, text_hidden: int, clamp: bool = False) -> PlannedVisual:
 
     module = FAMILIES[ckpt.config.get("model_type")]
     spec = module.parse(ckpt.config, text_hidden, ckpt.config_path)
+    runtime_config = module.runtime_config(ckpt.config, spec, ckpt.path)
+    module.prepare(ckpt, spec)
     g = GraphBuilder("edgellm_visual")
     weights = WeightSource(ckpt, g, clamp=clamp)
     module.emit_graph(g, weights, spec)
-    prefixes = (module.TOWER, module.PROJECTOR)
-    stray = sorted(n for n in ckpt.names() if n.startswith(prefixes) and n not in weights.used)
+    stray = sorted(n for n in ckpt.names() if n.startswith(module.PREFIXES) and n not in weights.used)
     if stray:
         shown = ", ".join(stray[:4]) + (f" and {len(stray) - 4} more" if len(stray) > 4 else "")
         raise ExportError(f"the vision tower has tensors this export does not read ({shown}); exporting without "
                           "them would compute something else", ckpt.path)
-    return PlannedVisual(module, spec, g, module.runtime_config(ckpt.config, spec))
+    return PlannedVisual(module, spec, g, runtime_config)
 
 
 def golden_tiles(spec) -> np.ndarray:

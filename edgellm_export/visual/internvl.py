@@ -1,5 +1,6 @@
-"""InternVL3.5's vision tower and projector, as transformers lays them out (`internvl`; families.md §5.4),
-both faces.
+"""InternVL's vision tower and projector (families.md §5.4), both faces: InternVL3.5 as transformers lays it out
+(`internvl`), and InternVL3's own layout (`internvl_chat`: `vision_model.*` with a fused `attn.qkv`, `mlp1.*`),
+whose tensors `prepare` exposes under the transformers names (the same tower, the same graph).
 
 Graph: `input` fp16 `[N, C, S, S]` (N tiles of the runtime's tiling) -> patch embedding (a Conv with stride =
 kernel, written as patchify + MatMul: the same sums, and only ops every backend has) -> CLS token + absolute
@@ -26,6 +27,22 @@ from edgellm_core.onnx_graph.builder import FLOAT, FLOAT16, GraphBuilder
 
 RUNTIME_TOKENS_PER_TILE = 256  # fixed by 0.7.1's InternVL visual builder and runner
 TOWER, PROJECTOR = "vision_tower.", "multi_modal_projector."
+CHAT_TOWER, CHAT_PROJECTOR = "vision_model.", "mlp1."  # internvl_chat's names
+# internvl_chat name -> transformers name ({i}: the layer); the fused attn.qkv is split in `prepare`
+_CHAT_NAMES = {
+    "vision_model.embeddings.class_embedding": "vision_tower.embeddings.cls_token",
+    "vision_model.embeddings.patch_embedding.weight": "vision_tower.embeddings.patch_embeddings.projection.weight",
+    "vision_model.embeddings.patch_embedding.bias": "vision_tower.embeddings.patch_embeddings.projection.bias",
+    "vision_model.embeddings.position_embedding": "vision_tower.embeddings.position_embeddings",
+    "mlp1.0.weight": "multi_modal_projector.layer_norm.weight", "mlp1.0.bias": "multi_modal_projector.layer_norm.bias",
+    "mlp1.1.weight": "multi_modal_projector.linear_1.weight", "mlp1.1.bias": "multi_modal_projector.linear_1.bias",
+    "mlp1.3.weight": "multi_modal_projector.linear_2.weight", "mlp1.3.bias": "multi_modal_projector.linear_2.bias",
+}
+_CHAT_LAYER_NAMES = {"attn.proj": "attention.projection_layer", "attn.q_norm": "attention.q_norm",
+                     "attn.k_norm": "attention.k_norm", "norm1": "layernorm_before", "norm2": "layernorm_after",
+                     "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+_CHAT_LAYER_VECTORS = {"ls1": "lambda_1", "ls2": "lambda_2"}
+PREFIXES = (TOWER, PROJECTOR, CHAT_TOWER, CHAT_PROJECTOR)  # every tensor under these must be read
 INPUT, OUTPUT = "input", "output"  # binding names (bindingNames.h kVisualInput / kVisualOutput)
 _GELU = ("gelu",)  # exact (erf) GELU; HF's "gelu"
 
@@ -46,6 +63,7 @@ class InternVisionSpec:
     final_norm: bool  # use_mean_pooling false: a LayerNorm after the encoder
     ratio: float  # downsample_ratio of the pixel shuffle
     text_hidden: int
+    chat_layout: bool = False  # internvl_chat's tensor names (see `prepare`)
 
     @property
     def grid(self) -> int:
@@ -81,20 +99,26 @@ def parse(raw: dict, text_hidden: int, path: Path) -> InternVisionSpec:
             raise ExportError(f"vision_config lacks {key!r}", path)
         return value
 
+    chat = raw.get("model_type") == "internvl_chat"
     spec = InternVisionSpec(
         hidden=need("hidden_size"), heads=need("num_attention_heads"), layers=need("num_hidden_layers"),
         intermediate=need("intermediate_size"), image_size=_square(need("image_size"), "image_size", path),
         patch_size=_square(need("patch_size"), "patch_size", path), channels=need("num_channels", 3),
         norm=need("norm_type", "layer_norm"), eps=float(need("layer_norm_eps", 1e-6)),
-        qkv_bias=bool(v.get("attention_bias", False)), qk_norm=bool(v.get("use_qk_norm", False)),
-        final_norm=not v.get("use_mean_pooling", True), ratio=float(raw.get("downsample_ratio", 0.5)),
-        text_hidden=text_hidden)
+        qkv_bias=bool(v.get("qkv_bias" if chat else "attention_bias", False)),
+        qk_norm=bool(v.get("qk_normalization" if chat else "use_qk_norm", False)),
+        final_norm=not chat and not v.get("use_mean_pooling", True), ratio=float(raw.get("downsample_ratio", 0.5)),
+        text_hidden=text_hidden, chat_layout=chat)
     problems = []
+    if chat and (raw.get("ps_version", "v2") != "v2" or raw.get("select_layer", -1) != -1):
+        problems.append(f"ps_version {raw.get('ps_version')!r} / select_layer {raw.get('select_layer')!r} "
+                        "(supported: v2, -1)")
     if spec.norm not in ("layer_norm", "rms_norm"):
         problems.append(f"norm_type {spec.norm!r} (supported: layer_norm, rms_norm)")
     if v.get("hidden_act", "gelu") not in _GELU or raw.get("projector_hidden_act", "gelu") not in _GELU:
         problems.append(f"activations {v.get('hidden_act')!r} / {raw.get('projector_hidden_act')!r} (supported: gelu)")
-    if raw.get("vision_feature_layer", -1) != -1 or raw.get("vision_feature_select_strategy", "default") != "default":
+    if not chat and (raw.get("vision_feature_layer", -1) != -1
+                     or raw.get("vision_feature_select_strategy", "default") != "default"):
         problems.append("features taken from another layer than the last, or with the CLS token kept")
     if not v.get("use_absolute_position_embeddings", True):
         problems.append("no absolute position table")
@@ -112,18 +136,63 @@ def parse(raw: dict, text_hidden: int, path: Path) -> InternVisionSpec:
     return spec
 
 
-def runtime_config(raw: dict, spec: InternVisionSpec) -> dict:
+def runtime_config(raw: dict, spec: InternVisionSpec, ckpt_dir: Path) -> dict:
     """visual/config.json (families.md §7): what InternViTRunner reads (model_type, image_token_id,
-    text_config.vocab_size, vision_config.num_channels / patch_size / image_size as [h, w])."""
+    text_config.vocab_size, vision_config.num_channels / patch_size / image_size as [h, w]). internvl_chat has no
+    image_token_id in its config: it is the tokenizer's `<IMG_CONTEXT>`."""
     vision = {**raw["vision_config"], "model_type": "internvl", "patch_size": [spec.patch_size] * 2,
               "image_size": [spec.image_size] * 2, "num_channels": spec.channels}
-    out = {"model_type": "internvl", "vision_config": vision, "downsample_ratio": spec.ratio,
-           "tokens_per_tile": spec.tokens_per_tile}
-    if isinstance(raw.get("image_token_id"), int):
-        out["image_token_id"] = raw["image_token_id"]
-    if isinstance(raw.get("text_config"), dict):
-        out["text_config"] = raw["text_config"]
-    return out
+    image_token = raw.get("image_token_id")
+    if not isinstance(image_token, int):
+        image_token = _tokenizer_token_id(ckpt_dir, IMAGE_CONTEXT_TOKEN)
+    if not isinstance(image_token, int):
+        raise ExportError(f"no image_token_id in config.json and no {IMAGE_CONTEXT_TOKEN} token in the tokenizer "
+                          "files; the runtime needs the id the image's tokens carry", ckpt_dir / "config.json")
+    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw.get("llm_config")
+    return {"model_type": "internvl", "vision_config": vision, "downsample_ratio": spec.ratio,
+            "tokens_per_tile": spec.tokens_per_tile, "image_token_id": image_token, "text_config": text}
+
+
+IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
+
+
+def _tokenizer_token_id(ckpt_dir: Path, content: str) -> int | None:
+    """The id of added token `content` in tokenizer.json or tokenizer_config.json (None when absent)."""
+    import json
+
+    for name, table in (("tokenizer.json", "added_tokens"), ("tokenizer_config.json", "added_tokens_decoder")):
+        try:
+            data = json.loads((ckpt_dir / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        entries = data.get(table) if isinstance(data, dict) else None
+        if isinstance(entries, list):
+            found = [e.get("id") for e in entries if isinstance(e, dict) and e.get("content") == content]
+        elif isinstance(entries, dict):
+            found = [int(k) for k, e in entries.items()
+                     if isinstance(e, dict) and e.get("content") == content and str(k).isdigit()]
+        else:
+            found = []
+        if found and isinstance(found[0], int):
+            return found[0]
+    return None
+
+
+def prepare(ckpt, s: InternVisionSpec) -> None:
+    """internvl_chat: expose its tensors under the transformers names (the fused attn.qkv split into q/k/v)."""
+    if not s.chat_layout:
+        return
+    for old, new in _CHAT_NAMES.items():
+        ckpt.rename(old, new)
+    for i in range(s.layers):
+        old, new = f"{CHAT_TOWER}encoder.layers.{i}.", f"{TOWER}encoder.layer.{i}."
+        for suffix in ("weight", "bias"):
+            parts = [(f"{new}attention.{m}_proj.{suffix}", s.hidden) for m in "qkv"]
+            ckpt.split_fused(f"{old}attn.qkv.{suffix}", parts, keep=False)
+            for a, b in _CHAT_LAYER_NAMES.items():
+                ckpt.rename(f"{old}{a}.{suffix}", f"{new}{b}.{suffix}")
+        for a, b in _CHAT_LAYER_VECTORS.items():
+            ckpt.rename(old + a, new + b)
 
 
 # -- graph face ---------------------------------------------------------------------------------------
