@@ -242,3 +242,35 @@ def test_internvl3_chat_layout_exports_the_same_tower(variant, tmp_path):
     assert cfg["text_config"] == json.loads((chat / "config.json").read_text())["llm_config"]
     assert cfg["vision_config"]["patch_size"] == [4, 4] and cfg["vision_config"]["image_size"] == [128, 128]
     assert validate_export(tmp_path / "out", result_path=tmp_path / "v.json")["passed"]
+
+
+def test_make_reports_the_visual_component(tmp_path):
+    """`edgellm make` (on the host, CPU target): the case lists its visual component, summary.md shows it."""
+    ckpt, _ = make_internvl(tmp_path / "ckpt", VARIANTS["layer_norm"])
+    out = tmp_path / "DIR"
+    assert main(["-q", "make", str(ckpt), "--target", "x86-cpu", "--out", str(out), "--no-container"]) == 0
+    case = json.loads((out / "report" / "qualification.json").read_text())["cases"][0]
+    visual = case["components"]["visual"]
+    assert case["verdict"] == "pass" and visual["passed"] and visual["outputs"]["output"]["tokens"] == 512
+    summary = (out / "report" / "summary.md").read_text()
+    assert "## Components" in summary and f"| {case['name']} | visual | pass | 512 |" in summary
+
+
+def test_an_encoder_failure_survives_a_threshold_override(exported, tmp_path):
+    """A suite's looser LLM thresholds judge the language model's steps only: a failing encoder still fails
+    the case."""
+    import shutil
+
+    from edgellm_validate.report import case_from_validation
+
+    _, _, out = exported
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    data = bad / "visual" / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[-1] ^= 0x40
+    data.write_bytes(bytes(raw))
+    res = validate_export(bad, result_path=tmp_path / "v.json", verify=False)
+    case = case_from_validation("c", res, target="x86-cpu", export_dir=out, thresholds={"min_cosine": 0.5})
+    assert case["verdict"] == "fail" and any(f.startswith("visual:") for f in case["failures"])
+    assert case["components"]["visual"]["passed"] is False

@@ -177,7 +177,7 @@ def check_message(check: Mapping) -> str:
 def _case(name: str, *, outcome: str, reason: str, expect: str, target, backend, release, checkpoint,
           precision, export=None, backend_details=None, thresholds=None, thresholds_source=None, metrics=None,
           checks=None, failures=None, steps=None, artifacts=None, seconds=None, stage=None, judge: bool = True,
-          checkpoint_hub=None, runtime_limits=None) -> dict:
+          checkpoint_hub=None, runtime_limits=None, components=None) -> dict:
     if expect not in EXPECTATIONS:
         raise ValueError(f"expect must be one of {EXPECTATIONS}, not {expect!r}")
     verdict, reason = _judge(outcome, expect, reason) if judge else (outcome, reason)
@@ -205,6 +205,7 @@ def _case(name: str, *, outcome: str, reason: str, expect: str, target, backend,
         "backend_details": json.loads(json.dumps(backend_details, default=str)) if backend_details else None,
         "seconds": _num(seconds),
         "runtime_limits": [str(x) for x in runtime_limits] if runtime_limits else None,
+        "components": json.loads(json.dumps(components, default=str)) if components else None,
     }
 
 
@@ -261,7 +262,11 @@ def case_from_validation(name: str, validation: Mapping, *, target: str | None, 
     source = "override" if thresholds else "default"
     common = dict(export=export, thresholds=effective, thresholds_source=source, steps=steps, artifacts=artifacts,
                   seconds=validation.get("seconds"), backend_details=validation.get("backend_details"),
-                  runtime_limits=validation.get("runtime_limits"), **ident)
+                  runtime_limits=validation.get("runtime_limits"), components=validation.get("components"),
+                  **ident)
+    # The encoders' verdicts stand whatever the LLM thresholds are (an override judges the language model's steps).
+    component_failures = [f"{comp}: " + str(c.get("reason") or "its output differs from its golden")
+                          for comp, c in (validation.get("components") or {}).items() if not c.get("passed")]
     actual_precision = validation.get("precision")
     checks = []
     if precision is not None:
@@ -273,6 +278,7 @@ def case_from_validation(name: str, validation: Mapping, *, target: str | None, 
             return _case(name, outcome="error", reason="validation reported success without running any step",
                          stage="validate", checks=checks, **common)
         failures += [check_message(c) for c in checks if not c["passed"]]
+        failures += [f for f in component_failures if f not in failures]
         return _case(name, outcome="fail", reason="; ".join(failures) or "validation failed", stage="validate",
                      checks=checks, failures=failures, **common)
     metrics = _aggregate_steps(steps)
@@ -282,8 +288,8 @@ def case_from_validation(name: str, validation: Mapping, *, target: str | None, 
             ok = value is not None and (value >= thr if op == ">=" else value <= thr)
             checks.append({"metric": metric, "value": value, "op": op, "threshold": thr, "passed": ok})
     failed_checks = [c for c in checks if not c["passed"]]
-    failures = [check_message(c) for c in failed_checks] + _step_failures(steps, effective)
-    if source == "default" and not validation.get("passed", False) and not failed_checks:
+    failures = [check_message(c) for c in failed_checks] + _step_failures(steps, effective) + component_failures
+    if source == "default" and not validation.get("passed", False) and not failed_checks and not component_failures:
         # Without an override, validation's own verdict stands: it may judge more than is re-checked here.
         failures += [str(f) for f in validation.get("failures") or []] or ["validation failed"]
     outcome = "fail" if failures else "pass"
@@ -502,6 +508,8 @@ class ReportCase(StrictModel):
     seconds: float | None = None
     runtime_limits: list[str] | None = Field(
         None, description="what the Edge-LLM runtime does to this export that no export can change (not failures)")
+    components: dict[str, dict[str, Any]] | None = Field(
+        None, description="the export's encoders (e.g. visual), each validated on its golden inputs")
     environment: dict[str, Any] | None = Field(None, description="where the case ran, when not where the report "
                                                                  "was merged", json_schema_extra=no_default)
 

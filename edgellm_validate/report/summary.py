@@ -192,6 +192,7 @@ def render_summary(q: Mapping, previous: Mapping | None = None, *, tolerances: M
                 lines.append(f"- ... and {len(c['failures']) - 20} more (see qualification.json)")
             lines.append("")
 
+    lines += _components_section(q)
     lines += _limits_section(q)
     lines += _environment_section(q)
     lines += _checkpoint_section(q)
@@ -213,6 +214,23 @@ def _comparison_section(cmp: Comparison) -> list[str]:
     if notes:
         out.append("")
         out += [f"- note {_cell(f.case)} ({f.kind}): {_cell(f.message)}" for f in notes]
+    out.append("")
+    return out
+
+
+def _components_section(q: Mapping) -> list[str]:
+    """The encoders validated next to the language model (OUT/visual/ ...), one line each."""
+    rows = [(c["name"], comp, r) for c in q["cases"] for comp, r in (c.get("components") or {}).items()]
+    if not rows:
+        return []
+    out = ["## Components", "", "| case | component | result | tokens | worst cosine |", "|---|---|---|---|---|"]
+    for case, comp, r in rows:
+        outs = list((r.get("outputs") or {}).values())
+        worst = min((o["worst_cosine"] for o in outs if "worst_cosine" in o), default=None)
+        tokens = sum(o.get("tokens", 0) for o in outs)
+        result = "pass" if r.get("passed") else ("fail" if r.get("validated", True) else "not validated")
+        out.append(f"| {_cell(case)} | {comp} | {result} | {tokens or ''} | "
+                   f"{'' if worst is None else f'{worst:.6f}'} |")
     out.append("")
     return out
 
