@@ -165,7 +165,8 @@ def test_image_smoke_wants_every_plugin_an_export_can_need(monkeypatch):
 
     assert plugin_mod.exported_plugins() == [("AttentionPlugin", "1", ""), ("Int4GroupwiseGemmPlugin", "1", ""),
                                              ("Int4MoePlugin", "1", ""), ("NvFP4MoEPluginGeforce", "1", ""),
-                                             ("Nvfp4MoePlugin", "1", ""), ("causal_conv1d", "1", ""),
+                                             ("Nvfp4MoePlugin", "1", ""), ("ViTAttentionPlugin", "1", ""),
+                                             ("causal_conv1d", "1", ""),
                                              ("gated_delta_net", "1", ""), ("update_ssm_state", "1", "")]
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt)
     monkeypatch.setattr(smoke, "cuda_devices", lambda: ([{"name": "fake", "sm": 110}], "fake"))

@@ -21,6 +21,7 @@ from edgellm_core.ops import (
     nvfp4_moe,
     nvfp4_moe_nemotron,
     update_ssm_state,
+    vit_attention_plugin,
 )
 
 # (domain, op_type) -> module providing `lowering(node) -> FunctionProto`
@@ -29,6 +30,7 @@ CUSTOM_OPS = {
     (causal_conv1d.DOMAIN, causal_conv1d.OP_TYPE): causal_conv1d,
     (gated_delta_net.DOMAIN, gated_delta_net.OP_TYPE): gated_delta_net,
     (update_ssm_state.DOMAIN, update_ssm_state.OP_TYPE): update_ssm_state,
+    (vit_attention_plugin.DOMAIN, vit_attention_plugin.OP_TYPE): vit_attention_plugin,
     (int4_gemm.DOMAIN, int4_gemm.OP_TYPE): int4_gemm,
     (int4_moe.DOMAIN, int4_moe.OP_TYPE): int4_moe,
     (nvfp4_moe.DOMAIN, nvfp4_moe.OP_TYPE): nvfp4_moe,
