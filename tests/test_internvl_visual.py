@@ -89,7 +89,7 @@ def test_visual_graph_matches_transformers(exported, record_property):
         be.close()
     record_property("worst_cosine_vs_hf", worst)
     # the golden bundle's expected rows (the exporter's eager face) agree with HF too
-    assert row_cosines(golden["output"], hf_features(model, golden["input"])).min() >= 0.999
+    assert row_cosines(golden["expected_output"], hf_features(model, golden["input"])).min() >= 0.999
 
 
 def test_layout_config_manifest_and_validation(exported):

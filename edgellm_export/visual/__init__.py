@@ -18,12 +18,11 @@ import numpy as np
 from edgellm_core.errors import ExportError
 from edgellm_core.onnx_graph.builder import GraphBuilder
 
-from . import internvl
+from . import internvl, qwen2_5_vl
 
 SUBDIR = "visual"
-FAMILIES = {"internvl": internvl, "internvl_chat": internvl}  # root model_type -> tower module
+FAMILIES = {"internvl": internvl, "internvl_chat": internvl, "qwen2_5_vl": qwen2_5_vl}  # root model_type
 GOLDEN_DIR, GOLDEN_FILE, GOLDEN_TENSORS = "golden", "bundle.json", "tensors.safetensors"
-GOLDEN_TILES = 2  # two tiles in one call: the batch dim is exercised
 PREPROCESSOR_FILES = ("preprocessor_config.json",)
 
 
@@ -66,27 +65,21 @@ def plan(ckpt, text_hidden: int, clamp: bool = False) -> PlannedVisual:
     return PlannedVisual(module, spec, g, runtime_config)
 
 
-def golden_tiles(spec) -> np.ndarray:
-    """Deterministic normalized-pixel tiles `[GOLDEN_TILES, C, S, S]` fp16 (what the runtime's preprocessing
-    feeds: per-channel normalized values, mostly within +-2)."""
-    rng = np.random.default_rng(20261202)
-    return rng.standard_normal((GOLDEN_TILES, spec.channels, spec.image_size, spec.image_size)).astype(np.float16)
-
-
 def write_golden(out: Path, planned: PlannedVisual) -> None:
-    """visual/golden/: the tiles and what the eager face computes for them."""
+    """visual/golden/: the family's golden inputs (every graph input, preprocessing included) and what the eager
+    face computes for them."""
     import torch
     from safetensors.numpy import save_file
 
-    tiles = golden_tiles(planned.spec)
+    inputs = planned.module.golden_inputs(planned.spec)
     with torch.no_grad():
-        want = planned.module.eager(torch.from_numpy(tiles), planned.tensors, planned.spec)
+        want = planned.module.eager(inputs, planned.tensors, planned.spec)
     d = out / GOLDEN_DIR
     d.mkdir()
-    save_file({"input": tiles, "output": want.numpy().astype(np.float32)}, str(d / GOLDEN_TENSORS))
+    save_file({**inputs, "expected_output": want.numpy().astype(np.float32)}, str(d / GOLDEN_TENSORS))
     (d / GOLDEN_TENSORS).chmod(0o644)
-    (d / GOLDEN_FILE).write_text(json.dumps({"format": 1, "inputs": {planned.module.INPUT: "input"},
-                                             "outputs": {planned.module.OUTPUT: "output"}}, indent=1) + "\n")
+    (d / GOLDEN_FILE).write_text(json.dumps({"format": 1, "inputs": {name: name for name in inputs},
+                                             "outputs": {planned.module.OUTPUT: "expected_output"}}, indent=1) + "\n")
     planned.tensors.clear()
 
 

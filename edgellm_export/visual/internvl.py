@@ -290,10 +290,20 @@ def _to_fp16(ref):
     return to_fp16(ref)
 
 
+GOLDEN_TILES = 2  # two tiles in one call: the batch dim is exercised
+
+
+def golden_inputs(s: InternVisionSpec) -> dict[str, np.ndarray]:
+    """Deterministic normalized-pixel tiles `[GOLDEN_TILES, C, S, S]` fp16 (what the runtime's preprocessing
+    feeds: per-channel normalized values, mostly within +-2)."""
+    rng = np.random.default_rng(20261202)
+    return {INPUT: rng.standard_normal((GOLDEN_TILES, s.channels, s.image_size, s.image_size)).astype(np.float16)}
+
+
 # -- eager face -------------------------------------------------------------------------------------
-def eager(pixels, t: dict, s: InternVisionSpec):
-    """What the graph computes, in torch: `pixels` `[N, C, S, S]` (fp16 values) and the graph's initializers
-    `t` by name (fp16 tensors) -> `[N * tokens, text_hidden]` fp32 holding fp16 values."""
+def eager(inputs: dict, t: dict, s: InternVisionSpec):
+    """What the graph computes, in torch: `inputs[INPUT]` `[N, C, S, S]` (fp16 values) and the graph's
+    initializers `t` by name (fp16 tensors) -> `[N * tokens, text_hidden]` fp32 holding fp16 values."""
     import torch
 
     def r16(x):
@@ -315,7 +325,7 @@ def eager(pixels, t: dict, s: InternVisionSpec):
         return r16(torch.nn.functional.gelu(y))
 
     c, p, grid, d = s.hidden, s.patch_size, s.grid, s.hidden // s.heads
-    x = pixels.float()
+    x = torch.from_numpy(inputs[INPUT]).float()
     nt = x.shape[0]
     patches = x.reshape(nt, s.channels, grid, p, grid, p).permute(0, 2, 4, 1, 3, 5).reshape(nt, grid * grid, -1)
     proj = TOWER + "embeddings.patch_embeddings.projection"

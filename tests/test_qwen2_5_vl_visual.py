@@ -1,0 +1,141 @@
+"""Qwen2.5-VL's vision tower exported as `OUT/visual/` (ViTAttentionPlugin, window attention), validated.
+
+Reference: transformers' Qwen2_5_VisionTransformerPretrainedModel on the same patches and image grids. It
+computes its rotary angles, cu_seqlens and window indices itself from grid_thw; our graph gets them from
+`preprocess` (the runtime's rules, written here from reading them), so agreement checks both. onnxruntime runs
+the exported graph with the plugin lowered (CPU backend).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from conftest import BASE
+from safetensors.numpy import load_file
+
+from edgellm_export.cli import main
+from edgellm_export.visual import qwen2_5_vl as qvl
+from edgellm_validate.cpu_backend import CpuBackend
+from edgellm_validate.validate import validate_export
+
+MROPE = [8, 12, 12]
+TOKENS = {"image_token_id": 500, "video_token_id": 501, "vision_start_token_id": 502, "vision_end_token_id": 503}
+VISION = {"depth": 4, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2,
+          "out_hidden_size": BASE["hidden_size"], "patch_size": 14, "spatial_merge_size": 2,
+          "temporal_patch_size": 2, "window_size": 112, "fullatt_block_indexes": [1, 3]}
+
+
+def make_qwen2_5_vl(path, **vision):
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = {k: v for k, v in BASE.items() if k != "initializer_range"}
+    cfg = Qwen2_5_VLConfig(
+        text_config={**text, "rope_scaling": {"type": "mrope", "mrope_section": MROPE}, "rope_theta": 10000.0},
+        vision_config={**VISION, **vision}, initializer_range=0.05, **TOKENS)
+    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # random biases and norms: every optional path carries signal
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") or "norm" in name or "ln_q" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+        model.lm_head.weight.mul_(4.0)
+    model.to(torch.bfloat16).save_pretrained(path)
+    return path, model.float()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen2_5_vl_visual")
+    ckpt, model = make_qwen2_5_vl(root / "ckpt")
+    assert main(["-q", "export", str(ckpt), str(root / "out")]) == 0  # llm and visual, by default
+    return ckpt, model, root / "out"
+
+
+def hf_tower(model, patches: np.ndarray, grids) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        out = model.model.visual(torch.from_numpy(patches).float(), grid_thw=torch.tensor(grids)).pooler_output
+    return out.numpy()
+
+
+def row_cosines(a, b):
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+@pytest.mark.parametrize("grids", [qvl.GOLDEN_GRIDS, ((1, 8, 8),), ((2, 4, 12), (1, 16, 16))])
+def test_visual_graph_matches_transformers(exported, grids, record_property):
+    """Images smaller than a window, spanning partial windows, exact multiples of it (an empty padding row
+    of windows), and a two-frame input (one sequence per frame)."""
+    _, model, out = exported
+    spec = qvl.parse(json.loads((exported[0] / "config.json").read_text()), BASE["hidden_size"], None)
+    t = sum(a * b * c for a, b, c in grids)
+    patches = (np.random.default_rng(5).standard_normal((t, spec.patch_dim)) * 1.2).astype(np.float16)
+    feeds = {qvl.INPUT: patches, **qvl.preprocess(grids, spec)}
+    be = CpuBackend(out / "visual")
+    try:
+        got = be.run(feeds)["output"].astype(np.float32)
+    finally:
+        be.close()
+    want = hf_tower(model, patches, grids)
+    assert got.shape == want.shape == (t // 4, BASE["hidden_size"])
+    cos = row_cosines(got, want)
+    record_property("worst_cosine_vs_hf", float(cos.min()))
+    assert cos.min() >= 0.999, cos.min()
+
+
+def test_layout_config_graph_and_validation(exported):
+    ckpt, model, out = exported
+    raw = json.loads((ckpt / "config.json").read_text())
+    assert raw["vision_config"]["model_type"] == "qwen2_5_vl_vision"  # what recent transformers write
+    cfg = json.loads((out / "visual" / "config.json").read_text())
+    # ... mapped to a type 0.7.1's stringToModelType accepts; what QwenViTRunner reads is there
+    assert cfg["model_type"] == "qwen2_5_vl" and cfg["vision_config"]["model_type"] == "qwen2_5_vl"
+    assert {k: cfg[k] for k in TOKENS} == TOKENS
+    assert cfg["text_config"] == {"vocab_size": BASE["vocab_size"], "rope_theta": 10000.0,
+                                  "rope_scaling": {"type": "default", "rope_type": "default", "mrope_section": MROPE}}
+    model_proto = onnx.load(str(out / "visual" / "model.onnx"), load_external_data=False)
+    graph = model_proto.graph
+    assert [i.name for i in graph.input] == list(qvl.INPUTS) and [o.name for o in graph.output] == ["output"]
+    plugins = [nd for nd in graph.node if nd.op_type == "ViTAttentionPlugin"]
+    assert len(plugins) == VISION["depth"] and all(nd.domain == "trt_edgellm" for nd in plugins)
+    attrs = {(a.name, a.i) for a in plugins[0].attribute}
+    assert attrs == {("num_heads", 2), ("head_size", 32)}
+    # full-attention blocks (1, 3) read cu_seqlens and the carrier input; the others the windows and a constant
+    # carrier of the window's patch count, (112 / 14)^2
+    assert [nd.input[3] for nd in plugins] == ["cu_window_seqlens", "cu_seqlens"] * 2
+    consts = {init.name: init for init in graph.initializer}
+    window_carrier = plugins[0].input[4]
+    assert window_carrier in consts and list(consts[window_carrier].dims) == [64]
+    res = validate_export(out, result_path=out.parent / "v.json")
+    assert res["passed"], res["failures"]
+    vis = res["components"]["visual"]["outputs"]["output"]
+    assert vis["passed"] and vis["tokens"] == sum(a * b * c for a, b, c in qvl.GOLDEN_GRIDS) // 4
+    golden = load_file(str(out / "visual" / "golden" / "tensors.safetensors"))
+    assert set(golden) == {*qvl.INPUTS, "expected_output"}  # the preprocessing travels with the bundle
+
+
+@pytest.mark.parametrize("vision, words", [
+    ({"window_size": 100}, "window_size 100 is not a positive multiple of patch_size x spatial_merge_size (28)"),
+    ({"out_hidden_size": 128}, "out_hidden_size 128 differs from the language model's hidden size 256"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu' (supported: silu)"),
+])
+def test_towers_that_cannot_be_exported_are_refused(tmp_path, capsys, vision, words):
+    ckpt, _ = make_qwen2_5_vl(tmp_path / "ckpt")
+    raw = json.loads((ckpt / "config.json").read_text())
+    raw["vision_config"].update(vision)
+    (ckpt / "config.json").write_text(json.dumps(raw))
+    assert main(["-q", "export", str(ckpt), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "config.json" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_preprocessing_refuses_grids_off_the_merge_size():
+    spec = qvl.parse({"vision_config": VISION}, BASE["hidden_size"], None)
+    with pytest.raises(ValueError, match="not a multiple of the merge size 2"):
+        qvl.preprocess(((1, 5, 8),), spec)
