@@ -126,7 +126,8 @@ class Twin:
         """Zeroed full-capacity buffers for a fresh sequence batch, keyed by input name."""
         return {s.past: s.zeros(batch, self.capacity) for s in self.states}
 
-    def step(self, state: dict, token_ids, context_lengths, kvcache_start_index, last_token_ids, deepstack=None):
+    def step(self, state: dict, token_ids, context_lengths, kvcache_start_index, last_token_ids, deepstack=None,
+             *, inputs_embeds=None, rope=None):
         """One forward step; returns (logits [B, V] fp32, the state to feed to the next step).
 
         token_ids [B, S]; context_lengths [B] (new tokens of a prefill, the cached length + 1 in decode);
@@ -134,7 +135,8 @@ class Twin:
         A native export is fed what the trt_native_ops runtime feeds (`native_step_inputs`); its own inputs
         (start index [B] on every step, context_lengths 1 in decode) pass through unchanged.
         A Qwen3-VL export's deepstack inputs are `deepstack` (one `[B, S, H]` array each) or, as the runtime
-        binds them for text, zeros."""
+        binds them for text, zeros. `inputs_embeds` (encoder outputs scattered in) and `rope` (a per-sequence
+        MRoPE table) replace the token lookup and the config's table, as the multimodal runner does."""
         tokens = np.asarray(token_ids, dtype=np.int64)
         batch = tokens.shape[0]
         b = self.bindings
@@ -143,8 +145,8 @@ class Twin:
         if self.native:
             ctx, start = native_step_inputs(tokens.shape[1], ctx, start)
         feeds = {
-            b.inputs_embeds: self.embedding.lookup(tokens),
-            b.rope_cos_sin: self.rope,
+            b.inputs_embeds: self.embedding.lookup(tokens) if inputs_embeds is None else inputs_embeds,
+            b.rope_cos_sin: self.rope if rope is None else rope,
             b.context_lengths: ctx,
             b.kvcache_start_index: start,
             b.last_token_ids: np.asarray(last_token_ids, np.int64).reshape(batch, 1),
