@@ -17,7 +17,6 @@ runner reproduces): the golden bundle carries its results, so the device side ne
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +24,8 @@ import numpy as np
 
 from edgellm_core.errors import ExportError, UnsupportedError
 from edgellm_core.onnx_graph.builder import FLOAT, FLOAT16, INT32, INT64, GraphBuilder
-from edgellm_core.ops import vit_attention_plugin
+
+from .qwen_vit import EagerOps, GraphOps, frame_seqlens, rotary_angles
 
 TOWER = "visual."
 PREFIXES = (TOWER,)
@@ -145,24 +145,15 @@ def prepare(ckpt, spec) -> None:
 def preprocess(grids, spec: QwenVisionSpec) -> dict[str, np.ndarray]:
     """Every graph input but `input`, for images of `grids` ((t, h, w) in patches, h and w multiples of the merge
     size), as the runtime computes them."""
-    m, d = spec.merge, spec.head_dim
-    quarter = d // 2
-    inv_freq = 1.0 / spec.rope_theta ** (np.arange(0, quarter, 2, dtype=np.float32) / quarter)
-    angles, cu, cu_win, window_index, groups_before = [], [0], [0], [], 0
+    m = spec.merge
+    rot = rotary_angles(grids, m, spec.head_dim, spec.rope_theta)
+    cu, carrier = frame_seqlens(grids)
+    cu_win, window_index, groups_before = [0], [], 0
     per_window = spec.window_size // m // spec.patch_size if spec.window_size else 0
     for t, h, w in grids:
-        if h % m or w % m:
-            raise ValueError(f"image grid {h}x{w} patches is not a multiple of the merge size {m}")
-        hpos, wpos = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-        block = (h // m, m, w // m, m)
-        hpos = hpos.reshape(block).transpose(0, 2, 1, 3).reshape(-1)
-        wpos = wpos.reshape(block).transpose(0, 2, 1, 3).reshape(-1)
-        freqs = np.concatenate([np.outer(hpos, inv_freq), np.outer(wpos, inv_freq)], axis=1).astype(np.float32)
-        angles.append(np.tile(freqs, (t, 1)))
-        cu.extend(cu[-1] + h * w * (k + 1) for k in range(t))
         gh, gw = h // m, w // m
         index = np.arange(t * gh * gw).reshape(t, gh, gw)
-        if per_window:
+        if per_window:  # merge groups by window, row-major windows; padding (-100) marks none
             ph, pw = per_window - gh % per_window, per_window - gw % per_window
             nh, nw = (gh + ph) // per_window, (gw + pw) // per_window
             padded = np.pad(index, ((0, 0), (0, ph), (0, pw)), constant_values=-100)
@@ -170,19 +161,15 @@ def preprocess(grids, spec: QwenVisionSpec) -> dict[str, np.ndarray]:
             padded = padded.reshape(t, nh * nw, per_window * per_window)
             sizes = (padded != -100).sum(-1).reshape(-1)
             window_index.append(padded.reshape(-1)[padded.reshape(-1) != -100] + groups_before)
-            for s in np.cumsum(sizes) * spec.merge_unit + cu_win[-1]:
-                if int(s) != cu_win[-1]:  # empty windows add no boundary
-                    cu_win.append(int(s))
+            for end in np.cumsum(sizes) * spec.merge_unit + cu_win[-1]:
+                if int(end) != cu_win[-1]:  # empty windows add no boundary
+                    cu_win.append(int(end))
         else:
             window_index.append(index.reshape(-1) + groups_before)
         groups_before += t * gh * gw
     index = np.concatenate(window_index).astype(np.int64)
-    if not per_window:
-        cu_win = list(cu)
-    lengths = np.diff(cu)
-    return {"rotary_pos_emb": np.concatenate(angles), "cu_seqlens": np.asarray(cu, np.int32),
-            "max_seqlen_carrier": np.zeros(int(lengths.max()), np.int32),
-            "cu_window_seqlens": np.asarray(cu_win, np.int32), "window_index": index,
+    return {"rotary_pos_emb": rot, "cu_seqlens": cu, "max_seqlen_carrier": carrier,
+            "cu_window_seqlens": np.asarray(cu_win, np.int32) if per_window else cu, "window_index": index,
             "reverse_window_index": np.argsort(index).astype(np.int64)}
 
 
@@ -195,8 +182,8 @@ def golden_inputs(spec: QwenVisionSpec) -> dict[str, np.ndarray]:
 
 # -- graph face ---------------------------------------------------------------------------------------
 def emit_graph(g: GraphBuilder, w, s: QwenVisionSpec) -> None:
-    n, i64 = g.node, g.i64
-    h, d, heads = s.hidden, s.head_dim, s.heads
+    n, i64, ops = g.node, g.i64, GraphOps(g, w)
+    h, d = s.hidden, s.head_dim
     x = g.input(INPUT, FLOAT16, ["num_patches", s.patch_dim])
     rot = g.input("rotary_pos_emb", FLOAT, ["num_patches", d // 2])
     cu = g.input("cu_seqlens", INT32, ["num_images_plus_1"])
@@ -205,71 +192,31 @@ def emit_graph(g: GraphBuilder, w, s: QwenVisionSpec) -> None:
     win = g.input("window_index", INT64, ["num_groups"])
     rev = g.input("reverse_window_index", INT64, ["num_groups"])
 
-    def fp32(y):
-        return n("Cast", [y], {"to": FLOAT})
-
-    def fp16(y):
-        return n("Cast", [y], {"to": FLOAT16})
-
-    def linear(y, name, out_f, in_f):
-        out = n("MatMul", [y, w.linear_weight(name + ".weight", out_f, in_f)])
-        return n("Add", [out, w.vector(name + ".bias", out_f)])
-
-    def rms(y, name, size):
-        y32 = fp32(y)
-        ms = n("ReduceMean", [n("Mul", [y32, y32]), i64(-1)], {"keepdims": 1})
-        inv = n("Reciprocal", [n("Sqrt", [n("Add", [ms, g.const(np.array(RMS_EPS, np.float32))])])])
-        return n("Mul", [fp16(n("Mul", [y32, inv])), w.vector(name + ".weight", size)])  # HF: w * x.to(fp16)
-
-    def window_first(y, width):
+    def window_first(y, width):  # reorder at merge-group granularity
         return n("Reshape", [n("Gather", [n("Reshape", [y, i64(-1, s.merge_unit, width)]), win], {"axis": 0}),
                              i64(-1, width)])
 
-    conv = w.ref(TOWER + "patch_embed.proj.weight", (h, s.channels, s.temporal_patch_size, s.patch_size, s.patch_size))
-    weight = g.weight(TOWER + "patch_embed.proj.weight.T", FLOAT16, (s.patch_dim, h),
-                      lambda: _to_fp16(conv).reshape(h, -1).t().contiguous(), tag=conv.where())
-    hs = window_first(n("MatMul", [x, weight]), h)
-    emb = n("Unsqueeze", [n("Concat", [window_first(rot, d // 2)] * 2, {"axis": -1}), i64(1)])  # [T, 1, D]
-    cos, sin = n("Cos", [emb]), n("Sin", [emb])
+    shape = (h, s.channels, s.temporal_patch_size, s.patch_size, s.patch_size)
+    hs = window_first(ops.patch_embed(x, TOWER + "patch_embed.proj", shape, bias=False), h)
+    cos, sin = ops.cos_sin(window_first(rot, d // 2))
     window_carrier = g.const(np.zeros(s.window_patches, np.int32), "window_seqlen_carrier")
-
-    def rope(t):  # [T, heads, D] fp16 -> rotated in fp32 -> fp16
-        t32 = fp32(t)
-        first = n("Slice", [t32, i64(0), i64(d // 2), i64(-1)])
-        second = n("Slice", [t32, i64(d // 2), i64(d), i64(-1)])
-        rotated = n("Concat", [n("Neg", [second]), first], {"axis": -1})
-        return fp16(n("Add", [n("Mul", [t32, cos]), n("Mul", [rotated, sin])]))
-
     for i in range(s.depth):
         g.scope = f"visual.block.{i}"
         pre = f"{TOWER}blocks.{i}."
-        qkv = n("Reshape", [linear(rms(hs, pre + "norm1", h), pre + "attn.qkv", 3 * h, h), i64(0, 3, heads, d)])
-        q, k, v = (n("Gather", [qkv, g.const(np.array(j, np.int64))], {"axis": 1}) for j in range(3))
         full = i in s.full_blocks
-        attn = vit_attention_plugin.emit(g, rope(q), rope(k), v, cu if full else cu_win,
-                                         carrier if full else window_carrier, num_heads=heads, head_size=d)
-        hs = n("Add", [hs, linear(n("Reshape", [attn, i64(0, h)]), pre + "attn.proj", h, h)])
-        y = rms(hs, pre + "norm2", h)
-        gate = linear(y, pre + "mlp.gate_proj", s.intermediate, h)
-        silu = fp16(n("Mul", [fp32(gate), n("Sigmoid", [fp32(gate)])]))
-        up = linear(y, pre + "mlp.up_proj", s.intermediate, h)
-        hs = n("Add", [hs, linear(n("Mul", [silu, up]), pre + "mlp.down_proj", h, s.intermediate)])
+        hs = n("Add", [hs, ops.attention(ops.rms(hs, pre + "norm1", h, RMS_EPS), pre + "attn", h, s.heads, cos, sin,
+                                         cu if full else cu_win, carrier if full else window_carrier)])
+        y = ops.rms(hs, pre + "norm2", h, RMS_EPS)
+        gate = ops.linear(y, pre + "mlp.gate_proj", s.intermediate, h)
+        silu = ops.fp16(n("Mul", [ops.fp32(gate), n("Sigmoid", [ops.fp32(gate)])]))
+        up = ops.linear(y, pre + "mlp.up_proj", s.intermediate, h)
+        hs = n("Add", [hs, ops.linear(n("Mul", [silu, up]), pre + "mlp.down_proj", h, s.intermediate)])
     g.scope = "visual.merger"
-    merged = n("Reshape", [rms(hs, TOWER + "merger.ln_q", h), i64(-1, h * s.merge_unit)])
-    y = linear(merged, TOWER + "merger.mlp.0", h * s.merge_unit, h * s.merge_unit)
-    y32 = fp32(y)
-    erf = n("Erf", [n("Mul", [y32, g.const(np.array(1 / math.sqrt(2), np.float32))])])
-    y = fp16(n("Mul", [n("Mul", [y32, g.const(np.array(0.5, np.float32))]),
-                       n("Add", [erf, g.const(np.array(1.0, np.float32))])]))
-    y = linear(y, TOWER + "merger.mlp.2", s.out_hidden, h * s.merge_unit)
+    merged = n("Reshape", [ops.rms(hs, TOWER + "merger.ln_q", h, RMS_EPS), i64(-1, h * s.merge_unit)])
+    y = ops.gelu(ops.linear(merged, TOWER + "merger.mlp.0", h * s.merge_unit, h * s.merge_unit))
+    y = ops.linear(y, TOWER + "merger.mlp.2", s.out_hidden, h * s.merge_unit)
     g.scope = ""
     g.output(n("Gather", [y, rev], {"axis": 0}), OUTPUT, FLOAT16, ["num_groups", s.out_hidden])
-
-
-def _to_fp16(ref):
-    from ..models.weights import to_fp16
-
-    return to_fp16(ref)
 
 
 # -- eager face -------------------------------------------------------------------------------------
@@ -277,51 +224,27 @@ def eager(inputs: dict, t: dict, s: QwenVisionSpec):
     """What the graph computes, in torch, over the graph's initializers `t` (fp16 tensors by name)."""
     import torch
 
-    op = vit_attention_plugin.register_torch_op()
-    h, d = s.hidden, s.head_dim
-
-    def r16(x):
-        return x.half().float()
-
-    def f(name):
-        return t[name].float()
-
-    def linear(y, name):
-        return r16(r16(y @ f(name + ".weight.T")) + f(name + ".bias"))
-
-    def rms(y, name):
-        return r16(r16(y * torch.rsqrt((y * y).mean(-1, keepdim=True) + RMS_EPS)) * f(name + ".weight"))
-
+    ops, h = EagerOps(t), s.hidden
     win = torch.from_numpy(inputs["window_index"])
 
     def window_first(y):
         return y.reshape(-1, s.merge_unit, y.shape[-1])[win].reshape(-1, y.shape[-1])
 
     x = torch.from_numpy(inputs[INPUT]).float()
-    hs = window_first(r16(x @ f(TOWER + "patch_embed.proj.weight.T")))
-    rot = window_first(torch.from_numpy(inputs["rotary_pos_emb"]))
-    emb = torch.cat([rot, rot], dim=-1)[:, None]
-    cos, sin = emb.cos(), emb.sin()
-
-    def rope(z):
-        rotated = torch.cat([-z[..., d // 2:], z[..., : d // 2]], dim=-1)
-        return (z * cos + rotated * sin).half()
-
+    hs = window_first(ops.patch_embed(x, TOWER + "patch_embed.proj", bias=False))
+    cos, sin = ops.cos_sin(window_first(torch.from_numpy(inputs["rotary_pos_emb"])))
     cu, carrier = torch.from_numpy(inputs["cu_seqlens"]), torch.from_numpy(inputs["max_seqlen_carrier"])
     cu_win = torch.from_numpy(inputs["cu_window_seqlens"])
     win_carrier = torch.zeros(s.window_patches, dtype=torch.int32)
     for i in range(s.depth):
         pre = f"{TOWER}blocks.{i}."
-        qkv = linear(rms(hs, pre + "norm1"), pre + "attn.qkv").reshape(-1, 3, s.heads, d)
         full = i in s.full_blocks
-        attn = op(rope(qkv[:, 0]), rope(qkv[:, 1]), qkv[:, 2].half(), cu if full else cu_win,
-                  carrier if full else win_carrier, s.heads, d).float()
-        hs = r16(hs + linear(attn.reshape(-1, h), pre + "attn.proj"))
-        y = rms(hs, pre + "norm2")
-        gate = linear(y, pre + "mlp.gate_proj")
-        act = r16(r16(gate * torch.sigmoid(gate)) * linear(y, pre + "mlp.up_proj"))
-        hs = r16(hs + linear(act, pre + "mlp.down_proj"))
-    merged = rms(hs, TOWER + "merger.ln_q").reshape(-1, h * s.merge_unit)
-    y = r16(torch.nn.functional.gelu(linear(merged, TOWER + "merger.mlp.0")))
-    y = linear(y, TOWER + "merger.mlp.2")
+        hs = ops.r16(hs + ops.attention(ops.rms(hs, pre + "norm1", RMS_EPS), pre + "attn", h, s.heads, cos, sin,
+                                        cu if full else cu_win, carrier if full else win_carrier))
+        y = ops.rms(hs, pre + "norm2", RMS_EPS)
+        gate = ops.linear(y, pre + "mlp.gate_proj")
+        act = ops.r16(ops.r16(gate * torch.sigmoid(gate)) * ops.linear(y, pre + "mlp.up_proj"))
+        hs = ops.r16(hs + ops.linear(act, pre + "mlp.down_proj"))
+    merged = ops.rms(hs, TOWER + "merger.ln_q", RMS_EPS).reshape(-1, h * s.merge_unit)
+    y = ops.linear(ops.gelu(ops.linear(merged, TOWER + "merger.mlp.0")), TOWER + "merger.mlp.2")
     return y[torch.from_numpy(inputs["reverse_window_index"])]
