@@ -252,15 +252,6 @@ def test_deepstack_features_match_transformers(qwen3_vl, tmp_path):
     assert float(cosine_rows(plain, want[len(prompt) - 1:len(prompt)]).min()) < 0.99
 
 
-def test_a_tower_not_exported_yet_is_never_dropped_silently(qwen3_vl, tmp_path, capsys):
-    """Qwen3-VL's tower is not implemented: without --components the export is refused, naming it."""
-    ckpt, _ = qwen3_vl
-    assert main(["-q", "export", str(ckpt), str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err
-    assert "visual encoder (vision_config)" in err and "--components llm" in err
-    assert not (tmp_path / "out").exists()
-
-
 def test_deepstack_count_rules_and_refusals(qwen3_vl, tmp_path, capsys):
     """num_deepstack_features from the text config, else the root, else the tower's deepstack_visual_indexes,
     else 3 for a qwen3_vl model (families.md §1.3); more than the layers, or with --attention native: exit 2."""

@@ -18,10 +18,11 @@ import numpy as np
 from edgellm_core.errors import ExportError
 from edgellm_core.onnx_graph.builder import GraphBuilder
 
-from . import internvl, qwen2_5_vl
+from . import internvl, qwen2_5_vl, qwen3_vl
 
 SUBDIR = "visual"
-FAMILIES = {"internvl": internvl, "internvl_chat": internvl, "qwen2_5_vl": qwen2_5_vl}  # root model_type
+FAMILIES = {"internvl": internvl, "internvl_chat": internvl, "qwen2_5_vl": qwen2_5_vl,  # root model_type
+            "qwen3_vl": qwen3_vl}
 GOLDEN_DIR, GOLDEN_FILE, GOLDEN_TENSORS = "golden", "bundle.json", "tensors.safetensors"
 PREPROCESSOR_FILES = ("preprocessor_config.json",)
 
@@ -74,12 +75,16 @@ def write_golden(out: Path, planned: PlannedVisual) -> None:
     inputs = planned.module.golden_inputs(planned.spec)
     with torch.no_grad():
         want = planned.module.eager(inputs, planned.tensors, planned.spec)
+    if not isinstance(want, dict):  # one output (most towers); Qwen3-VL's also has its deepstack features
+        want = {planned.module.OUTPUT: want}
+    expected = {f"expected_{name}": rows.numpy().astype(np.float32) for name, rows in want.items()}
     d = out / GOLDEN_DIR
     d.mkdir()
-    save_file({**inputs, "expected_output": want.numpy().astype(np.float32)}, str(d / GOLDEN_TENSORS))
+    save_file({**inputs, **expected}, str(d / GOLDEN_TENSORS))
     (d / GOLDEN_TENSORS).chmod(0o644)
     (d / GOLDEN_FILE).write_text(json.dumps({"format": 1, "inputs": {name: name for name in inputs},
-                                             "outputs": {planned.module.OUTPUT: "expected_output"}}, indent=1) + "\n")
+                                             "outputs": {name: f"expected_{name}" for name in want}}, indent=1)
+                                 + "\n")
     planned.tensors.clear()
 
 

@@ -1,0 +1,228 @@
+"""Qwen3-VL's vision tower (families.md §5.3), both faces, and the runtime's preprocessing for it.
+
+Graph inputs (0.7.1's names): `input` fp16 `[T, C*tps*p*p]`, `rotary_pos_emb` fp32 `[T, D/2]`, `cu_seqlens`
+int32, `max_seqlen_carrier` int32 (length only), `fast_pos_embed_idx` int64 `[4, T]` and
+`fast_pos_embed_weight` fp16 `[4, T]`: the four bilinear corners (align_corners) into the learned square
+`pos_embed` table and their weights, per patch in merge-block order. Dataflow: patch embedding (Conv3d with
+bias, as one MatMul) + the weighted sum of the four table rows -> blocks (LayerNorm, fused qkv, RoPE, the
+ViTAttentionPlugin over whole frames, tanh-GELU MLP `linear_fc1/fc2`) -> merger (LayerNorm, groups of merge-unit
+patches concatenated, Linear, GELU, Linear) -> `output` fp16 `[T / merge unit, out_hidden]`; after each block in
+`deepstack_visual_indexes` a merger with its LayerNorm after the concatenation gives `deepstack_features_{i}`
+(same shape), which the runtime scatters into the language model's `deepstack_embeds_{i}`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgellm_core.errors import ExportError, UnsupportedError
+from edgellm_core.onnx_graph.builder import FLOAT, FLOAT16, INT32, INT64, GraphBuilder
+
+from .qwen_vit import EagerOps, GraphOps, frame_seqlens, patch_positions, rotary_angles
+
+TOWER = "visual."
+PREFIXES = (TOWER,)
+INPUT, OUTPUT = "input", "output"
+INPUTS = ("input", "rotary_pos_emb", "cu_seqlens", "max_seqlen_carrier", "fast_pos_embed_idx",
+          "fast_pos_embed_weight")
+LN_EPS = 1e-6  # the tower's and the mergers' LayerNorms (fixed in the model code)
+GOLDEN_GRIDS = ((1, 12, 20), (1, 4, 8))  # two images of different sizes in one call, in patches (t, h, w)
+
+
+def deepstack_output(i: int) -> str:
+    return f"deepstack_features_{i}"
+
+
+@dataclass(frozen=True)
+class Qwen3VisionSpec:
+    hidden: int
+    heads: int
+    depth: int
+    intermediate: int
+    patch_size: int
+    temporal_patch_size: int
+    channels: int
+    merge: int
+    out_hidden: int
+    num_positions: int
+    deepstack: tuple[int, ...]
+    rope_theta: float
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def patch_dim(self) -> int:
+        return self.channels * self.temporal_patch_size * self.patch_size ** 2
+
+    @property
+    def merge_unit(self) -> int:
+        return self.merge * self.merge
+
+    @property
+    def side(self) -> int:
+        return int(round(self.num_positions ** 0.5))
+
+
+def parse(raw: dict, text_hidden: int, path: Path) -> Qwen3VisionSpec:
+    v = raw.get("vision_config")
+    if not isinstance(v, dict):
+        raise ExportError("has no vision_config object", path)
+
+    def need(key, default=None):
+        if v.get(key) is not None:
+            return v[key]
+        if default is None:
+            raise ExportError(f"vision_config lacks {key!r}", path)
+        return default
+
+    rope = v.get("rope_parameters") if isinstance(v.get("rope_parameters"), dict) else {}
+    spec = Qwen3VisionSpec(
+        hidden=need("hidden_size"), heads=need("num_heads"), depth=need("depth"),
+        intermediate=need("intermediate_size"),
+        patch_size=need("patch_size"), temporal_patch_size=need("temporal_patch_size", 2),
+        channels=need("in_channels", 3), merge=need("spatial_merge_size", 2), out_hidden=need("out_hidden_size"),
+        num_positions=need("num_position_embeddings"), deepstack=tuple(need("deepstack_visual_indexes", [])),
+        rope_theta=float(rope.get("rope_theta", 10000.0)))
+    problems = []
+    if spec.hidden % spec.heads or spec.head_dim % 4:
+        problems.append(f"hidden_size {spec.hidden} / num_heads {spec.heads}: the head size must split into four "
+                        "rotary quarters")
+    if v.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        problems.append(f"hidden_act {v.get('hidden_act')!r} (supported: gelu_pytorch_tanh)")
+    if spec.side ** 2 != spec.num_positions:
+        problems.append(f"num_position_embeddings {spec.num_positions} is not a square grid")
+    if any(not 0 <= i < spec.depth for i in spec.deepstack):
+        problems.append(f"deepstack_visual_indexes {list(spec.deepstack)} outside the {spec.depth} blocks")
+    if spec.out_hidden != text_hidden:
+        problems.append(f"out_hidden_size {spec.out_hidden} differs from the language model's hidden size "
+                        f"{text_hidden}")
+    if problems:
+        raise UnsupportedError("the Qwen3-VL vision tower cannot be exported: " + "; ".join(problems), path)
+    return spec
+
+
+def runtime_config(raw: dict, spec: Qwen3VisionSpec, ckpt_dir: Path) -> dict:
+    """As qwen2_5_vl.runtime_config, with the Qwen3-VL names (mrope_interleaved kept in the rope)."""
+    from . import qwen2_5_vl
+
+    out = qwen2_5_vl.runtime_config(raw, spec, ckpt_dir)
+    out["model_type"] = out["vision_config"]["model_type"] = "qwen3_vl"
+    return out
+
+
+def prepare(ckpt, spec) -> None:
+    """transformers' names (`model.visual.*`; the reader strips the wrapper)."""
+
+
+# -- the runtime's preprocessing ---------------------------------------------------------------------
+def preprocess(grids, spec: Qwen3VisionSpec) -> dict[str, np.ndarray]:
+    """Every graph input but `input`: rotary angles, per-frame sequences, and the bilinear (align_corners)
+    corners and weights resampling the square position table to each image's grid."""
+    rows, cols = patch_positions(grids, spec.merge)
+    heights = np.concatenate([np.full(t * h * w, h) for t, h, w in grids])
+    widths = np.concatenate([np.full(t * h * w, w) for t, h, w in grids])
+    side = spec.side
+
+    def taps(index, size):
+        src = index.astype(np.float32) * (side - 1) / np.maximum(size - 1, 1)
+        floor = np.floor(src)
+        near = np.clip(floor.astype(np.int64), 0, side - 1)
+        far = np.clip(floor.astype(np.int64) + 1, 0, side - 1)
+        frac = src - floor
+        return (near, far), (1 - frac, frac)
+
+    (h0, h1), (hw0, hw1) = taps(rows, heights)
+    (w0, w1), (ww0, ww1) = taps(cols, widths)
+    idx = np.stack([h0 * side + w0, h0 * side + w1, h1 * side + w0, h1 * side + w1]).astype(np.int64)
+    weight = np.stack([hw0 * ww0, hw0 * ww1, hw1 * ww0, hw1 * ww1]).astype(np.float16)
+    cu, carrier = frame_seqlens(grids)
+    return {"rotary_pos_emb": rotary_angles(grids, spec.merge, spec.head_dim, spec.rope_theta), "cu_seqlens": cu,
+            "max_seqlen_carrier": carrier, "fast_pos_embed_idx": idx, "fast_pos_embed_weight": weight}
+
+
+def golden_inputs(spec: Qwen3VisionSpec) -> dict[str, np.ndarray]:
+    t = sum(a * b * c for a, b, c in GOLDEN_GRIDS)
+    patches = np.random.default_rng(20261202).standard_normal((t, spec.patch_dim)).astype(np.float16)
+    return {INPUT: patches, **preprocess(GOLDEN_GRIDS, spec)}
+
+
+# -- graph face ---------------------------------------------------------------------------------------
+def emit_graph(g: GraphBuilder, w, s: Qwen3VisionSpec) -> None:
+    n, i64, ops = g.node, g.i64, GraphOps(g, w)
+    h, d, wide = s.hidden, s.head_dim, s.hidden * s.merge_unit
+    x = g.input(INPUT, FLOAT16, ["num_patches", s.patch_dim])
+    rot = g.input("rotary_pos_emb", FLOAT, ["num_patches", d // 2])
+    cu = g.input("cu_seqlens", INT32, ["num_images_plus_1"])
+    carrier = g.input("max_seqlen_carrier", INT32, ["max_seqlen"])
+    idx = g.input("fast_pos_embed_idx", INT64, [4, "num_patches"])
+    weight = g.input("fast_pos_embed_weight", FLOAT16, [4, "num_patches"])
+    shape = (h, s.channels, s.temporal_patch_size, s.patch_size, s.patch_size)
+    hs = ops.patch_embed(x, TOWER + "patch_embed.proj", shape, bias=True)
+    table = w.tensor(TOWER + "pos_embed.weight", (s.num_positions, h))
+    corners = ops.fp32(n("Gather", [table, idx], {"axis": 0}))  # [4, T, H]
+    pos = n("ReduceSum", [n("Mul", [corners, n("Unsqueeze", [ops.fp32(weight), i64(2)])]), i64(0)], {"keepdims": 0})
+    hs = n("Add", [hs, ops.fp16(pos)])
+    cos, sin = ops.cos_sin(rot)
+
+    def merger(y, name, postshuffle):
+        y = (ops.layer_norm(n("Reshape", [y, i64(-1, wide)]), name + ".norm", wide, LN_EPS) if postshuffle
+             else n("Reshape", [ops.layer_norm(y, name + ".norm", h, LN_EPS), i64(-1, wide)]))
+        y = ops.gelu(ops.linear(y, name + ".linear_fc1", wide, wide))
+        return ops.linear(y, name + ".linear_fc2", s.out_hidden, wide)
+
+    deepstack = {}
+    for i in range(s.depth):
+        g.scope = f"visual.block.{i}"
+        pre = f"{TOWER}blocks.{i}."
+        hs = n("Add", [hs, ops.attention(ops.layer_norm(hs, pre + "norm1", h, LN_EPS), pre + "attn", h, s.heads, cos,
+                                         sin, cu, carrier)])
+        y = ops.gelu(ops.linear(ops.layer_norm(hs, pre + "norm2", h, LN_EPS), pre + "mlp.linear_fc1",
+                                s.intermediate, h), tanh=True)
+        hs = n("Add", [hs, ops.linear(y, pre + "mlp.linear_fc2", h, s.intermediate)])
+        if i in s.deepstack:
+            k = s.deepstack.index(i)
+            deepstack[k] = merger(hs, f"{TOWER}deepstack_merger_list.{k}", postshuffle=True)
+    g.scope = "visual.merger"
+    out = merger(hs, TOWER + "merger", postshuffle=False)
+    g.scope = ""
+    g.output(out, OUTPUT, FLOAT16, ["num_groups", s.out_hidden])
+    for k in range(len(s.deepstack)):
+        g.output(deepstack[k], deepstack_output(k), FLOAT16, ["num_groups", s.out_hidden])
+
+
+# -- eager face -------------------------------------------------------------------------------------
+def eager(inputs: dict, t: dict, s: Qwen3VisionSpec) -> dict:
+    """What the graph computes, in torch: {output name: rows} over the graph's initializers `t`."""
+    import torch
+
+    ops, h, wide = EagerOps(t), s.hidden, s.hidden * s.merge_unit
+    x = torch.from_numpy(inputs[INPUT]).float()
+    hs = ops.patch_embed(x, TOWER + "patch_embed.proj", bias=True)
+    idx = torch.from_numpy(inputs["fast_pos_embed_idx"])
+    weight = torch.from_numpy(inputs["fast_pos_embed_weight"]).float()
+    pos = (ops.f(TOWER + "pos_embed.weight")[idx] * weight[:, :, None]).sum(0)
+    hs = ops.r16(hs + ops.r16(pos))
+    cos, sin = ops.cos_sin(torch.from_numpy(inputs["rotary_pos_emb"]))
+    cu, carrier = torch.from_numpy(inputs["cu_seqlens"]), torch.from_numpy(inputs["max_seqlen_carrier"])
+
+    def merger(y, name, postshuffle):
+        y = (ops.layer_norm(y.reshape(-1, wide), name + ".norm", LN_EPS) if postshuffle
+             else ops.layer_norm(y, name + ".norm", LN_EPS).reshape(-1, wide))
+        return ops.linear(ops.gelu(ops.linear(y, name + ".linear_fc1")), name + ".linear_fc2")
+
+    outs = {}
+    for i in range(s.depth):
+        pre = f"{TOWER}blocks.{i}."
+        hs = ops.r16(hs + ops.attention(ops.layer_norm(hs, pre + "norm1", LN_EPS), pre + "attn", h, s.heads, cos, sin,
+                                        cu, carrier))
+        y = ops.gelu(ops.linear(ops.layer_norm(hs, pre + "norm2", LN_EPS), pre + "mlp.linear_fc1"), tanh=True)
+        hs = ops.r16(hs + ops.linear(y, pre + "mlp.linear_fc2"))
+        if i in s.deepstack:
+            k = s.deepstack.index(i)
+            outs[deepstack_output(k)] = merger(hs, f"{TOWER}deepstack_merger_list.{k}", postshuffle=True)
+    return {OUTPUT: merger(hs, TOWER + "merger", postshuffle=False), **outs}
