@@ -183,14 +183,14 @@ def _write_visual(planned: visual_mod.PlannedVisual, out: Path, ckpt_dir: Path, 
     visual_mod.copy_preprocessor(ckpt_dir, out)
     writer = StreamWriter()
     try:
-        _write_weights(g, writer, out / contract.DATA_FILE, data_size, planned if opts.golden else None, report)
+        _write_weights(g, writer, out / contract.DATA_FILE, data_size, None, report)
     except BaseException:
         with contextlib.suppress(BaseException):
             writer.finish()
         raise
     writer.finish()
     if opts.golden:
-        visual_mod.write_golden(out, planned)
+        visual_mod.write_golden(out, planned, out / contract.DATA_FILE)
     return writer.digests
 
 

@@ -2,15 +2,16 @@
 
 One module per tower family, chosen by the checkpoint's root `model_type` (`FAMILIES`). Each gives
 `parse(raw, text_hidden, path) -> spec`, `prepare(ckpt, spec)` (tensor names), `runtime_config(raw, spec,
-ckpt_dir)`, `emit_graph(g, weights, spec)`, `eager(pixels, tensors, spec)` and `PREFIXES` (every tensor under
-them must be read). Here: planning (graph and config before a byte is written), and the golden
-bundle the validation side replays: synthetic tiles and the eager face's output for them.
+ckpt_dir)`, `emit_graph(g, weights, spec)`, `golden_inputs(spec)`, `eager(inputs, tensors, spec)` and
+`PREFIXES` (every tensor under them must be read). Here: planning (graph and config before a byte is
+written), and the golden bundle the validation side replays: the family's inputs (preprocessing included)
+and the eager face's outputs for them.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,12 +39,24 @@ class PlannedVisual:
     spec: object
     graph: GraphBuilder
     runtime_config: dict
-    tensors: dict = field(default_factory=dict)  # initializer name -> fp16 tensor, kept for the golden pass
 
-    def consume(self, name: str, t) -> None:
-        """Called with every initializer as it is written (export._write_weights); towers are small enough to
-        keep whole, and reading them twice would double the tower's I/O."""
-        self.tensors[name] = t
+
+class WrittenWeights:
+    """The graph's initializers read back from the data file just written (still in the page cache), one at a
+    time as the eager face asks for them: the golden pass never holds the whole tower (a 7B VLM's is 1.3 GB)."""
+
+    def __init__(self, graph: GraphBuilder, data_path: Path):
+        self.path, self.weights = data_path, {w.name: w for w in graph.weights}
+
+    def __getitem__(self, name: str):
+        import torch
+        from onnx import helper
+
+        w = self.weights[name]
+        dtype = helper.tensor_dtype_to_np_dtype(w.dtype)
+        count = int(np.prod(w.shape, dtype=np.int64)) if w.shape else 1
+        arr = np.fromfile(self.path, dtype=dtype, count=count, offset=w.offset).reshape(w.shape)
+        return torch.from_numpy(arr)
 
 
 def plan(ckpt, text_hidden: int, clamp: bool = False) -> PlannedVisual:
@@ -66,15 +79,15 @@ def plan(ckpt, text_hidden: int, clamp: bool = False) -> PlannedVisual:
     return PlannedVisual(module, spec, g, runtime_config)
 
 
-def write_golden(out: Path, planned: PlannedVisual) -> None:
+def write_golden(out: Path, planned: PlannedVisual, data_path: Path) -> None:
     """visual/golden/: the family's golden inputs (every graph input, preprocessing included) and what the eager
-    face computes for them."""
+    face computes for them over the weights as written."""
     import torch
     from safetensors.numpy import save_file
 
     inputs = planned.module.golden_inputs(planned.spec)
     with torch.no_grad():
-        want = planned.module.eager(inputs, planned.tensors, planned.spec)
+        want = planned.module.eager(inputs, WrittenWeights(planned.graph, data_path), planned.spec)
     if not isinstance(want, dict):  # one output (most towers); Qwen3-VL's also has its deepstack features
         want = {planned.module.OUTPUT: want}
     expected = {f"expected_{name}": rows.numpy().astype(np.float32) for name, rows in want.items()}
@@ -85,7 +98,6 @@ def write_golden(out: Path, planned: PlannedVisual) -> None:
     (d / GOLDEN_FILE).write_text(json.dumps({"format": 1, "inputs": {name: name for name in inputs},
                                              "outputs": {name: f"expected_{name}" for name in want}}, indent=1)
                                  + "\n")
-    planned.tensors.clear()
 
 
 def copy_preprocessor(ckpt_dir: Path, out: Path) -> None:
