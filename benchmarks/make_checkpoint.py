@@ -34,6 +34,17 @@ SHAPES["qwen3-30b-a3b"] = dict(
     tie_word_embeddings=False, rope_theta=1000000.0, max_position_embeddings=40960, num_experts=128,
     num_experts_per_tok=8, moe_intermediate_size=768, decoder_sparse_step=1, mlp_only_layers=[],
     norm_topk_prob=True, rms_norm_eps=1e-6)
+# Qwen2.5-VL-7B as the hub ships it (flat config, `model.layers.*`, `visual.*`), cut to 4 decoder layers and
+# 4 vision blocks (one of them full-attention): the issue's VLM benchmark shape.
+SHAPES["qwen2.5-vl-7b-4l"] = dict(
+    model_type="qwen2_5_vl", architectures=["Qwen2_5_VLForConditionalGeneration"], hidden_size=3584,
+    intermediate_size=18944, num_hidden_layers=4, num_attention_heads=28, num_key_value_heads=4, head_dim=128,
+    vocab_size=152064, tie_word_embeddings=False, rope_theta=1000000.0, max_position_embeddings=128000,
+    rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, rms_norm_eps=1e-6, attention_bias=True,
+    image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+    vision_config={"depth": 4, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "in_chans": 3,
+                   "out_hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                   "window_size": 112, "fullatt_block_indexes": [3], "hidden_act": "silu", "model_type": "qwen2_5_vl"})
 SHARD_BYTES = 5 * 2**30
 SLICE_ELEMS = 16 * 2**20
 
@@ -59,9 +70,31 @@ def tensor_shapes(c: dict) -> list[tuple[str, tuple[int, ...]]]:
         else:
             out += [(p + "mlp.gate_proj.weight", (inter, h)), (p + "mlp.up_proj.weight", (inter, h)),
                     (p + "mlp.down_proj.weight", (h, inter))]
+        if c.get("attention_bias"):
+            out += [(p + "self_attn.q_proj.bias", (q,)), (p + "self_attn.k_proj.bias", (kv,)),
+                    (p + "self_attn.v_proj.bias", (kv,))]
     out.append(("model.norm.weight", (h,)))
     if not c["tie_word_embeddings"]:
         out.append(("lm_head.weight", (c["vocab_size"], h)))
+    if c.get("model_type") == "qwen2_5_vl":
+        out += vision_tensor_shapes(c["vision_config"])
+    return out
+
+
+def vision_tensor_shapes(v: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """Qwen2.5-VL's tower, `visual.*` (q/k/v biases on the language model come from `attention_bias`)."""
+    h, inter, m2 = v["hidden_size"], v["intermediate_size"], v["spatial_merge_size"] ** 2
+    out = [("visual.patch_embed.proj.weight", (h, v["in_chans"], v["temporal_patch_size"], v["patch_size"],
+                                               v["patch_size"]))]
+    for i in range(v["depth"]):
+        p = f"visual.blocks.{i}."
+        out += [(p + "norm1.weight", (h,)), (p + "norm2.weight", (h,)), (p + "attn.qkv.weight", (3 * h, h)),
+                (p + "attn.qkv.bias", (3 * h,)), (p + "attn.proj.weight", (h, h)), (p + "attn.proj.bias", (h,))]
+        for name, shape in (("gate_proj", (inter, h)), ("up_proj", (inter, h)), ("down_proj", (h, inter))):
+            out += [(p + f"mlp.{name}.weight", shape), (p + f"mlp.{name}.bias", (shape[0],))]
+    out += [("visual.merger.ln_q.weight", (h,)), ("visual.merger.mlp.0.weight", (h * m2, h * m2)),
+            ("visual.merger.mlp.0.bias", (h * m2,)), ("visual.merger.mlp.2.weight", (v["out_hidden_size"], h * m2)),
+            ("visual.merger.mlp.2.bias", (v["out_hidden_size"],))]
     return out
 
 
