@@ -1,0 +1,67 @@
+"""visual_build's profile for the exported vision encoders, against the contract's numbers (families.md §5.2,
+§5.4: visualBuilder.cpp setupQwenViTProfile / setupInternPhi4ViTProfile), on real exports' graphs and configs."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+
+from edgellm_core.errors import UnsupportedError
+from edgellm_validate.trt.profiles import ProfileError, ShapeRange
+from edgellm_validate.trt.visual_profiles import VisualLimits, visual_profile
+
+
+def graph_dims(visual_dir):
+    model = onnx.load(str(visual_dir / "model.onnx"), load_external_data=False)
+    return {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+
+
+def exported(tmp_path, maker):
+    from edgellm_export.cli import main
+
+    ckpt, _ = maker(tmp_path / "ckpt")
+    assert main(["-q", "export", str(ckpt), str(tmp_path / "out"), "--no-golden"]) == 0
+    return tmp_path / "out" / "visual"
+
+
+def test_qwen2_5_vl_profile_covers_every_input(tmp_path):
+    from test_qwen2_5_vl_visual import make_qwen2_5_vl
+
+    vdir = exported(tmp_path, make_qwen2_5_vl)
+    dims = graph_dims(vdir)
+    prof = visual_profile(json.loads((vdir / "config.json").read_text()), dims)  # defaults 4 / 1024 / 512
+    assert set(prof) == set(dims)  # every graph input, nothing else
+    assert prof["input"] == ShapeRange((16, 1176), (2056, 1176), (4096, 1176))  # 3*2*14*14 = 1176
+    assert prof["rotary_pos_emb"] == ShapeRange((16, 16), (2056, 16), (4096, 16))  # head_dim 32 / 2
+    assert prof["cu_seqlens"] == ShapeRange((2,), (257,), (257,))  # 1024 / 4 images
+    assert prof["max_seqlen_carrier"] == ShapeRange((1,), (1024,), (2048,))
+    assert prof["cu_window_seqlens"] == ShapeRange((2,), (1024,), (1024,))
+    assert prof["window_index"] == prof["reverse_window_index"] == ShapeRange((4,), (514,), (1024,))
+
+
+def test_qwen3_vl_profile_has_the_position_table_inputs(tmp_path):
+    from test_qwen3_vl_visual import make_qwen3_vl
+
+    vdir = exported(tmp_path, make_qwen3_vl)
+    dims = graph_dims(vdir)
+    prof = visual_profile(json.loads((vdir / "config.json").read_text()), dims, VisualLimits(64, 512, 256))
+    assert set(prof) == set(dims)
+    assert prof["fast_pos_embed_idx"] == prof["fast_pos_embed_weight"] == ShapeRange((4, 256), (4, 1152), (4, 2048))
+    assert prof["cu_seqlens"] == ShapeRange((2,), (9,), (9,))
+
+
+def test_internvl_profile_counts_tiles(tmp_path):
+    from test_internvl_visual import VARIANTS, make_internvl
+
+    vdir = exported(tmp_path, lambda p: make_internvl(p, VARIANTS["layer_norm"]))
+    dims = graph_dims(vdir)
+    cfg = json.loads((vdir / "config.json").read_text())
+    prof = visual_profile(cfg, dims, VisualLimits(256, 3072, 1024))
+    assert set(prof) == set(dims)
+    assert prof["input"] == ShapeRange((1, 3, 128, 128), (6, 3, 128, 128), (12, 3, 128, 128))
+    with pytest.raises(ProfileError, match="multiples of 256"):
+        visual_profile(cfg, dims)  # the defaults (4 / 1024) are not: visual_build refuses them for InternVL
+    with pytest.raises(UnsupportedError, match="'siglip'"):
+        visual_profile({"model_type": "siglip"}, dims)
