@@ -42,8 +42,14 @@ def validate_export(out_dir: str | Path, *, backend: str = "cpu", result_path: P
         except ImportError as e:  # e.g. onnxruntime missing on a device image
             raise EnvironmentProblem(f"the CPU backend needs onnxruntime, which cannot be imported ({e}); "
                                      "install it with `pip install onnxruntime`") from None
+    vdir = visual_dir(llm.parent)
+    visual = None
     try:
         run = run_twin(llm, be)
+        if vdir is not None:  # the vision encoder on its golden inputs (visual.py), on the LLM's device
+            options = {**(backend_options or {}), "device": getattr(be, "device", None),
+                       "engine_dir": getattr(be, "engine_dir", None)}
+            visual = validate_visual(vdir, backend, options)
     except RuntimeRefusal as e:
         result = {"passed": False, "failures": [f"the runtime would refuse this export: {e}"], "steps": []}
     else:
@@ -53,14 +59,12 @@ def validate_export(out_dir: str | Path, *, backend: str = "cpu", result_path: P
         be.close()
     result.update({"backend": be.name, "export": str(llm), "manifest_verified": verify,
                    "seconds": round(time.perf_counter() - t0, 3)})
-    vdir = visual_dir(llm.parent)
-    if vdir is not None:  # the vision encoder, on its golden tiles (visual.py)
-        result["components"] = {"visual": validate_visual(vdir, "cpu" if backend == "cpu" else backend)}
-        if not result["components"]["visual"]["passed"]:
+    if visual is not None:
+        result["components"] = {"visual": visual}
+        if not visual["passed"]:
             result["passed"] = False
             result.setdefault("failures", []).append(
-                "visual: " + result["components"]["visual"].get("reason", "the encoder's output differs from its "
-                                                                          f"golden (cosine below {VISUAL_MIN_COSINE})"))
+                f"visual: the encoder's output differs from its golden (cosine below {VISUAL_MIN_COSINE})")
     limits = runtime_limits(json.loads((llm / "config.json").read_text()))
     if limits:  # not failures: what the runtime does regardless of the export (core/runtime_limits.py)
         result["runtime_limits"] = limits

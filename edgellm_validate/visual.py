@@ -1,9 +1,10 @@
 """Validating `OUT/visual/`: the vision encoder's graph on the golden tiles against the exporter's eager face.
 
 The bundle (`visual/golden/bundle.json`) names the graph inputs and outputs and the tensors holding them
-(`visual/golden/tensors.safetensors`). The CPU backend runs the graph through onnxruntime as exported; every
-output row (one image token) must reach MIN_COSINE against the expected row. There is no TensorRT visual
-engine path yet: on the TensorRT backend the visual result says so instead of passing.
+(`visual/golden/tensors.safetensors`). The CPU backend runs the graph through onnxruntime as exported; the
+TensorRT backend builds the engine visual_build would (trt/build.py build_visual_engine: one profile, the
+plugin library when the graph has a plugin node) and runs it. Every output row (one image token) must reach
+MIN_COSINE against the expected row.
 """
 
 from __future__ import annotations
@@ -25,24 +26,25 @@ def visual_dir(out_dir: Path) -> Path | None:
     return d if (d / BUNDLE).is_file() else None
 
 
-def validate_visual(vdir: Path, backend: str) -> dict:
-    """{passed, tokens, worst_cosine, max_abs_diff} (or passed False with a reason)."""
+def validate_visual(vdir: Path, backend: str, options: dict | None = None) -> dict:
+    """{passed, validated, outputs: {name: {passed, tokens, worst_cosine, max_abs_diff}}}. `options` (TensorRT):
+    engine_dir (the LLM's; the visual engine goes to its `visual/`), plugin_path, trt, device, visual_limits."""
     from .runtime_rules import read_safetensors
-
-    if backend != "cpu":
-        return {"passed": False, "validated": False,
-                "reason": "the TensorRT backend has no visual engine path yet; validate the visual component with "
-                          "--backend cpu"}
-    from .cpu_backend import CpuBackend
 
     meta = json.loads((vdir / BUNDLE).read_text())
     tensors = read_safetensors(vdir / TENSORS)
-    be = CpuBackend(vdir)
-    try:
-        got = be.run({name: np.asarray(tensors[key]) for name, key in meta["inputs"].items()})
-    finally:
-        be.close()
+    feeds = {name: np.asarray(tensors[key]) for name, key in meta["inputs"].items()}
     result: dict = {"validated": True, "outputs": {}}
+    if backend == "trt":
+        got, result["engine"] = _run_on_tensorrt(vdir, feeds, options or {})
+    else:
+        from .cpu_backend import CpuBackend
+
+        be = CpuBackend(vdir)
+        try:
+            got = be.run(feeds)
+        finally:
+            be.close()
     passed = True
     for name, key in meta["outputs"].items():
         a, b = np.asarray(got[name], np.float32), np.asarray(tensors[key], np.float32)
@@ -57,3 +59,35 @@ def validate_visual(vdir: Path, backend: str) -> dict:
         passed &= ok
     result["passed"] = passed
     return result
+
+
+def _run_on_tensorrt(vdir: Path, feeds: dict, options: dict) -> tuple[dict, dict]:
+    """Build (trt/build.py) and run the visual engine once on `feeds`; returns (outputs, build record)."""
+    import tempfile
+
+    from .trt.build import build_visual_engine
+    from .trt.runner import TrtRunner
+
+    engine_root = options.get("engine_dir")
+    scratch = None if engine_root else tempfile.TemporaryDirectory(prefix="edgellm-visual-engine-")
+    engine_dir = Path(engine_root) / SUBDIR if engine_root else Path(scratch.name)
+    device = options.get("device")
+    own = device is None
+    try:
+        record = build_visual_engine(vdir, engine_dir, options.get("visual_limits"),
+                                     plugin_path=options.get("plugin_path"), trt=options.get("trt"))
+        if own:
+            from .trt.cuda_device import PycudaDevice
+
+            device = PycudaDevice(options.get("device_ordinal", 0))
+        runner = TrtRunner(record["engine"], device, trt=options.get("trt"), num_profiles=1,
+                           choose_profile=lambda feeds: 0)
+        try:
+            return runner.run(feeds), {k: v for k, v in record.items() if k != "engine"}
+        finally:
+            runner.close()
+    finally:
+        if own and device is not None:
+            device.close()
+        if scratch is not None:
+            scratch.cleanup()

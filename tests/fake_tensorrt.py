@@ -332,12 +332,15 @@ class _Context:
             b = self._shapes["inputs_embeds"][0]
             vocab = json.loads((Path(self._engine._plan["onnx"]).parent / "config.json").read_text())["vocab_size"]
             return (b, 1, vocab)
+        if not name.startswith("present_"):  # a data-dependent output (a vision encoder's): run to learn it
+            return tuple(np.asarray(self._run()[name]).shape)
         # A carried state's present has its input's shape: present_key_values_i <- past_key_values_i,
         # present_X <- X (hybrids' conv/recurrent states, native k_cache_i / v_cache_i).
         past = name.replace("present_", "past_")
         return self._shapes[past if past in self._shapes else name[len("present_"):]]
 
-    def execute_async_v3(self, stream_handle):
+    def _run(self):
+        """The graph on the bound inputs, through onnxruntime."""
         from edgellm_validate.cpu_backend import CpuBackend
         from edgellm_validate.trt.trt_api import numpy_dtype
 
@@ -348,7 +351,13 @@ class _Context:
         for name, mode, dtype in self._engine._io:
             if mode is TensorIOMode.INPUT:
                 feeds[name] = device.read(self.addresses[name], self._shapes[name], numpy_dtype(dtype))
-        outs = self._cpu.run(feeds)
+        return self._cpu.run(feeds)
+
+    def execute_async_v3(self, stream_handle):
+        from edgellm_validate.trt.trt_api import numpy_dtype
+
+        device = STATE["device"]
+        outs = self._run()
         for name, mode, dtype in self._engine._io:
             if mode is TensorIOMode.OUTPUT:
                 device.write(self.addresses[name], np.asarray(outs[name], numpy_dtype(dtype)))

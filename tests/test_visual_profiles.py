@@ -62,6 +62,53 @@ def test_internvl_profile_counts_tiles(tmp_path):
     assert set(prof) == set(dims)
     assert prof["input"] == ShapeRange((1, 3, 128, 128), (6, 3, 128, 128), (12, 3, 128, 128))
     with pytest.raises(ProfileError, match="multiples of 256"):
-        visual_profile(cfg, dims)  # the defaults (4 / 1024) are not: visual_build refuses them for InternVL
+        visual_profile(cfg, dims, VisualLimits())  # visual_build's own defaults (4 / 1024), which it refuses here
+    # so a tiled tower's default is one to four tiles
+    assert visual_profile(cfg, dims)["input"] == ShapeRange((1, 3, 128, 128), (2, 3, 128, 128), (4, 3, 128, 128))
     with pytest.raises(UnsupportedError, match="'siglip'"):
         visual_profile({"model_type": "siglip"}, dims)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "internvl"])
+def test_trt_backend_builds_and_runs_the_visual_engine(family, tmp_path, monkeypatch):
+    """`validate --backend trt` on a VLM export: the LLM engine as before, then the visual engine visual_build
+    would make (one profile; the plugin library asked for ViTAttentionPlugin only where the graph has it),
+    run once on the golden inputs and judged like the CPU twin. TensorRT here is the stand-in
+    (tests/fake_tensorrt.py: it runs the graph with onnxruntime and enforces the profile)."""
+    import _ctypes
+    from pathlib import Path
+
+    import fake_tensorrt as fake_trt
+
+    from edgellm_export.cli import main
+    from edgellm_validate.trt import plugin as plugin_mod
+    from edgellm_validate.validate import validate_export
+
+    if family == "qwen2_5_vl":
+        from test_qwen2_5_vl_visual import make_qwen2_5_vl as maker
+    else:
+        from test_internvl_visual import VARIANTS, make_internvl
+
+        def maker(p):
+            return make_internvl(p, VARIANTS["layer_norm"])
+    ckpt, _ = maker(tmp_path / "ckpt")
+    assert main(["-q", "export", str(ckpt), str(tmp_path / "out")]) == 0
+    monkeypatch.setattr(plugin_mod, "_loaded", {})
+    device = fake_trt.FakeDevice(sm=110, name="Fake Thor")
+    fake_trt.reset(device)
+    fake_trt.REGISTRY.creators.update(plugin_mod.exported_plugins())
+    try:
+        opts = {"trt": fake_trt, "device": device, "engine_dir": tmp_path / "engine",
+                "plugin_path": str(Path(_ctypes.__file__).resolve())}
+        res = validate_export(tmp_path / "out", backend="trt", result_path=tmp_path / "v.json", backend_options=opts)
+        assert res["passed"], res["failures"]
+        visual = res["components"]["visual"]
+        assert visual["outputs"]["output"]["worst_cosine"] >= 0.999
+        assert len([c for c in fake_trt.CALLS if c[0] == "build"]) == 2  # the LLM's and the visual engine
+        assert (visual["engine"]["plugin"] is None) == (family == "internvl")  # no plugin node in InternVL
+        cfg = json.loads((tmp_path / "engine" / "visual" / "config.json").read_text())
+        # visual_build's defaults, but one tile at least for the tiled InternVL tower
+        assert cfg["builder_config"]["min_image_tokens"] == (4 if family == "qwen2_5_vl" else 256)
+        assert (tmp_path / "engine" / "visual" / "visual.engine").is_file()
+    finally:
+        fake_trt.reset()

@@ -267,3 +267,64 @@ def build_engine(export_dir: str | os.PathLike, engine_dir: str | os.PathLike, o
     }
     _write_atomic(engine_dir / RECORD_FILE, (json.dumps(record, indent=2) + "\n").encode())
     return {**record, "reused": False}
+
+
+VISUAL_ENGINE_FILE = "visual.engine"
+
+
+def build_visual_engine(visual_dir: str | os.PathLike, engine_dir: str | os.PathLike, limits=None, *,
+                        plugin_path: str | None = None, trt=None) -> dict:
+    """visual_build's engine for `OUT/visual/`: its one optimization profile (visual_profiles.py), the Edge-LLM
+    plugin library only when the graph has a plugin node (the Qwen towers' ViTAttentionPlugin); writes
+    `engine_dir/visual.engine` and the export's config.json with `builder_config` (the limits), as visual_build
+    does, and the preprocessor's config. Returns {engine, profile, tensorrt_version, plugin}."""
+    import onnx
+
+    from .visual_profiles import default_limits, visual_profile
+
+    visual_dir, engine_dir = Path(visual_dir), Path(engine_dir)
+    config_path = visual_dir / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ExportError(f"cannot be read as JSON ({e})", config_path) from None
+    limits = limits or default_limits(config)
+    model = onnx.load(str(visual_dir / "model.onnx"), load_external_data=False)
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    profiles = {"visual": visual_profile(config, dims, limits, where=config_path)}
+    check_inputs_covered(profiles, list(dims))
+    wanted = required_plugins(model)
+    del model
+    trt = trt or import_tensorrt()
+    version = tensorrt_version(trt)
+    plugin_info = None
+    if wanted:
+        plugin = plugin_mod.load_plugin_library(plugin_path)
+        plugin_mod.check_creators(trt, plugin, wanted)
+        plugin_info = plugin.record()
+    logger = process_logger(trt)
+    mark = len(SINK.messages)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(visual_dir / "model.onnx")):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)] or SINK.errors(mark)
+        raise EngineBuildFailed("TensorRT's ONNX parser rejected the visual graph: " + " | ".join(errors[:5]),
+                                visual_dir / "model.onnx")
+    bconfig, _ = _builder_config(trt, builder, profiles, BuildOptions(), version)
+    plan = builder.build_serialized_network(network, bconfig)
+    if plan is None:
+        errors = SINK.errors(mark)[-5:] or ["no error was logged"]
+        raise EngineBuildFailed("TensorRT could not build the visual engine: " + " | ".join(errors), visual_dir)
+    blob = memoryview(plan).cast("B")
+    del parser, network, builder, bconfig
+    engine_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(engine_dir / VISUAL_ENGINE_FILE, blob)
+    blob.release()
+    del plan
+    _write_atomic(engine_dir / "config.json",
+                  (json.dumps({**config, "builder_config": limits.as_dict()}, indent=2) + "\n").encode())
+    if (visual_dir / "preprocessor_config.json").is_file():
+        _copy_sidecar(visual_dir / "preprocessor_config.json", engine_dir / "preprocessor_config.json")
+    return {"engine": str(engine_dir / VISUAL_ENGINE_FILE), "profile": profiles_to_json(profiles),
+            "tensorrt_version": version, "plugin": plugin_info}

@@ -305,7 +305,7 @@ def profiles_to_json(profiles: Profiles) -> list[dict]:
     return [{"index": i, "name": name,
              "shapes": {inp: {"min": list(s.min), "opt": list(s.opt), "max": list(s.max)}
                         for inp, s in profiles[name].items()}}
-            for i, name in enumerate(PROFILE_ORDER)]
+            for i, name in enumerate(profiles)]  # dict order is profile order (context, generation for an LLM)
 
 
 def limits_for_bundle(meta: dict, base: BuildLimits | None = None) -> BuildLimits:

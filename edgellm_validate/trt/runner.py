@@ -108,8 +108,11 @@ class TrtRunner:
 
     name = "tensorrt"
 
-    def __init__(self, engine: str | os.PathLike | bytes, device, *, trt=None):
-        """`engine`: a serialized engine or its path; the Edge-LLM plugin must already be loaded."""
+    def __init__(self, engine: str | os.PathLike | bytes, device, *, trt=None, num_profiles: int = len(PROFILE_ORDER),
+                 choose_profile=select_profile):
+        """`engine`: a serialized engine or its path; the Edge-LLM plugin must already be loaded. An LLM engine has
+        the context and generation profiles (`select_profile` picks one per step); a vision encoder's has one
+        (`num_profiles=1`, `choose_profile=lambda feeds: 0`)."""
         self.trt = trt or import_tensorrt()
         self.device = device
         self.closed = False
@@ -125,9 +128,10 @@ class TrtRunner:
             raise ExportError("TensorRT could not deserialize the engine (built by another TensorRT version, on "
                               "another GPU, or without the plugin library loaded): " + " | ".join(errors[-3:]))
         n_profiles = int(self.engine.num_optimization_profiles)
-        if n_profiles != len(PROFILE_ORDER):
-            raise ExportError(f"the engine has {n_profiles} optimization profiles; an Edge-LLM LLM engine has "
-                              f"{len(PROFILE_ORDER)} (context, generation)")
+        if n_profiles != num_profiles:
+            raise ExportError(f"the engine has {n_profiles} optimization profiles; this kind of Edge-LLM engine has "
+                              f"{num_profiles}" + (" (context, generation)" if num_profiles == 2 else ""))
+        self.choose_profile = choose_profile
         self.context = self.engine.create_execution_context()
         if self.context is None:
             raise ExportError("TensorRT could not create an execution context (out of device memory?)")
@@ -184,7 +188,7 @@ class TrtRunner:
         missing = [n for n in self.inputs if n not in feeds]
         if missing:
             raise EngineRunError(f"missing engine inputs: {', '.join(missing)}")
-        profile = select_profile(feeds)
+        profile = self.choose_profile(feeds)
         stream = self.device.stream_handle
         if profile != self._profile:
             if not self.context.set_optimization_profile_async(profile, stream):

@@ -40,6 +40,14 @@ class VisualLimits:
                 "max_image_tokens_per_image": self.max_image_tokens_per_image}
 
 
+def default_limits(config: dict) -> VisualLimits:
+    """visual_build's defaults, except for tiled towers: its own defaults (4 / 1024 tokens) are refused there,
+    so a tiled tower gets the smallest valid minimum, one tile (256), and at most four tiles per batch."""
+    if model_type(config) in TILE_TYPES:
+        return VisualLimits(TOKENS_PER_TILE, 4 * TOKENS_PER_TILE, 4 * TOKENS_PER_TILE)
+    return VisualLimits()
+
+
 def model_type(config: dict) -> str:
     """vision_config.model_type first, then the top level's, as visual_build reads them."""
     vision = config.get("vision_config") if isinstance(config.get("vision_config"), dict) else {}
@@ -50,7 +58,7 @@ def visual_profile(config: dict, input_dims: dict[str, list[int | str]], limits:
                    where=None) -> dict[str, ShapeRange]:
     """{input name: ShapeRange} of the one visual profile; `input_dims` are the graph's (symbolic names for the
     dynamic dims), from which the fixed feature dims are read as the builder reads them from the network."""
-    lim = limits or VisualLimits()
+    lim = limits or default_limits(config)
     lo, hi, per = lim.min_image_tokens, lim.max_image_tokens, lim.max_image_tokens_per_image
     if not 0 < lo <= hi or per < 1:
         raise ProfileError(f"visual limits {lim.as_dict()}: need 0 < min_image_tokens <= max_image_tokens and "
