@@ -141,6 +141,18 @@ def export_checkpoint(checkpoint: str | Path | CheckpointRef, out_dir: str | Pat
             native = getattr(contract, "NATIVE", False)
             capacity = contract.KV_CAPACITY if native else golden_mod.KV_CAPACITY
             scenarios = golden_mod.make_scenarios(cfg.vocab_size, native=native) if opts.golden else []
+            digests = {}
+            if planned.visual is not None:  # first: the LLM's image scenario starts from the encoder's output
+                visual_digests, features = _write_visual(planned.visual, tmp / visual_mod.SUBDIR, ckpt.path, opts,
+                                                         report, contract)
+                digests.update(visual_digests)
+                if features is not None and not native and cfg.num_deepstack_features == 0:
+                    scenario = _image_scenario(cfg, planned.visual, embed_ref, features["output"])
+                    needed = len(scenario.steps[0].token_ids[0]) + golden_mod.DECODE_STEPS
+                    capacity = max(capacity, -(-needed // 64) * 64)  # the whole bundle's: one engine replays it
+                    if scenario.image["positions"] is not None:
+                        scenario.rope = _image_rope(cfg, scenario.image["positions"], capacity)
+                    scenarios.append(scenario)
             run = golden_mod.GoldenRun(cfg, family, embed_ref, scenarios, planned.quant, native=native,
                                        kv_capacity=capacity) if opts.golden else None
             report("writing embedding.safetensors")
@@ -157,10 +169,7 @@ def export_checkpoint(checkpoint: str | Path | CheckpointRef, out_dir: str | Pat
             if run is not None:
                 run.finish()
                 golden_mod.write_bundle(llm, scenarios, precision=_precision(planned.quant, opts), kv_capacity=capacity)
-            digests = dict(writer.digests)
-            if planned.visual is not None:
-                digests.update(_write_visual(planned.visual, tmp / visual_mod.SUBDIR, ckpt.path, opts, report,
-                                             contract))
+            digests.update(writer.digests)
             ckpt.check_unchanged()
             interrupts.check()
             known = {Path(p).relative_to(tmp).as_posix(): d for p, d in digests.items()}
@@ -170,9 +179,9 @@ def export_checkpoint(checkpoint: str | Path | CheckpointRef, out_dir: str | Pat
 
 
 def _write_visual(planned: visual_mod.PlannedVisual, out: Path, ckpt_dir: Path, opts: ExportOptions, report,
-                  contract) -> dict:
-    """OUT/visual/: graph, weights, config.json, the preprocessor's config and the golden tiles; returns the
-    digests the writer computed (path -> sha256) for the manifest."""
+                  contract) -> tuple[dict, dict | None]:
+    """OUT/visual/: graph, weights, config.json, the preprocessor's config and the golden inputs; returns the
+    digests the writer computed (path -> sha256) for the manifest, and the golden outputs (None without)."""
     g = planned.graph
     data_size = g.layout_weights()
     model = g.to_model(contract.DATA_FILE, {"": ONNX_OPSET}, contract.IR_VERSION,
@@ -189,9 +198,42 @@ def _write_visual(planned: visual_mod.PlannedVisual, out: Path, ckpt_dir: Path, 
             writer.finish()
         raise
     writer.finish()
-    if opts.golden:
-        visual_mod.write_golden(out, planned, out / contract.DATA_FILE)
-    return writer.digests
+    features = visual_mod.write_golden(out, planned, out / contract.DATA_FILE) if opts.golden else None
+    return writer.digests, features
+
+
+def _image_scenario(cfg: ModelConfig, planned: visual_mod.PlannedVisual, embed_ref, features):
+    """The golden bundle's image scenario: the visual golden's first image in a prompt (config.json's token ids),
+    MRoPE positions where the language model has them (the table is made once the capacity is known)."""
+    from edgellm_core.multimodal import qwen_positions
+
+    layout = planned.module.golden_image(planned.spec)
+    image_token = planned.runtime_config["image_token_id"]
+    extra = {k: planned.runtime_config[k] for k in ("vision_start_token_id", "vision_end_token_id")
+             if isinstance(planned.runtime_config.get(k), int)}
+    mrope = "mrope_section" in cfg.rope.params
+
+    def positions(prompt):
+        return qwen_positions(prompt, layout["grids"], image_token, layout["merge"]) if mrope else None
+
+    table = embed_ref.view()
+
+    def lookup(ids):
+        import torch
+
+        return table[torch.as_tensor(ids)].float().half().numpy()
+
+    return golden_mod.image_scenario(cfg, lookup, features, layout["counts"], image_token, extra, positions)
+
+
+def _image_rope(cfg: ModelConfig, positions, capacity: int):
+    import numpy as np
+
+    from edgellm_core.multimodal import mrope_table
+
+    p = cfg.rope.params
+    return mrope_table(np.asarray(positions), capacity, theta=cfg.rope.theta, rotary_dim=cfg.rotary_dim,
+                       section=p["mrope_section"], interleaved=bool(p.get("mrope_interleaved", False)))
 
 
 def _precision(quant: QuantDecisions, opts: ExportOptions) -> str:

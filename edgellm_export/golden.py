@@ -51,6 +51,46 @@ class Step:
 class Scenario:
     name: str
     steps: list[Step] = field(default_factory=list)
+    # An image scenario (VLM exports): the prefill's embeddings with the encoder's rows in the image tokens
+    # (fp16 values `[1, S, H]`), the per-sequence rope table `[1, Cap, R]`, and what the bundle tells the
+    # validation side to rebuild them from (`image`: component, output, rows, image_token_id, positions).
+    embeds: np.ndarray | None = None
+    rope: np.ndarray | None = None
+    image: dict | None = None
+
+
+def image_scenario(cfg: ModelConfig, lookup, features: np.ndarray, counts, image_token_id: int, extra_ids,
+                   positions_fn, seed: int = 20261202) -> Scenario:
+    """Text, then one image per entry of `counts` (its rows of `features`, in order, between the checkpoint's
+    vision start / end tokens when it has them), text; prefill, then DECODE_STEPS teacher-forced steps. Two
+    copies of that request in one batch: the golden pass runs every scenario at the text scenarios' batch of 2.
+    `lookup(ids)` gives the token embeddings `[S, H]` fp16, `positions_fn(prompt)` MRoPE positions `[3, S]`
+    (None: plain RoPE). The MRoPE table (`rope`) is the caller's to set, once the bundle's capacity is known."""
+    from edgellm_core.multimodal import scatter_features
+
+    rng = np.random.default_rng(seed)
+    special = {image_token_id, *extra_ids.values()}
+    text = [int(t) for t in rng.integers(0, cfg.vocab_size, 64) if int(t) not in special]
+    prompt = text[:3]
+    for n in counts:
+        prompt += [extra_ids["vision_start_token_id"]] if "vision_start_token_id" in extra_ids else []
+        prompt += [image_token_id] * n
+        prompt += [extra_ids["vision_end_token_id"]] if "vision_end_token_id" in extra_ids else []
+    prompt += text[3:5]
+    forced = text[5:5 + DECODE_STEPS]
+    rows = sum(counts)
+    one = scatter_features(np.asarray(lookup(prompt), np.float16)[None], prompt, image_token_id, features[:rows])
+    embeds = np.concatenate([one, one])
+    positions = positions_fn(prompt)
+    n = len(prompt)
+    steps = [Step("prefill", np.asarray([prompt] * 2, np.int64), np.asarray([n] * 2, np.int32), np.zeros(0, np.int32),
+                  np.asarray([[n - 1]] * 2, np.int64))]
+    for k, tok in enumerate(forced):
+        steps.append(Step("decode", np.asarray([[tok]] * 2, np.int64), np.asarray([n + k + 1] * 2, np.int32),
+                          np.asarray([n + k] * 2, np.int32), np.zeros((2, 1), np.int64)))
+    image = {"component": "visual", "output": "output", "rows": [0, rows], "image_token_id": image_token_id,
+             "positions": None if positions is None else positions.tolist()}
+    return Scenario("image_prefill_decode", steps, embeds, None, image)
 
 
 def _padded(seqs: list[list[int]]) -> np.ndarray:
@@ -117,11 +157,15 @@ class GoldenRun:
         self.scenarios = scenarios
         self.native, self.kv_capacity = native, kv_capacity
         self.layer_cls, self.head_cls = family.torch_modules()
-        self.table = torch.from_numpy(reference_rope_table(cfg))
+        plain = torch.from_numpy(reference_rope_table(cfg, kv_capacity))
+        # One table per scenario (a KV cache each): an image scenario brings its own (MRoPE) table.
+        self.table = [plain if sc.rope is None else torch.from_numpy(sc.rope) for sc in scenarios]
         emb = embed_ref.view()
-        # Hidden states of every step of every scenario, in execution order.
-        self.hidden = [emb[torch.from_numpy(st.token_ids)].float().half().float()
-                       for sc in scenarios for st in sc.steps]
+        # Hidden states of every step of every scenario, in execution order; an image scenario's prefill starts
+        # from its embeddings with the encoder's rows in place.
+        self.hidden = [(torch.from_numpy(sc.embeds).float() if k == 0 and sc.embeds is not None
+                        else emb[torch.from_numpy(st.token_ids)].float().half().float())
+                       for sc in scenarios for k, st in enumerate(sc.steps)]
         self.pending: dict[str, object] = {}
         self.pending_layer: int | None = None
         self.streaming = None  # (layer module, x after its mixer, sizes, the MoE's eager Stream)
@@ -152,7 +196,7 @@ class GoldenRun:
         torch = self.torch
         if self.streaming is None:  # everything before the stacks has arrived: run up to the MoE
             layer = self.layer_cls(self.cfg, self.pending, self.quant, index)
-            states = [layer.initial_state(sc.steps[0].token_ids.shape[0], V0_7, KV_CAPACITY)
+            states = [layer.initial_state(sc.steps[0].token_ids.shape[0], V0_7, self.kv_capacity)
                       for sc in self.scenarios]
             sizes = [x.shape[1] for x in self.hidden]
             x = layer.mix(torch.cat(self.hidden, dim=1), sizes, states, self.table, self._calls())
@@ -216,7 +260,7 @@ def write_bundle(out_dir: Path, scenarios: list[Scenario], *, precision: str, kv
                 "last_token_ids": st.last_token_ids.tolist(),
                 "logits": key,
             })
-        meta["scenarios"].append({"name": sc.name, "steps": steps})
+        meta["scenarios"].append({"name": sc.name, "steps": steps, **({"image": sc.image} if sc.image else {})})
     (d / BUNDLE_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     save_file(arrays, str(d / LOGITS_FILE))
     (d / LOGITS_FILE).chmod(0o644)  # save_file creates it private; the bundle ships to devices

@@ -179,21 +179,48 @@ def load_bundle(llm_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
     return meta, read_safetensors(llm_dir / LOGITS)
 
 
-def run_twin(llm_dir: Path, backend) -> TwinRun:
-    """Replay the golden bundle's scenarios through `backend`, paired with expected logits."""
+def run_twin(llm_dir: Path, backend, components: dict | None = None) -> TwinRun:
+    """Replay the golden bundle's scenarios through `backend`, paired with expected logits. `components`: the
+    encoders' outputs on their golden inputs ({"visual": {output name: rows}}), which an image scenario
+    scatters into its prompt as the runtime does."""
     meta, expected = load_bundle(llm_dir)
     run = TwinRun()
-    for sc, k, step, logits in drive(llm_dir, backend, meta["scenarios"], int(meta["kv_capacity"])):
+    for sc, k, step, logits in drive(llm_dir, backend, meta["scenarios"], int(meta["kv_capacity"]), components):
         run.steps.append(StepResult(sc, k, step["phase"], logits, np.asarray(expected[step["logits"]], np.float32)))
     return run
 
 
-def drive(llm_dir: Path, backend, scenarios: list[dict], capacity: int):
+def drive(llm_dir: Path, backend, scenarios: list[dict], capacity: int, components: dict | None = None):
     """Run scenarios (bundle format) like llm_inference; yields (scenario, index, step, logits [B, V])."""
     twin = Twin(llm_dir, backend, capacity)
     for sc in scenarios:
         state = twin.new_state(len(sc["steps"][0]["context_lengths"]))
+        embeds, rope = _image_inputs(twin, sc, components) if sc.get("image") else (None, None)
         for k, st in enumerate(sc["steps"]):
             logits, state = twin.step(state, st["token_ids"], st["context_lengths"], st["kvcache_start_index"],
-                                      st["last_token_ids"])
+                                      st["last_token_ids"], inputs_embeds=embeds if k == 0 else None, rope=rope)
             yield sc["name"], k, st, logits
+
+
+def _image_inputs(twin: Twin, sc: dict, components: dict | None):
+    """An image scenario's prefill embeddings (the encoder's rows, as run here, in the image tokens) and its
+    per-sequence rope table (MRoPE from the bundle's positions and the config's rope, else the plain one)."""
+    from edgellm_core.errors import ExportError
+    from edgellm_core.multimodal import mrope_table, scatter_features
+
+    image = sc["image"]
+    rows = (components or {}).get(image["component"], {}).get(image["output"])
+    if rows is None:
+        raise ExportError(f"golden scenario {sc['name']} needs the {image['component']} component's "
+                          f"{image['output']!r} output, which was not computed", twin.llm_dir)
+    ids = np.asarray(sc["steps"][0]["token_ids"], np.int64)  # every row one request with the image
+    lo, hi = image["rows"]
+    embeds = np.concatenate([scatter_features(twin.embedding.lookup(row[None]), row, image["image_token_id"],
+                                              np.asarray(rows)[lo:hi]) for row in ids])
+    if image.get("positions") is None:
+        return embeds, None
+    cfg, scaling = twin.config, twin.config["rope_scaling"]
+    rotary = int(cfg["head_dim"] * (cfg.get("partial_rotary_factor") or 1.0))
+    table = mrope_table(np.asarray(image["positions"]), twin.capacity, theta=cfg["rope_theta"], rotary_dim=rotary,
+                        section=scaling["mrope_section"], interleaved=bool(scaling.get("mrope_interleaved", False)))
+    return embeds, table

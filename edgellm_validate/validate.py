@@ -43,13 +43,13 @@ def validate_export(out_dir: str | Path, *, backend: str = "cpu", result_path: P
             raise EnvironmentProblem(f"the CPU backend needs onnxruntime, which cannot be imported ({e}); "
                                      "install it with `pip install onnxruntime`") from None
     vdir = visual_dir(llm.parent)
-    visual = None
+    visual, outputs = None, {}
     try:
-        run = run_twin(llm, be)
-        if vdir is not None:  # the vision encoder on its golden inputs (visual.py), on the LLM's device
-            options = {**(backend_options or {}), "device": getattr(be, "device", None),
-                       "engine_dir": getattr(be, "engine_dir", None)}
-            visual = validate_visual(vdir, backend, options)
+        if vdir is not None:  # the vision encoder on its golden inputs first (visual.py), on the LLM's device:
+            options = {**(backend_options or {}), "device": getattr(be, "device", None),  # its outputs feed the
+                       "engine_dir": getattr(be, "engine_dir", None)}                      # image scenario
+            visual = validate_visual(vdir, backend, options, keep=outputs)
+        run = run_twin(llm, be, {"visual": outputs})
     except RuntimeRefusal as e:
         result = {"passed": False, "failures": [f"the runtime would refuse this export: {e}"], "steps": []}
     else:

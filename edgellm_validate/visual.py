@@ -26,9 +26,10 @@ def visual_dir(out_dir: Path) -> Path | None:
     return d if (d / BUNDLE).is_file() else None
 
 
-def validate_visual(vdir: Path, backend: str, options: dict | None = None) -> dict:
+def validate_visual(vdir: Path, backend: str, options: dict | None = None, keep: dict | None = None) -> dict:
     """{passed, validated, outputs: {name: {passed, tokens, worst_cosine, max_abs_diff}}}. `options` (TensorRT):
-    engine_dir (the LLM's; the visual engine goes to its `visual/`), plugin_path, trt, device, visual_limits."""
+    engine_dir (the LLM's; the visual engine goes to its `visual/`), plugin_path, trt, device, visual_limits.
+    `keep` receives the outputs themselves (the LLM's image scenario scatters them into its prompt)."""
     from .runtime_rules import read_safetensors
 
     meta = json.loads((vdir / BUNDLE).read_text())
@@ -45,6 +46,8 @@ def validate_visual(vdir: Path, backend: str, options: dict | None = None) -> di
             got = be.run(feeds)
         finally:
             be.close()
+    if keep is not None:
+        keep.update(got)
     passed = True
     for name, key in meta["outputs"].items():
         a, b = np.asarray(got[name], np.float32), np.asarray(tensors[key], np.float32)

@@ -148,7 +148,7 @@ def test_image_to_logits_matches_transformers(exported, record_property):
     token ids, patches and grid (cosine >= 0.999 and the same top-1 at every step)."""
     import torch
 
-    from edgellm_validate.multimodal import mrope_table, qwen_positions, scatter_features
+    from edgellm_core.multimodal import mrope_table, qwen_positions, scatter_features
     from edgellm_validate.twin import Twin
 
     ckpt, model, out = exported

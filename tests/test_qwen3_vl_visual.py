@@ -109,7 +109,7 @@ def test_image_to_logits_with_deepstack_matches_transformers(exported, record_pr
     (zeros elsewhere and in decode), an interleaved MRoPE table; against HF's full forward."""
     import torch
 
-    from edgellm_validate.multimodal import mrope_table, qwen_positions, scatter_features
+    from edgellm_core.multimodal import mrope_table, qwen_positions, scatter_features
     from edgellm_validate.twin import Twin
 
     ckpt, model, out = exported

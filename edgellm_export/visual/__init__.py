@@ -79,9 +79,9 @@ def plan(ckpt, text_hidden: int, clamp: bool = False) -> PlannedVisual:
     return PlannedVisual(module, spec, g, runtime_config)
 
 
-def write_golden(out: Path, planned: PlannedVisual, data_path: Path) -> None:
+def write_golden(out: Path, planned: PlannedVisual, data_path: Path) -> dict[str, np.ndarray]:
     """visual/golden/: the family's golden inputs (every graph input, preprocessing included) and what the eager
-    face computes for them over the weights as written."""
+    face computes for them over the weights as written; returns those outputs (fp32 holding fp16 values)."""
     import torch
     from safetensors.numpy import save_file
 
@@ -98,6 +98,7 @@ def write_golden(out: Path, planned: PlannedVisual, data_path: Path) -> None:
     (d / GOLDEN_FILE).write_text(json.dumps({"format": 1, "inputs": {name: name for name in inputs},
                                              "outputs": {name: f"expected_{name}" for name in want}}, indent=1)
                                  + "\n")
+    return {name: expected[f"expected_{name}"] for name in want}
 
 
 def copy_preprocessor(ckpt_dir: Path, out: Path) -> None:

@@ -355,3 +355,9 @@ def eager(inputs: dict, t: dict, s: InternVisionSpec):
     y = norm(y, PROJECTOR + "layer_norm", "layer_norm")
     y = linear(gelu(linear(y, PROJECTOR + "linear_1")), PROJECTOR + "linear_2")
     return y.reshape(-1, s.text_hidden)
+
+
+def golden_image(s: InternVisionSpec) -> dict:
+    """The first image of the golden inputs, as the LLM's image scenario uses it: one tile's tokens (the first
+    rows of the output); InternVL's language model has plain RoPE (no grid)."""
+    return {"counts": [s.tokens_per_tile], "grids": None, "merge": None}

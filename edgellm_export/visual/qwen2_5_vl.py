@@ -248,3 +248,9 @@ def eager(inputs: dict, t: dict, s: QwenVisionSpec):
     merged = ops.rms(hs, TOWER + "merger.ln_q", RMS_EPS).reshape(-1, h * s.merge_unit)
     y = ops.linear(ops.gelu(ops.linear(merged, TOWER + "merger.mlp.0")), TOWER + "merger.mlp.2")
     return y[torch.from_numpy(inputs["reverse_window_index"])]
+
+
+def golden_image(s: QwenVisionSpec) -> dict:
+    """The first golden image (the first rows of the output), with its grid for the MRoPE positions."""
+    t, h, w = GOLDEN_GRIDS[0]
+    return {"counts": [t * h * w // s.merge_unit], "grids": [GOLDEN_GRIDS[0]], "merge": s.merge}

@@ -226,3 +226,9 @@ def eager(inputs: dict, t: dict, s: Qwen3VisionSpec) -> dict:
             k = s.deepstack.index(i)
             outs[deepstack_output(k)] = merger(hs, f"{TOWER}deepstack_merger_list.{k}", postshuffle=True)
     return {OUTPUT: merger(hs, TOWER + "merger", postshuffle=False), **outs}
+
+
+def golden_image(s: Qwen3VisionSpec) -> dict:
+    """The first golden image (the first rows of the output), with its grid for the MRoPE positions."""
+    t, h, w = GOLDEN_GRIDS[0]
+    return {"counts": [t * h * w // s.merge_unit], "grids": [GOLDEN_GRIDS[0]], "merge": s.merge}

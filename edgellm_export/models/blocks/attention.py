@@ -69,7 +69,8 @@ def eager(y, sizes: list[int], t: dict, quant: dict, cfg: ModelConfig, kv_scales
     """Eager face over many runtime calls at once: `y` holds the normed hidden states of every call,
     concatenated along the sequence (`sizes` per call); projections run on all of them together, the
     plugin walks `calls` (cache index, context_lengths, start index) in order, updating `caches`.
-    `native`: the plugin-free form instead (`native_eager`; each cache is a (K, V) pair)."""
+    `native`: the plugin-free form instead (`native_eager`; each cache is a (K, V) pair). `rope_table` is one
+    table, or a list of them by cache index (an image scenario's MRoPE table next to the plain one)."""
     import torch
 
     c, b, d, hq = cfg, y.shape[0], cfg.head_dim, cfg.num_attention_heads
@@ -87,13 +88,14 @@ def eager(y, sizes: list[int], t: dict, quant: dict, cfg: ModelConfig, kv_scales
     a = plugin_attrs(c, kv_scales)
     attn = []
     for qs, ks, vs, (cache, ctx, start) in zip(q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1), calls):
+        table = rope_table[cache] if isinstance(rope_table, list) else rope_table
         if native:
-            out = native_eager(qs, ks, vs, caches[cache], ctx, rope_table, start, a["num_q_heads"],
+            out = native_eager(qs, ks, vs, caches[cache], ctx, table, start, a["num_q_heads"],
                                a["num_kv_heads"], a["head_size"])
             attn.append(out.reshape(b, out.shape[1], -1))
             continue
         out, caches[cache] = attention_plugin(
-            qs, ks, vs, caches[cache], ctx, rope_table, start, a["num_q_heads"], a["num_kv_heads"],
+            qs, ks, vs, caches[cache], ctx, table, start, a["num_q_heads"], a["num_kv_heads"],
             a["head_size"], 0, a["enable_fp8_kv_cache"], a["sliding_window_size"], list(a["qkv_scales"]))
         attn.append(linear.r16(out.reshape(b, out.shape[1], -1)))
     attn = torch.cat(attn, dim=1)

@@ -1,5 +1,5 @@
 """What the runtime's multimodal runner does between a vision encoder and the language model, in numpy (no
-torch), for validating a VLM export end to end on the CPU.
+torch): the exporter uses it for the golden bundle's image scenario, the validation side to replay it.
 
 Qwen VL rules (0.7.1 QwenViTRunner, as transformers' get_rope_index computes them):
 - the prompt holds, per image, a run of `image_token_id` tokens, one per merged patch group
