@@ -25,7 +25,8 @@ import numpy as np
 from edgellm_core.errors import ExportError, UnsupportedError
 from edgellm_core.onnx_graph.builder import FLOAT, FLOAT16, INT32, INT64, GraphBuilder
 
-from .qwen_vit import EagerOps, GraphOps, frame_seqlens, rotary_angles
+from . import qwen_vit
+from .qwen_vit import EagerOps, GraphOps, QwenTower, first_image, frame_seqlens, golden_patches, rotary_angles
 
 TOWER = "visual."
 PREFIXES = (TOWER,)
@@ -39,31 +40,9 @@ GOLDEN_GRIDS = ((1, 12, 20), (1, 4, 8))
 
 
 @dataclass(frozen=True)
-class QwenVisionSpec:
-    hidden: int
-    heads: int
-    depth: int
-    intermediate: int
-    patch_size: int
-    temporal_patch_size: int
-    channels: int
-    merge: int  # spatial_merge_size
+class QwenVisionSpec(QwenTower):
     window_size: int  # pixels
     full_blocks: tuple[int, ...]
-    out_hidden: int
-    rope_theta: float
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
-
-    @property
-    def patch_dim(self) -> int:
-        return self.channels * self.temporal_patch_size * self.patch_size ** 2
-
-    @property
-    def merge_unit(self) -> int:
-        return self.merge * self.merge
 
     @property
     def window_patches(self) -> int:
@@ -137,9 +116,6 @@ def runtime_config(raw: dict, spec: QwenVisionSpec, ckpt_dir: Path) -> dict:
     return out
 
 
-def prepare(ckpt, spec) -> None:
-    """The tower's names are transformers' own (`visual.*`, or `model.visual.*`, a wrapper the reader strips)."""
-
 
 # -- the runtime's preprocessing ---------------------------------------------------------------------
 def preprocess(grids, spec: QwenVisionSpec) -> dict[str, np.ndarray]:
@@ -173,11 +149,12 @@ def preprocess(grids, spec: QwenVisionSpec) -> dict[str, np.ndarray]:
             "reverse_window_index": np.argsort(index).astype(np.int64)}
 
 
+prepare = qwen_vit.prepare  # the family interface: transformers' own names, nothing to map
+
+
 def golden_inputs(spec: QwenVisionSpec) -> dict[str, np.ndarray]:
-    """GOLDEN_GRIDS' patches (normalized-pixel-like values) and their preprocessing."""
-    t = sum(a * b * c for a, b, c in GOLDEN_GRIDS)
-    patches = np.random.default_rng(20261202).standard_normal((t, spec.patch_dim)).astype(np.float16)
-    return {INPUT: patches, **preprocess(GOLDEN_GRIDS, spec)}
+    """GOLDEN_GRIDS' patches and their preprocessing."""
+    return {INPUT: golden_patches(spec, GOLDEN_GRIDS), **preprocess(GOLDEN_GRIDS, spec)}
 
 
 # -- graph face ---------------------------------------------------------------------------------------
@@ -250,7 +227,6 @@ def eager(inputs: dict, t: dict, s: QwenVisionSpec):
     return y[torch.from_numpy(inputs["reverse_window_index"])]
 
 
-def golden_image(s: QwenVisionSpec) -> dict:
-    """The first golden image (the first rows of the output), with its grid for the MRoPE positions."""
-    t, h, w = GOLDEN_GRIDS[0]
-    return {"counts": [t * h * w // s.merge_unit], "grids": [GOLDEN_GRIDS[0]], "merge": s.merge}
+def golden_image(s) -> dict:
+    """The first golden image, as the LLM's image scenario uses it (qwen_vit.first_image)."""
+    return first_image(s, GOLDEN_GRIDS)

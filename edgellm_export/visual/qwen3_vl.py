@@ -21,7 +21,17 @@ import numpy as np
 from edgellm_core.errors import ExportError, UnsupportedError
 from edgellm_core.onnx_graph.builder import FLOAT, FLOAT16, INT32, INT64, GraphBuilder
 
-from .qwen_vit import EagerOps, GraphOps, frame_seqlens, patch_positions, rotary_angles
+from . import qwen_vit
+from .qwen_vit import (
+    EagerOps,
+    GraphOps,
+    QwenTower,
+    first_image,
+    frame_seqlens,
+    golden_patches,
+    patch_positions,
+    rotary_angles,
+)
 
 TOWER = "visual."
 PREFIXES = (TOWER,)
@@ -37,31 +47,9 @@ def deepstack_output(i: int) -> str:
 
 
 @dataclass(frozen=True)
-class Qwen3VisionSpec:
-    hidden: int
-    heads: int
-    depth: int
-    intermediate: int
-    patch_size: int
-    temporal_patch_size: int
-    channels: int
-    merge: int
-    out_hidden: int
+class Qwen3VisionSpec(QwenTower):
     num_positions: int
     deepstack: tuple[int, ...]
-    rope_theta: float
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
-
-    @property
-    def patch_dim(self) -> int:
-        return self.channels * self.temporal_patch_size * self.patch_size ** 2
-
-    @property
-    def merge_unit(self) -> int:
-        return self.merge * self.merge
 
     @property
     def side(self) -> int:
@@ -115,9 +103,6 @@ def runtime_config(raw: dict, spec: Qwen3VisionSpec, ckpt_dir: Path) -> dict:
     return out
 
 
-def prepare(ckpt, spec) -> None:
-    """transformers' names (`model.visual.*`; the reader strips the wrapper)."""
-
 
 # -- the runtime's preprocessing ---------------------------------------------------------------------
 def preprocess(grids, spec: Qwen3VisionSpec) -> dict[str, np.ndarray]:
@@ -145,10 +130,12 @@ def preprocess(grids, spec: Qwen3VisionSpec) -> dict[str, np.ndarray]:
             "max_seqlen_carrier": carrier, "fast_pos_embed_idx": idx, "fast_pos_embed_weight": weight}
 
 
+prepare = qwen_vit.prepare  # the family interface: transformers' own names, nothing to map
+
+
 def golden_inputs(spec: Qwen3VisionSpec) -> dict[str, np.ndarray]:
-    t = sum(a * b * c for a, b, c in GOLDEN_GRIDS)
-    patches = np.random.default_rng(20261202).standard_normal((t, spec.patch_dim)).astype(np.float16)
-    return {INPUT: patches, **preprocess(GOLDEN_GRIDS, spec)}
+    """GOLDEN_GRIDS' patches and their preprocessing."""
+    return {INPUT: golden_patches(spec, GOLDEN_GRIDS), **preprocess(GOLDEN_GRIDS, spec)}
 
 
 # -- graph face ---------------------------------------------------------------------------------------
@@ -228,7 +215,6 @@ def eager(inputs: dict, t: dict, s: Qwen3VisionSpec) -> dict:
     return {OUTPUT: merger(hs, TOWER + "merger", postshuffle=False), **outs}
 
 
-def golden_image(s: Qwen3VisionSpec) -> dict:
-    """The first golden image (the first rows of the output), with its grid for the MRoPE positions."""
-    t, h, w = GOLDEN_GRIDS[0]
-    return {"counts": [t * h * w // s.merge_unit], "grids": [GOLDEN_GRIDS[0]], "merge": s.merge}
+def golden_image(s) -> dict:
+    """The first golden image, as the LLM's image scenario uses it (qwen_vit.first_image)."""
+    return first_image(s, GOLDEN_GRIDS)

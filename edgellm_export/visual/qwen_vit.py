@@ -9,11 +9,57 @@ activations and RoPE compute in fp32 and round once.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
 from edgellm_core.onnx_graph.builder import FLOAT, FLOAT16, GraphBuilder
 from edgellm_core.ops import vit_attention_plugin
+
+
+@dataclass(frozen=True)
+class QwenTower:
+    """What both Qwen towers' specs have (each family adds its own fields)."""
+
+    hidden: int
+    heads: int
+    depth: int
+    intermediate: int
+    patch_size: int
+    temporal_patch_size: int
+    channels: int
+    merge: int  # spatial_merge_size
+    out_hidden: int
+    rope_theta: float
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def patch_dim(self) -> int:
+        return self.channels * self.temporal_patch_size * self.patch_size ** 2
+
+    @property
+    def merge_unit(self) -> int:
+        return self.merge * self.merge
+
+
+def golden_patches(spec: QwenTower, grids) -> np.ndarray:
+    """Deterministic normalized-pixel-like patches for `grids` (the golden bundle's)."""
+    t = sum(a * b * c for a, b, c in grids)
+    return np.random.default_rng(20261202).standard_normal((t, spec.patch_dim)).astype(np.float16)
+
+
+def first_image(spec: QwenTower, grids) -> dict:
+    """The first golden image (the first rows of the output) for the LLM's image scenario, with its grid for
+    the MRoPE positions."""
+    t, h, w = grids[0]
+    return {"counts": [t * h * w // spec.merge_unit], "grids": [tuple(grids[0])], "merge": spec.merge}
+
+
+def prepare(ckpt, spec) -> None:
+    """transformers' names (`visual.*`, or `model.visual.*`, a wrapper the reader strips): nothing to map."""
 
 
 # -- the runtime's preprocessing ---------------------------------------------------------------------
