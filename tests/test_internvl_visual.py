@@ -271,3 +271,12 @@ def test_an_encoder_failure_survives_a_threshold_override(exported, tmp_path):
     case = case_from_validation("c", res, target="x86-cpu", export_dir=out, thresholds={"min_cosine": 0.5})
     assert case["verdict"] == "fail" and any(f.startswith("visual:") for f in case["failures"])
     assert case["components"]["visual"]["passed"] is False
+
+
+def test_a_preprocessor_with_other_tiles_is_refused(tmp_path, capsys):
+    ckpt, _ = make_internvl(tmp_path / "ckpt", VARIANTS["layer_norm"])
+    (ckpt / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 448, "width": 448}}))
+    assert main(["-q", "export", str(ckpt), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "preprocessor_config.json" in err and "size is 448x448, but the tower's tiles are 128x128" in err
+    assert not (tmp_path / "out").exists()

@@ -201,3 +201,42 @@ def test_image_to_logits_matches_transformers(exported, record_property):
     finally:
         be.close()
     assert float(row_cosines(plain, want[0][None])[0]) < 0.99
+
+
+def test_preprocessor_config_is_checked_and_carried(tmp_path, capsys):
+    """The runtime preprocesses by the checkpoint's processor settings: a contradicting preprocessor_config.json
+    is exit 2 naming it; newer checkpoints' processor_config.json `image_processor` is extracted into
+    visual/preprocessor_config.json."""
+    ckpt, _ = make_qwen2_5_vl(tmp_path / "ckpt")
+    pre = {"patch_size": 14, "temporal_patch_size": 2, "merge_size": 2, "min_pixels": 3136, "max_pixels": 12845056,
+           "image_mean": [0.48, 0.46, 0.41], "image_std": [0.27, 0.26, 0.28]}
+    (ckpt / "processor_config.json").write_text(json.dumps({"image_processor": pre, "processor_class": "x"}))
+    assert main(["-q", "export", str(ckpt), str(tmp_path / "ok"), "--no-golden"]) == 0
+    assert json.loads((tmp_path / "ok" / "visual" / "preprocessor_config.json").read_text()) == pre
+    (ckpt / "preprocessor_config.json").write_text(json.dumps({**pre, "patch_size": 16}))
+    assert main(["-q", "export", str(ckpt), str(tmp_path / "bad"), "--no-golden"]) == 2
+    err = capsys.readouterr().err
+    assert "preprocessor_config.json" in err and "patch_size is 16, but the tower's is 14" in err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_missing_or_renamed_tower_weights_are_refused(tmp_path, capsys):
+    from safetensors.numpy import save_file
+
+    ckpt, _ = make_qwen2_5_vl(tmp_path / "ckpt")
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    # the tower under a prefix nothing knows: its tensors are missing where the export looks
+    save_file({("vision_tower." + k[len("visual."):] if k.startswith("visual.") else k): v for k, v in tensors.items()},
+              str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    assert main(["-q", "export", str(ckpt), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "visual.patch_embed.proj.weight" in err and "missing" in err and not (tmp_path / "out").exists()
+
+
+def test_a_merge_size_the_runtime_does_not_count_is_refused(tmp_path, capsys):
+    ckpt, _ = make_qwen2_5_vl(tmp_path / "ckpt")
+    raw = json.loads((ckpt / "config.json").read_text())
+    raw["vision_config"].update(spatial_merge_size=4, window_size=112)
+    (ckpt / "config.json").write_text(json.dumps(raw))
+    assert main(["-q", "export", str(ckpt), str(tmp_path / "out")]) == 2
+    assert "spatial_merge_size 4" in capsys.readouterr().err and not (tmp_path / "out").exists()

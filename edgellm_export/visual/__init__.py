@@ -66,6 +66,7 @@ def plan(ckpt, text_hidden: int, clamp: bool = False) -> PlannedVisual:
 
     module = FAMILIES[ckpt.config.get("model_type")]
     spec = module.parse(ckpt.config, text_hidden, ckpt.config_path)
+    _check_preprocessor(ckpt.path, module, spec)
     runtime_config = module.runtime_config(ckpt.config, spec, ckpt.path)
     module.prepare(ckpt, spec)
     g = GraphBuilder("edgellm_visual")
@@ -101,8 +102,39 @@ def write_golden(out: Path, planned: PlannedVisual, data_path: Path) -> dict[str
     return {name: expected[f"expected_{name}"] for name in want}
 
 
+def preprocessor_config(ckpt_dir: Path) -> tuple[dict | None, Path | None]:
+    """The image preprocessor's settings: `preprocessor_config.json`, else `processor_config.json`'s
+    `image_processor` (newer processors save that); (None, None) when there are none."""
+    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        path = ckpt_dir / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ExportError(f"cannot be read as JSON ({e})", path) from None
+        data = data.get(key) if key and isinstance(data, dict) else data
+        if isinstance(data, dict):
+            return data, path
+    return None, None
+
+
+def _check_preprocessor(ckpt_dir: Path, module, spec) -> None:
+    """The runtime preprocesses images by this file's settings: refuse one that contradicts the tower's config
+    (the tower would get patches or tiles of another size than it was exported for)."""
+    data, path = preprocessor_config(ckpt_dir)
+    if data is None:
+        return
+    problems = module.preprocessor_problems(data, spec)
+    if problems:
+        raise ExportError("contradicts config.json's vision_config: " + "; ".join(problems), path)
+
+
 def copy_preprocessor(ckpt_dir: Path, out: Path) -> None:
-    """The image preprocessor's config, as the runtime's multimodal runner reads it (copied when present)."""
-    for name in PREPROCESSOR_FILES:
-        if (ckpt_dir / name).is_file():
-            (out / name).write_bytes((ckpt_dir / name).read_bytes())
+    """The image preprocessor's config as the runtime's multimodal runner reads it: copied, or extracted from
+    processor_config.json (families.md §7)."""
+    data, path = preprocessor_config(ckpt_dir)
+    if path is not None and path.name == PREPROCESSOR_FILES[0]:
+        (out / path.name).write_bytes(path.read_bytes())
+    elif data is not None:
+        (out / PREPROCESSOR_FILES[0]).write_text(json.dumps(data, indent=2) + "\n")

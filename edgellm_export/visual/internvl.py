@@ -178,6 +178,20 @@ def _tokenizer_token_id(ckpt_dir: Path, content: str) -> int | None:
     return None
 
 
+def preprocessor_problems(pre: dict, s: InternVisionSpec) -> list[str]:
+    """The tile size the processor crops to against the tower's image_size."""
+    out = []
+    for key in ("size", "crop_size"):
+        size = pre.get(key)
+        if isinstance(size, dict):
+            hw = (size.get("height"), size.get("width"))
+            if None not in hw and hw != (s.image_size, s.image_size):
+                out.append(f"{key} is {hw[0]}x{hw[1]}, but the tower's tiles are {s.image_size}x{s.image_size}")
+        elif isinstance(size, int) and size != s.image_size:
+            out.append(f"{key} is {size}, but the tower's tiles are {s.image_size}")
+    return out
+
+
 def prepare(ckpt, s: InternVisionSpec) -> None:
     """internvl_chat: expose its tensors under the transformers names (the fused attn.qkv split into q/k/v)."""
     if not s.chat_layout:

@@ -79,6 +79,9 @@ def parse(raw: dict, text_hidden: int, path: Path) -> QwenVisionSpec:
         problems.append(f"hidden_act {v.get('hidden_act')!r} (supported: silu)")
     if rope.get("rope_type", "axial") not in ("axial", "default"):
         problems.append(f"rope_type {rope.get('rope_type')!r} (supported: axial)")
+    if spec.merge != 2:
+        problems.append(f"spatial_merge_size {spec.merge}: Edge-LLM 0.7.1's visual_build and Qwen runner count four "
+                        "patches per image token")
     windowed = [i for i in range(depth) if i not in spec.full_blocks]
     if windowed and (spec.window_size <= 0 or spec.window_size % (spec.patch_size * spec.merge)):
         problems.append(f"window_size {spec.window_size} is not a positive multiple of patch_size x "
@@ -150,6 +153,7 @@ def preprocess(grids, spec: QwenVisionSpec) -> dict[str, np.ndarray]:
 
 
 prepare = qwen_vit.prepare  # the family interface: transformers' own names, nothing to map
+preprocessor_problems = qwen_vit.preprocessor_problems
 
 
 def golden_inputs(spec: QwenVisionSpec) -> dict[str, np.ndarray]:

@@ -82,6 +82,9 @@ def parse(raw: dict, text_hidden: int, path: Path) -> Qwen3VisionSpec:
                         "rotary quarters")
     if v.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
         problems.append(f"hidden_act {v.get('hidden_act')!r} (supported: gelu_pytorch_tanh)")
+    if spec.merge != 2:
+        problems.append(f"spatial_merge_size {spec.merge}: Edge-LLM 0.7.1's visual_build and Qwen runner count four "
+                        "patches per image token")
     if spec.side ** 2 != spec.num_positions:
         problems.append(f"num_position_embeddings {spec.num_positions} is not a square grid")
     if any(not 0 <= i < spec.depth for i in spec.deepstack):
@@ -131,6 +134,7 @@ def preprocess(grids, spec: Qwen3VisionSpec) -> dict[str, np.ndarray]:
 
 
 prepare = qwen_vit.prepare  # the family interface: transformers' own names, nothing to map
+preprocessor_problems = qwen_vit.preprocessor_problems
 
 
 def golden_inputs(spec: Qwen3VisionSpec) -> dict[str, np.ndarray]:

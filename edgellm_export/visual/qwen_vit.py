@@ -58,6 +58,16 @@ def first_image(spec: QwenTower, grids) -> dict:
     return {"counts": [t * h * w // spec.merge_unit], "grids": [tuple(grids[0])], "merge": spec.merge}
 
 
+def preprocessor_problems(pre: dict, spec: QwenTower) -> list[str]:
+    """The Qwen processors' patch settings against the tower's (patch_size, temporal_patch_size, merge_size)."""
+    out = []
+    for key, want in (("patch_size", spec.patch_size), ("temporal_patch_size", spec.temporal_patch_size),
+                      ("merge_size", spec.merge)):
+        if pre.get(key) is not None and pre[key] != want:
+            out.append(f"{key} is {pre[key]!r}, but the tower's is {want}")
+    return out
+
+
 def prepare(ckpt, spec) -> None:
     """transformers' names (`visual.*`, or `model.visual.*`, a wrapper the reader strips): nothing to map."""
 
