@@ -146,8 +146,8 @@ def export_checkpoint(checkpoint: str | Path | CheckpointRef, out_dir: str | Pat
                 visual_digests, features = _write_visual(planned.visual, tmp / visual_mod.SUBDIR, ckpt.path, opts,
                                                          report, contract)
                 digests.update(visual_digests)
-                if features is not None and not native and cfg.num_deepstack_features == 0:
-                    scenario = _image_scenario(cfg, planned.visual, embed_ref, features["output"])
+                if features is not None and not native:
+                    scenario = _image_scenario(cfg, planned.visual, embed_ref, features)
                     needed = len(scenario.steps[0].token_ids[0]) + golden_mod.DECODE_STEPS
                     capacity = max(capacity, -(-needed // 64) * 64)  # the whole bundle's: one engine replays it
                     if scenario.image["positions"] is not None:
@@ -202,7 +202,7 @@ def _write_visual(planned: visual_mod.PlannedVisual, out: Path, ckpt_dir: Path, 
     return writer.digests, features
 
 
-def _image_scenario(cfg: ModelConfig, planned: visual_mod.PlannedVisual, embed_ref, features):
+def _image_scenario(cfg: ModelConfig, planned: visual_mod.PlannedVisual, embed_ref, outputs: dict):
     """The golden bundle's image scenario: the visual golden's first image in a prompt (config.json's token ids),
     MRoPE positions where the language model has them (the table is made once the capacity is known)."""
     from edgellm_core.multimodal import qwen_positions
@@ -223,7 +223,10 @@ def _image_scenario(cfg: ModelConfig, planned: visual_mod.PlannedVisual, embed_r
 
         return table[torch.as_tensor(ids)].float().half().numpy()
 
-    return golden_mod.image_scenario(cfg, lookup, features, layout["counts"], image_token, extra, positions)
+    deepstack = {f"deepstack_features_{k}": outputs[f"deepstack_features_{k}"]
+                 for k in range(cfg.num_deepstack_features)}
+    return golden_mod.image_scenario(cfg, lookup, outputs["output"], layout["counts"], image_token, extra, positions,
+                                     deepstack)
 
 
 def _image_rope(cfg: ModelConfig, positions, capacity: int):

@@ -57,15 +57,18 @@ class Scenario:
     embeds: np.ndarray | None = None
     rope: np.ndarray | None = None
     image: dict | None = None
+    deepstack: list[np.ndarray] | None = None  # Qwen3-VL: the prefill's deepstack_embeds_i `[B, S, H]` fp16
 
 
 def image_scenario(cfg: ModelConfig, lookup, features: np.ndarray, counts, image_token_id: int, extra_ids,
-                   positions_fn, seed: int = 20261202) -> Scenario:
+                   positions_fn, deepstack: dict[str, np.ndarray] | None = None, seed: int = 20261202) -> Scenario:
     """Text, then one image per entry of `counts` (its rows of `features`, in order, between the checkpoint's
     vision start / end tokens when it has them), text; prefill, then DECODE_STEPS teacher-forced steps. Two
     copies of that request in one batch: the golden pass runs every scenario at the text scenarios' batch of 2.
     `lookup(ids)` gives the token embeddings `[S, H]` fp16, `positions_fn(prompt)` MRoPE positions `[3, S]`
-    (None: plain RoPE). The MRoPE table (`rope`) is the caller's to set, once the bundle's capacity is known."""
+    (None: plain RoPE). The MRoPE table (`rope`) is the caller's to set, once the bundle's capacity is known.
+    `deepstack` (Qwen3-VL): the encoder's deepstack outputs by name, scattered at the image tokens (zeros
+    elsewhere) into the prefill's deepstack_embeds_i, in the dict's order (the index i)."""
     from edgellm_core.multimodal import scatter_features
 
     rng = np.random.default_rng(seed)
@@ -90,7 +93,13 @@ def image_scenario(cfg: ModelConfig, lookup, features: np.ndarray, counts, image
                           np.asarray([n + k] * 2, np.int32), np.zeros((2, 1), np.int64)))
     image = {"component": "visual", "output": "output", "rows": [0, rows], "image_token_id": image_token_id,
              "positions": None if positions is None else positions.tolist()}
-    return Scenario("image_prefill_decode", steps, embeds, None, image)
+    stacked = None
+    if deepstack:
+        zeros = np.zeros((1, n, cfg.hidden_size), np.float16)
+        stacked = [np.concatenate([scatter_features(zeros, prompt, image_token_id, rows_[:rows])] * 2)
+                   for rows_ in deepstack.values()]
+        image["deepstack"] = list(deepstack)
+    return Scenario("image_prefill_decode", steps, embeds, None, image, stacked)
 
 
 def _padded(seqs: list[list[int]]) -> np.ndarray:
@@ -166,6 +175,10 @@ class GoldenRun:
         self.hidden = [(torch.from_numpy(sc.embeds).float() if k == 0 and sc.embeds is not None
                         else emb[torch.from_numpy(st.token_ids)].float().half().float())
                        for sc in scenarios for k, st in enumerate(sc.steps)]
+        # Deepstack features (Qwen3-VL image scenario) by flat step index, added after decoder layer i.
+        flat = [(sc, k) for sc in scenarios for k in range(len(sc.steps))]
+        self.deepstack = {j: [torch.from_numpy(d).float() for d in sc.deepstack]
+                          for j, (sc, k) in enumerate(flat) if k == 0 and sc.deepstack}
         self.pending: dict[str, object] = {}
         self.pending_layer: int | None = None
         self.streaming = None  # (layer module, x after its mixer, sizes, the MoE's eager Stream)
@@ -221,6 +234,7 @@ class GoldenRun:
             x = linear_r16(x + stream.result(layer.t, layer.quant))
             self.hidden = list(x.split(sizes, 1))
             self.pending, self.streaming = {}, None
+            self._add_deepstack(self.pending_layer)
             return
         layer = self.layer_cls(self.cfg, self.pending, self.quant, self.pending_layer, native=self.native)
         # One state per scenario (a KV cache, or a hybrid layer's conv and recurrent states), zeroed as the
@@ -229,6 +243,13 @@ class GoldenRun:
                   for sc in self.scenarios]
         self.hidden, _ = layer.forward_steps(self.hidden, states, self.table, self._calls())
         self.pending = {}
+        self._add_deepstack(self.pending_layer)
+
+    def _add_deepstack(self, layer: int) -> None:
+        """After decoder layer i < Nd, the image scenario's prefill takes deepstack_embeds_i (the graph's Add)."""
+        for j, features in self.deepstack.items():
+            if layer < len(features):
+                self.hidden[j] = linear_r16(self.hidden[j] + features[layer])
 
     def _run_head(self) -> None:
         torch = self.torch

@@ -195,16 +195,18 @@ def drive(llm_dir: Path, backend, scenarios: list[dict], capacity: int, componen
     twin = Twin(llm_dir, backend, capacity)
     for sc in scenarios:
         state = twin.new_state(len(sc["steps"][0]["context_lengths"]))
-        embeds, rope = _image_inputs(twin, sc, components) if sc.get("image") else (None, None)
+        embeds, rope, deepstack = _image_inputs(twin, sc, components) if sc.get("image") else (None, None, None)
         for k, st in enumerate(sc["steps"]):
             logits, state = twin.step(state, st["token_ids"], st["context_lengths"], st["kvcache_start_index"],
-                                      st["last_token_ids"], inputs_embeds=embeds if k == 0 else None, rope=rope)
+                                      st["last_token_ids"], deepstack if k == 0 else None,
+                                      inputs_embeds=embeds if k == 0 else None, rope=rope)
             yield sc["name"], k, st, logits
 
 
 def _image_inputs(twin: Twin, sc: dict, components: dict | None):
-    """An image scenario's prefill embeddings (the encoder's rows, as run here, in the image tokens) and its
-    per-sequence rope table (MRoPE from the bundle's positions and the config's rope, else the plain one)."""
+    """An image scenario's prefill embeddings (the encoder's rows, as run here, in the image tokens), its
+    per-sequence rope table (MRoPE from the bundle's positions and the config's rope, else the plain one) and,
+    for Qwen3-VL, the prefill's deepstack_embeds_i (the encoder's deepstack outputs at the image tokens)."""
     from edgellm_core.errors import ExportError
     from edgellm_core.multimodal import mrope_table, scatter_features
 
@@ -217,10 +219,17 @@ def _image_inputs(twin: Twin, sc: dict, components: dict | None):
     lo, hi = image["rows"]
     embeds = np.concatenate([scatter_features(twin.embedding.lookup(row[None]), row, image["image_token_id"],
                                               np.asarray(rows)[lo:hi]) for row in ids])
+    deepstack = None
+    if image.get("deepstack"):
+        outs = components[image["component"]]
+        zeros = np.zeros((1, ids.shape[1], embeds.shape[-1]), np.float16)
+        deepstack = [np.concatenate([scatter_features(zeros, row, image["image_token_id"],
+                                                      np.asarray(outs[name])[lo:hi]) for row in ids])
+                     for name in image["deepstack"]]
     if image.get("positions") is None:
-        return embeds, None
+        return embeds, None, deepstack
     cfg, scaling = twin.config, twin.config["rope_scaling"]
     rotary = int(cfg["head_dim"] * (cfg.get("partial_rotary_factor") or 1.0))
     table = mrope_table(np.asarray(image["positions"]), twin.capacity, theta=cfg["rope_theta"], rotary_dim=rotary,
                         section=scaling["mrope_section"], interleaved=bool(scaling.get("mrope_interleaved", False)))
-    return embeds, table
+    return embeds, table, deepstack

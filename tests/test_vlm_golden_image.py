@@ -110,3 +110,30 @@ def test_internvl_image_scenario_with_plain_rope(tmp_path, record_property):
     assert min(cos) >= 0.999, cos
     assert [int(e[0].argmax()) for e in expected] == [int(g.argmax()) for g in want]
     assert validate_export(tmp_path / "out", result_path=tmp_path / "v.json")["passed"]
+
+
+def test_qwen3_vl_image_scenario_with_deepstack(tmp_path, record_property):
+    """Qwen3-VL: the scenario carries the deepstack outputs' names; its expected logits (the eager decoder adding
+    each feature after its layer) against HF's full forward; validation replays it with the tower's own rows."""
+    import torch
+    from test_qwen3_vl_visual import make_qwen3_vl
+
+    from edgellm_export.visual import qwen3_vl as q3
+
+    ckpt, model = make_qwen3_vl(tmp_path / "ckpt")
+    assert main(["-q", "export", str(ckpt), str(tmp_path / "out")]) == 0
+    _, sc, expected = image_scenario(tmp_path / "out" / "llm")
+    assert sc["image"]["deepstack"] == ["deepstack_features_0", "deepstack_features_1"]
+    t, h, w = q3.GOLDEN_GRIDS[0]
+    patches = load_file(str(tmp_path / "out" / "visual" / "golden" / "tensors.safetensors"))["input"][: t * h * w]
+    prompt = sc["steps"][0]["token_ids"][0]
+    ids = torch.tensor([prompt + [st["token_ids"][0][0] for st in sc["steps"][1:]]])
+    want = hf_logits(model, sc, pixel_values=torch.from_numpy(patches).float(),
+                     image_grid_thw=torch.tensor([[t, h, w]]), mm_token_type_ids=(ids == 500).int())
+    cos = [float(row_cosines(e[:1], g[None])[0]) for e, g in zip(expected, want)]
+    record_property("golden_image_cosine_vs_hf", min(cos))
+    assert min(cos) >= 0.999, cos
+    assert [int(e[0].argmax()) for e in expected] == [int(g.argmax()) for g in want]
+    res = validate_export(tmp_path / "out", result_path=tmp_path / "v.json")
+    assert res["passed"], res["failures"]
+    assert min(s["min_cosine"] for s in res["steps"] if s["scenario"] == "image_prefill_decode") >= 0.999
