@@ -290,7 +290,8 @@ def plan_export(ckpt, contract, opts: ExportOptions) -> PlannedExport:
     family.emit_graph(g, weights, cfg, contract, has_lm_head, quant)
     _refuse_unread_tensors(ckpt, family.linear_names(cfg, has_lm_head), weights.used, quant)
     embed_ref = weights.ref("embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
-    planned_visual = visual_mod.plan(ckpt, cfg.hidden_size, opts.clamp_fp16) if "visual" in components else None
+    planned_visual = (visual_mod.plan(ckpt, cfg.hidden_size, cfg.vocab_size, opts.clamp_fp16)
+                      if "visual" in components else None)
     return PlannedExport(cfg, family, g, embed_ref, runtime_cfg, quant, planned_visual)
 
 

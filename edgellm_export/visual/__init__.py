@@ -23,7 +23,7 @@ from . import internvl, qwen2_5_vl, qwen3_vl
 
 SUBDIR = "visual"
 FAMILIES = {"internvl": internvl, "internvl_chat": internvl, "qwen2_5_vl": qwen2_5_vl,  # root model_type
-            "qwen3_vl": qwen3_vl}
+            "qwen3_vl": qwen3_vl, "qwen3_5": qwen3_vl}
 GOLDEN_DIR, GOLDEN_FILE, GOLDEN_TENSORS = "golden", "bundle.json", "tensors.safetensors"
 PREPROCESSOR_FILES = ("preprocessor_config.json",)
 
@@ -59,7 +59,7 @@ class WrittenWeights:
         return torch.from_numpy(arr)
 
 
-def plan(ckpt, text_hidden: int, clamp: bool = False) -> PlannedVisual:
+def plan(ckpt, text_hidden: int, vocab_size: int, clamp: bool = False) -> PlannedVisual:
     """Config, runtime config and the graph with every weight declared; refuses tensors of the tower the
     graph does not read (they would change its meaning)."""
     from ..models.weights import WeightSource
@@ -68,6 +68,11 @@ def plan(ckpt, text_hidden: int, clamp: bool = False) -> PlannedVisual:
     spec = module.parse(ckpt.config, text_hidden, ckpt.config_path)
     _check_preprocessor(ckpt.path, module, spec)
     runtime_config = module.runtime_config(ckpt.config, spec, ckpt.path)
+    outside = {k: v for k, v in runtime_config.items() if k.endswith("_token_id") and isinstance(v, int)
+               and not 0 <= v < vocab_size}
+    if outside:
+        raise ExportError(f"multimodal token ids {outside} lie outside the language model's vocabulary of "
+                          f"{vocab_size}; the runtime looks them up in its embedding table", ckpt.config_path)
     module.prepare(ckpt, spec)
     g = GraphBuilder("edgellm_visual")
     weights = WeightSource(ckpt, g, clamp=clamp)

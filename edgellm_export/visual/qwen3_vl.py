@@ -1,4 +1,5 @@
-"""Qwen3-VL's vision tower (families.md §5.3), both faces, and the runtime's preprocessing for it.
+"""Qwen3-VL's vision tower (families.md §5.3), both faces, and the runtime's preprocessing for it. Qwen3.5's
+tower is the same without deepstack features (its config has no deepstack_visual_indexes).
 
 Graph inputs (0.7.1's names): `input` fp16 `[T, C*tps*p*p]`, `rotary_pos_emb` fp32 `[T, D/2]`, `cu_seqlens`
 int32, `max_seqlen_carrier` int32 (length only), `fast_pos_embed_idx` int64 `[4, T]` and
@@ -98,11 +99,13 @@ def parse(raw: dict, text_hidden: int, path: Path) -> Qwen3VisionSpec:
 
 
 def runtime_config(raw: dict, spec: Qwen3VisionSpec, ckpt_dir: Path) -> dict:
-    """As qwen2_5_vl.runtime_config, with the Qwen3-VL names (mrope_interleaved kept in the rope)."""
+    """As qwen2_5_vl.runtime_config, with the names 0.7.1 knows for this tower: `qwen3_vl`, or `qwen3_5` for
+    Qwen3.5's (the same tower without deepstack features; mrope_interleaved kept in the rope)."""
     from . import qwen2_5_vl
 
     out = qwen2_5_vl.runtime_config(raw, spec, ckpt_dir)
-    out["model_type"] = out["vision_config"]["model_type"] = "qwen3_vl"
+    kind = "qwen3_5" if str(raw.get("model_type", "")).startswith("qwen3_5") else "qwen3_vl"
+    out["model_type"] = out["vision_config"]["model_type"] = kind
     return out
 
 
