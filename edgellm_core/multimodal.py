@@ -11,6 +11,11 @@ Qwen VL rules (0.7.1 QwenViTRunner, as transformers' get_rope_index computes the
 - the rope table is per sequence: row p holds the cos / sin of the angles of the token at sequence index p,
   rotary pair j taking its position from the section mrope_section assigns it to (in blocks, or cycling
   t, h, w with mrope_interleaved), `[cos(R/2) | sin(R/2)]` as the AttentionPlugin reads it (`mrope_table`).
+
+Phi-4-MM (0.7.1 Phi4MMViTRunner, transformers' Phi4MultimodalImageEmbedding): an image's crops (its global
+thumbnail, then an hb x wb grid of sub-crops, 16 x 16 tokens each) are laid out as the HD transform does:
+the sub-crops as one (16 hb) x (16 wb) grid, each row followed by the `sub_GN` separator, then `glb_GN`, then
+the thumbnail's 16 rows each followed by `sub_GN` (`phi4mm_hd_layout`).
 """
 
 from __future__ import annotations
@@ -71,3 +76,33 @@ def scatter_features(embeds: np.ndarray, token_ids, image_token_id: int, feature
     out = embeds.copy()
     out[0, where] = features.astype(out.dtype)
     return out
+
+
+def phi4mm_hd_layout(rows: np.ndarray, blocks, glb: np.ndarray, sub: np.ndarray, side: int = 16) -> np.ndarray:
+    """The encoder's rows `[crops * side^2, H]` (per image: thumbnail, then its hb x wb sub-crops row-major) as the
+    token rows the prompt's image tokens take, images after one another."""
+    per, out, at = side * side, [], 0
+    hidden = rows.shape[-1]
+    glb, sub = np.asarray(glb).reshape(1, hidden), np.asarray(sub).reshape(1, 1, hidden)
+    for hb, wb in blocks:
+        thumb = rows[at:at + per].reshape(side, side, hidden)
+        crops = rows[at + per:at + per * (1 + hb * wb)]
+        if crops.shape[0] != per * hb * wb:
+            raise ValueError(f"{rows.shape[0]} encoder rows are too few for images of {list(blocks)} sub-crops")
+        grid = crops.reshape(hb, wb, side, side, hidden).transpose(0, 2, 1, 3, 4).reshape(hb * side, wb * side, hidden)
+        with_sep = np.concatenate([grid, np.broadcast_to(sub, (hb * side, 1, hidden))], axis=1)
+        thumb = np.concatenate([thumb, np.broadcast_to(sub, (side, 1, hidden))], axis=1)
+        out += [with_sep.reshape(-1, hidden), glb.astype(rows.dtype), thumb.reshape(-1, hidden)]
+        at += per * (1 + hb * wb)
+    return np.concatenate(out).astype(rows.dtype)
+
+
+PHI4MM_SIDECAR = "phi4mm_gn_proj.safetensors"  # glb_GN, sub_GN: fp16 [H] each, in the visual directory
+
+
+def assemble(how: dict, rows: np.ndarray, sidecar: dict) -> np.ndarray:
+    """The encoder's rows laid out as the runtime does before they are scattered (a golden image scenario's
+    `assemble`: {kind, blocks, sidecar}); `sidecar`: the tensors of the file it names."""
+    if how.get("kind") != "phi4mm_hd":
+        raise ValueError(f"image layout {how.get('kind')!r} is not one this version knows (phi4mm_hd)")
+    return phi4mm_hd_layout(np.asarray(rows), how["blocks"], sidecar["glb_GN"], sidecar["sub_GN"])

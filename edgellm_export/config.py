@@ -533,7 +533,8 @@ def _nemotron_h_fields(cfg: dict, path: Path) -> dict:
 
 # Components a multimodal checkpoint carries besides its language model, by the config keys that announce
 # them (the root config, or a Qwen-Omni style `thinker_config`).
-COMPONENT_KEYS = {"visual": ("vision_config",), "audio": ("audio_config",)}
+COMPONENT_KEYS = {"visual": ("vision_config", "embd_layer.image_embd_layer"),  # the latter: original Phi-4-MM
+                  "audio": ("audio_config", "embd_layer.audio_embd_layer")}
 COMPONENTS = ("llm", "visual", "audio")
 
 
@@ -553,9 +554,15 @@ def multimodal_components(raw: dict) -> dict[str, str]:
             continue
         for comp, keys in COMPONENT_KEYS.items():
             for key in keys:
-                if isinstance(scope.get(key), dict) and comp not in found:
+                if isinstance(_dotted(scope, key), dict) and comp not in found:
                     found[comp] = where + key
     return found
+
+
+def _dotted(scope: dict, key: str):
+    for part in key.split("."):
+        scope = scope.get(part) if isinstance(scope, dict) else None
+    return scope
 
 
 def check_components(raw: dict, requested: tuple[str, ...] | None, path: Path) -> tuple[str, ...]:
@@ -589,8 +596,8 @@ def check_components(raw: dict, requested: tuple[str, ...] | None, path: Path) -
     cannot = {c: key for c, key in present.items() if c not in can}
     if cannot:
         named = ", ".join(f"a {c} encoder ({key})" for c, key in cannot.items())
+        rest = ",".join(c for c in COMPONENTS if c in can and (c == "llm" or c in present))
         raise UnsupportedError(
-            f"this checkpoint also has {named}, which edgellm-export cannot export yet; exporting the "
-            "language model alone would drop it without a word. Pass --components llm to export only the "
-            "language model, knowingly", path)
+            f"this checkpoint also has {named}, which edgellm-export cannot export yet; exporting without it "
+            f"would drop it without a word. Pass --components {rest} to export the rest, knowingly", path)
     return ("llm", *(c for c in COMPONENTS if c in present))

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgellm_core.errors import ExportError
+from edgellm_core.errors import ExportError, UnsupportedError
 from edgellm_core.manifest import write_manifest
 from edgellm_core.onnx_graph.builder import GraphBuilder
 from edgellm_core.ops.schemas import ONNX_OPSET
@@ -143,11 +143,11 @@ def export_checkpoint(checkpoint: str | Path | CheckpointRef, out_dir: str | Pat
             scenarios = golden_mod.make_scenarios(cfg.vocab_size, native=native) if opts.golden else []
             digests = {}
             if planned.visual is not None:  # first: the LLM's image scenario starts from the encoder's output
-                visual_digests, features = _write_visual(planned.visual, tmp / visual_mod.SUBDIR, ckpt.path, opts,
+                visual_digests, features = _write_visual(planned.visual, tmp / visual_mod.SUBDIR, ckpt, opts,
                                                          report, contract)
                 digests.update(visual_digests)
                 if features is not None and not native:
-                    scenario = _image_scenario(cfg, planned.visual, embed_ref, features)
+                    scenario = _image_scenario(cfg, planned.visual, embed_ref, features, tmp / visual_mod.SUBDIR)
                     needed = len(scenario.steps[0].token_ids[0]) + golden_mod.DECODE_STEPS
                     capacity = max(capacity, -(-needed // 64) * 64)  # the whole bundle's: one engine replays it
                     if scenario.image["positions"] is not None:
@@ -178,7 +178,7 @@ def export_checkpoint(checkpoint: str | Path | CheckpointRef, out_dir: str | Pat
     return ExportResult(Path(out_dir), files, time.perf_counter() - t0, _cpu_seconds() - cpu0)
 
 
-def _write_visual(planned: visual_mod.PlannedVisual, out: Path, ckpt_dir: Path, opts: ExportOptions, report,
+def _write_visual(planned: visual_mod.PlannedVisual, out: Path, ckpt, opts: ExportOptions, report,
                   contract) -> tuple[dict, dict | None]:
     """OUT/visual/: graph, weights, config.json, the preprocessor's config and the golden inputs; returns the
     digests the writer computed (path -> sha256) for the manifest, and the golden outputs (None without)."""
@@ -189,7 +189,7 @@ def _write_visual(planned: visual_mod.PlannedVisual, out: Path, ckpt_dir: Path, 
     out.mkdir()
     (out / contract.GRAPH_FILE).write_bytes(model.SerializeToString())
     _write_json(out / "config.json", planned.runtime_config)
-    visual_mod.copy_preprocessor(ckpt_dir, out)
+    visual_mod.copy_preprocessor(ckpt.path, out)
     writer = StreamWriter()
     try:
         _write_weights(g, writer, out / contract.DATA_FILE, data_size, None, report)
@@ -198,11 +198,12 @@ def _write_visual(planned: visual_mod.PlannedVisual, out: Path, ckpt_dir: Path, 
             writer.finish()
         raise
     writer.finish()
+    visual_mod.write_sidecars(out, planned, ckpt, out / contract.DATA_FILE)
     features = visual_mod.write_golden(out, planned, out / contract.DATA_FILE) if opts.golden else None
     return writer.digests, features
 
 
-def _image_scenario(cfg: ModelConfig, planned: visual_mod.PlannedVisual, embed_ref, outputs: dict):
+def _image_scenario(cfg: ModelConfig, planned: visual_mod.PlannedVisual, embed_ref, outputs: dict, out_dir: Path):
     """The golden bundle's image scenario: the visual golden's first image in a prompt (config.json's token ids),
     MRoPE positions where the language model has them (the table is made once the capacity is known)."""
     from edgellm_core.multimodal import qwen_positions
@@ -225,8 +226,11 @@ def _image_scenario(cfg: ModelConfig, planned: visual_mod.PlannedVisual, embed_r
 
     deepstack = {f"deepstack_features_{k}": outputs[f"deepstack_features_{k}"]
                  for k in range(cfg.num_deepstack_features)}
-    return golden_mod.image_scenario(cfg, lookup, outputs["output"], layout["counts"], image_token, extra, positions,
-                                     deepstack)
+    features, assemble = outputs["output"], layout.get("assemble")
+    if assemble is not None:  # Phi-4-MM: the crops' rows laid out with separators, as the runtime does
+        features = visual_mod.assemble(assemble, features, out_dir)
+    return golden_mod.image_scenario(cfg, lookup, features, layout["counts"], image_token, extra, positions,
+                                     deepstack, assemble=assemble)
 
 
 def _image_rope(cfg: ModelConfig, positions, capacity: int):
@@ -264,6 +268,7 @@ def plan_export(ckpt, contract, opts: ExportOptions) -> PlannedExport:
     (`qzeros`, and `qweight` where a zero is not 8), which choose whether a layer needs a
     zero-point correction."""
     has_lm_head = ckpt.has("lm_head.weight")
+    _refuse_unmerged_lora(ckpt)
     try:
         components = check_components(ckpt.config, opts.components, ckpt.config_path)
         plan = parse_quant_plan(ckpt.path, ckpt.config)
@@ -293,6 +298,18 @@ def plan_export(ckpt, contract, opts: ExportOptions) -> PlannedExport:
     planned_visual = (visual_mod.plan(ckpt, cfg.hidden_size, cfg.vocab_size, opts.clamp_fp16)
                       if "visual" in components else None)
     return PlannedExport(cfg, family, g, embed_ref, runtime_cfg, quant, planned_visual)
+
+
+def _refuse_unmerged_lora(ckpt) -> None:
+    """LoRA adapters stored in the checkpoint (Phi-4-MM's builtin vision / speech LoRA) are deltas on the base
+    weights: exporting the base alone computes another model. They are merged first, by choice of adapter."""
+    adapters = sorted({n.split(".lora_A.", 1)[1].rsplit(".", 1)[0] for n in ckpt.names() if ".lora_A." in n})
+    if any(".lora_A." in n or ".lora_B." in n for n in ckpt.names()):
+        named = ", ".join(adapters) or "unnamed"
+        raise UnsupportedError(
+            f"the checkpoint holds unmerged LoRA adapters ({named}) next to its base weights; exporting the base "
+            "weights alone would compute another model. Merge the one you want first: edgellm merge-lora CKPT "
+            "MERGED --builtin NAME, then export MERGED", ckpt.path)
 
 
 def _refuse_unread_tensors(ckpt, linears: list[str], used: set[str], quant: QuantDecisions) -> None:

@@ -61,14 +61,16 @@ class Scenario:
 
 
 def image_scenario(cfg: ModelConfig, lookup, features: np.ndarray, counts, image_token_id: int, extra_ids,
-                   positions_fn, deepstack: dict[str, np.ndarray] | None = None, seed: int = 20261202) -> Scenario:
+                   positions_fn, deepstack: dict[str, np.ndarray] | None = None, seed: int = 20261202,
+                   assemble: dict | None = None) -> Scenario:
     """Text, then one image per entry of `counts` (its rows of `features`, in order, between the checkpoint's
     vision start / end tokens when it has them), text; prefill, then DECODE_STEPS teacher-forced steps. Two
     copies of that request in one batch: the golden pass runs every scenario at the text scenarios' batch of 2.
     `lookup(ids)` gives the token embeddings `[S, H]` fp16, `positions_fn(prompt)` MRoPE positions `[3, S]`
     (None: plain RoPE). The MRoPE table (`rope`) is the caller's to set, once the bundle's capacity is known.
     `deepstack` (Qwen3-VL): the encoder's deepstack outputs by name, scattered at the image tokens (zeros
-    elsewhere) into the prefill's deepstack_embeds_i, in the dict's order (the index i)."""
+    elsewhere) into the prefill's deepstack_embeds_i, in the dict's order (the index i). `assemble` (Phi-4-MM):
+    how the validation side lays the encoder's rows out before scattering them (`features` are already laid out)."""
     from edgellm_core.multimodal import scatter_features
 
     rng = np.random.default_rng(seed)
@@ -93,6 +95,8 @@ def image_scenario(cfg: ModelConfig, lookup, features: np.ndarray, counts, image
                           np.asarray([n + k] * 2, np.int32), np.zeros((2, 1), np.int64)))
     image = {"component": "visual", "output": "output", "rows": [0, rows], "image_token_id": image_token_id,
              "positions": None if positions is None else positions.tolist()}
+    if assemble is not None:
+        image["assemble"] = assemble
     stacked = None
     if deepstack:
         zeros = np.zeros((1, n, cfg.hidden_size), np.float16)

@@ -208,7 +208,7 @@ def _image_inputs(twin: Twin, sc: dict, components: dict | None):
     per-sequence rope table (MRoPE from the bundle's positions and the config's rope, else the plain one) and,
     for Qwen3-VL, the prefill's deepstack_embeds_i (the encoder's deepstack outputs at the image tokens)."""
     from edgellm_core.errors import ExportError
-    from edgellm_core.multimodal import mrope_table, scatter_features
+    from edgellm_core.multimodal import assemble, mrope_table, scatter_features
 
     image = sc["image"]
     rows = (components or {}).get(image["component"], {}).get(image["output"])
@@ -216,6 +216,9 @@ def _image_inputs(twin: Twin, sc: dict, components: dict | None):
         raise ExportError(f"golden scenario {sc['name']} needs the {image['component']} component's "
                           f"{image['output']!r} output, which was not computed", twin.llm_dir)
     ids = np.asarray(sc["steps"][0]["token_ids"], np.int64)  # every row one request with the image
+    if image.get("assemble"):  # Phi-4-MM: crops laid out with the sidecar's separators first
+        how = image["assemble"]
+        rows = assemble(how, rows, read_safetensors(twin.llm_dir.parent / image["component"] / how["sidecar"]))
     lo, hi = image["rows"]
     embeds = np.concatenate([scatter_features(twin.embedding.lookup(row[None]), row, image["image_token_id"],
                                               np.asarray(rows)[lo:hi]) for row in ids])

@@ -6,4 +6,6 @@ up) read straight from the mapped file, so nothing is concatenated or copied.
 
 from .registry import Family, register
 
-FAMILY = register(Family(model_types=("phi3",)))
+# Phi-4-multimodal's language model is this decoder (transformers' `phi4_multimodal`, the original `phi4mm`);
+# its builtin vision/speech LoRA must be merged first (`edgellm merge-lora`, refused in export otherwise).
+FAMILY = register(Family(model_types=("phi3", "phi4mm", "phi4_multimodal")))

@@ -19,11 +19,11 @@ import numpy as np
 from edgellm_core.errors import ExportError
 from edgellm_core.onnx_graph.builder import GraphBuilder
 
-from . import internvl, qwen2_5_vl, qwen3_vl
+from . import internvl, phi4mm, qwen2_5_vl, qwen3_vl
 
 SUBDIR = "visual"
 FAMILIES = {"internvl": internvl, "internvl_chat": internvl, "qwen2_5_vl": qwen2_5_vl,  # root model_type
-            "qwen3_vl": qwen3_vl, "qwen3_5": qwen3_vl}
+            "qwen3_vl": qwen3_vl, "qwen3_5": qwen3_vl, "phi4mm": phi4mm, "phi4_multimodal": phi4mm}
 GOLDEN_DIR, GOLDEN_FILE, GOLDEN_TENSORS = "golden", "bundle.json", "tensors.safetensors"
 PREPROCESSOR_FILES = ("preprocessor_config.json",)
 
@@ -143,3 +143,21 @@ def copy_preprocessor(ckpt_dir: Path, out: Path) -> None:
         (out / path.name).write_bytes(path.read_bytes())
     elif data is not None:
         (out / PREPROCESSOR_FILES[0]).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def write_sidecars(out: Path, planned: PlannedVisual, ckpt, data_path: Path) -> None:
+    """The family's sidecars next to the graph (Phi-4-MM's phi4mm_gn_proj.safetensors), computed over the
+    weights as written."""
+    hook = getattr(planned.module, "write_sidecars", None)
+    if hook is not None:
+        hook(out, planned.spec, ckpt, WrittenWeights(planned.graph, data_path))
+
+
+
+def assemble(how: dict, rows: np.ndarray, vdir: Path) -> np.ndarray:
+    """The encoder's rows laid out as the runtime does before they are scattered (the bundle's `assemble`)."""
+    from safetensors.numpy import load_file
+
+    from edgellm_core.multimodal import assemble as layout
+
+    return layout(how, rows, load_file(str(vdir / how["sidecar"])))
