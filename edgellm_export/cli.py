@@ -1,4 +1,4 @@
-"""`edgellm`: export, validate, make, qualify, container and demo commands."""
+"""`edgellm`: export, validate, make, qualify, container, demo, run and merge-lora commands."""
 
 from __future__ import annotations
 
@@ -227,6 +227,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory (default: ./edgellm-demo)")
     _export_args(d)
 
+    lm = sub.add_parser("merge-lora", help="merge LoRA adapters into a checkpoint (a new checkpoint directory)",
+                        description="Write OUT, a new HuggingFace checkpoint directory: CHECKPOINT with LoRA deltas "
+                                    "merged into its weights (W + scale * B @ A, in fp32, cast back to W's dtype), as "
+                                    "PEFT's merge_and_unload would, streamed tensor by tensor. Untouched tensors and "
+                                    "the other files (tokenizer, chat template, processor configs) are copied as "
+                                    "they are. Sources: a PEFT adapter (--adapter), and adapters the checkpoint "
+                                    "carries itself, as Phi-4-multimodal does (--builtin / --drop-builtin); merge "
+                                    "these before `edgellm export`, which does not apply LoRA deltas.")
+    lm.add_argument("checkpoint", type=Path, help="checkpoint directory (config.json + safetensors)")
+    lm.add_argument("out", type=Path, help="output directory: new or empty; written atomically")
+    lm.add_argument("--adapter", type=Path, metavar="DIR",
+                    help="PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)")
+    lm.add_argument("--builtin", metavar="NAME",
+                    help="merge the checkpoint's builtin adapter NAME (e.g. vision for Phi-4-multimodal's "
+                         "vision_lora); its other builtin adapters are dropped")
+    lm.add_argument("--drop-builtin", action="store_true",
+                    help="drop the checkpoint's builtin adapters (all but --builtin's) and keep the base weights")
+
     r = sub.add_parser("run", help="generate text from an export on the CPU twin",
                        description="Generate text from an export on the CPU runtime twin, streamed as it is decoded: "
                                    "the export's tokenizer (and, with --chat, its processed chat template), prefill, "
@@ -304,6 +322,14 @@ def run(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if args.command == "demo":
         return _demo(args, progress)
+    if args.command == "merge-lora":
+        from .lora_merge import merge_lora
+
+        result = merge_lora(args.checkpoint, args.out, adapter=args.adapter, builtin=args.builtin,
+                            drop_builtin=args.drop_builtin, note=progress)
+        if not args.quiet:
+            print(result.summary())
+        return EXIT_OK
     if args.command == "run":
         from edgellm_validate.generate import run_command
 
