@@ -184,7 +184,8 @@ def _write_visual(planned: visual_mod.PlannedVisual, out: Path, ckpt, opts: Expo
     digests the writer computed (path -> sha256) for the manifest, and the golden outputs (None without)."""
     g = planned.graph
     data_size = g.layout_weights()
-    model = g.to_model(contract.DATA_FILE, {"": ONNX_OPSET}, contract.IR_VERSION,
+    domains = sorted({node.domain for node in g.nodes if node.domain})  # ViTAttentionPlugin's, quantized linears'
+    model = g.to_model(contract.DATA_FILE, {"": ONNX_OPSET, **{d: 1 for d in domains}}, contract.IR_VERSION,
                        producer=("edgellm-export", __version__))
     out.mkdir()
     (out / contract.GRAPH_FILE).write_bytes(model.SerializeToString())

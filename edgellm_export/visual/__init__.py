@@ -11,12 +11,12 @@ and the eager face's outputs for them.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from edgellm_core.errors import ExportError
+from edgellm_core.errors import ExportError, UnsupportedError
 from edgellm_core.onnx_graph.builder import GraphBuilder
 
 from . import internvl, phi4mm, qwen2_5_vl, qwen3_vl
@@ -39,22 +39,37 @@ class PlannedVisual:
     spec: object
     graph: GraphBuilder
     runtime_config: dict
+    quant: dict = field(default_factory=dict)  # the tower's quantized linears (name -> LinearQuant)
 
 
 class WrittenWeights:
     """The graph's initializers read back from the data file just written (still in the page cache), one at a
     time as the eager face asks for them: the golden pass never holds the whole tower (a 7B VLM's is 1.3 GB)."""
 
-    def __init__(self, graph: GraphBuilder, data_path: Path):
-        self.path, self.weights = data_path, {w.name: w for w in graph.weights}
+    def __init__(self, graph: GraphBuilder, data_path: Path, quant: dict | None = None):
+        self.path, self.weights, self.quant = data_path, {w.name: w for w in graph.weights}, quant or {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weights
+
+    def get(self, name: str, default=None):
+        return self[name] if name in self.weights else default
 
     def __getitem__(self, name: str):
         import torch
         from onnx import helper
 
+        from edgellm_core.onnx_graph.builder import FLOAT4E2M1, FLOAT8E4M3FN
+
         w = self.weights[name]
-        dtype = helper.tensor_dtype_to_np_dtype(w.dtype)
         count = int(np.prod(w.shape, dtype=np.int64)) if w.shape else 1
+        if w.dtype == FLOAT4E2M1:  # [N, K] codes, two a byte: as the checkpoint packs them, [N, K/2] uint8
+            arr = np.fromfile(self.path, dtype=np.uint8, count=count // 2, offset=w.offset)
+            return torch.from_numpy(arr.reshape(w.shape[0], -1))
+        if w.dtype == FLOAT8E4M3FN:
+            arr = np.fromfile(self.path, dtype=np.uint8, count=count, offset=w.offset)
+            return torch.from_numpy(arr).view(torch.float8_e4m3fn).reshape(w.shape)
+        dtype = helper.tensor_dtype_to_np_dtype(w.dtype)
         arr = np.fromfile(self.path, dtype=dtype, count=count, offset=w.offset).reshape(w.shape)
         return torch.from_numpy(arr)
 
@@ -76,13 +91,46 @@ def plan(ckpt, text_hidden: int, vocab_size: int, clamp: bool = False) -> Planne
     module.prepare(ckpt, spec)
     g = GraphBuilder("edgellm_visual")
     weights = WeightSource(ckpt, g, clamp=clamp)
+    weights.quant = _tower_quant(ckpt, module, spec)
     module.emit_graph(g, weights, spec)
     stray = sorted(n for n in ckpt.names() if n.startswith(module.PREFIXES) and n not in weights.used)
     if stray:
         shown = ", ".join(stray[:4]) + (f" and {len(stray) - 4} more" if len(stray) > 4 else "")
         raise ExportError(f"the vision tower has tensors this export does not read ({shown}); exporting without "
                           "them would compute something else", ckpt.path)
-    return PlannedVisual(module, spec, g, runtime_config)
+    return PlannedVisual(module, spec, g, runtime_config, weights.quant)
+
+
+TOWER_FORMATS = ("fp8", "nvfp4", "mxfp8")  # quant.plan's names of the formats a tower's linears may have
+
+
+def _tower_quant(ckpt, module, spec) -> dict:
+    """The tower's quantized linears from the checkpoint's quantization metadata (a ModelOpt tower quantized
+    with the language model, or left out through exclude_modules), checked against their tensors. FP8, NVFP4
+    and MXFP8 towers go through the language model's quantized linears; other formats, or a quantized tower
+    of a family without them, are refused."""
+    from ..quant.plan import FP16, parse_quant_plan, resolve
+
+    plan = parse_quant_plan(ckpt.path, ckpt.config)
+    if plan is None:
+        return {}
+    names = getattr(module, "linear_names", None)
+    if names is None:
+        quantized = sorted(n for n in ckpt.names() if n.startswith(module.PREFIXES)
+                           and (n.endswith(("_scale", "_scale_2", ".qweight"))
+                                or ckpt.ref(n).dtype in ("F8_E4M3", "U8", "I8")))
+        if quantized:
+            raise UnsupportedError(f"the vision tower is quantized ({quantized[0]}, ...); quantized towers of this "
+                                   f"family are not implemented (FP8, NVFP4, MXFP8 towers: Qwen VLs, Phi-4-MM). "
+                                   "Quantize the language model alone (exclude the tower)", plan.source)
+        return {}
+    decisions = resolve(plan, ckpt, names(spec))
+    bad = sorted({lq.algo or lq.format for lq in decisions.values() if lq.format not in (FP16, *TOWER_FORMATS)})
+    if bad:
+        raise UnsupportedError(f"the vision tower's linears are quantized as {', '.join(bad)}; towers take FP8, "
+                               "NVFP4 or MXFP8 (the runtime's visual builder has no INT4 / INT8 paths). Exclude the "
+                               "tower from quantization", plan.source)
+    return {name: lq for name, lq in decisions.items() if lq.format != FP16}
 
 
 def write_golden(out: Path, planned: PlannedVisual, data_path: Path) -> dict[str, np.ndarray]:
@@ -93,7 +141,7 @@ def write_golden(out: Path, planned: PlannedVisual, data_path: Path) -> dict[str
 
     inputs = planned.module.golden_inputs(planned.spec)
     with torch.no_grad():
-        want = planned.module.eager(inputs, WrittenWeights(planned.graph, data_path), planned.spec)
+        want = planned.module.eager(inputs, WrittenWeights(planned.graph, data_path, planned.quant), planned.spec)
     if not isinstance(want, dict):  # one output (most towers); Qwen3-VL's also has its deepstack features
         want = {planned.module.OUTPUT: want}
     expected = {f"expected_{name}": rows.numpy().astype(np.float32) for name, rows in want.items()}
@@ -150,7 +198,7 @@ def write_sidecars(out: Path, planned: PlannedVisual, ckpt, data_path: Path) -> 
     weights as written."""
     hook = getattr(planned.module, "write_sidecars", None)
     if hook is not None:
-        hook(out, planned.spec, ckpt, WrittenWeights(planned.graph, data_path))
+        hook(out, planned.spec, ckpt, WrittenWeights(planned.graph, data_path, planned.quant))
 
 
 

@@ -165,6 +165,14 @@ def prepare(ckpt, s: Phi4VisionSpec) -> None:
 
 
 # -- graph face ---------------------------------------------------------------------------------------
+def linear_names(s: Phi4VisionSpec) -> list[str]:
+    """The linears the features go through, for quantization metadata (visual._tower_quant)."""
+    layers = [f"{TOWER}encoder.layers.{i}.{m}" for i in range(s.layers)
+              for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1",
+                        "mlp.fc2")]
+    return layers + [UP, DOWN]
+
+
 def emit_graph(g: GraphBuilder, w, s: Phi4VisionSpec) -> None:
     """The tower into `g`, weights through `w` (models.weights.WeightSource)."""
     ops, n, i64 = GraphOps(g, w), g.node, g.i64

@@ -162,6 +162,13 @@ def golden_inputs(spec: QwenVisionSpec) -> dict[str, np.ndarray]:
 
 
 # -- graph face ---------------------------------------------------------------------------------------
+def linear_names(s: QwenVisionSpec) -> list[str]:
+    """The tower's linears (their names in the checkpoint), for quantization metadata (visual._tower_quant)."""
+    blocks = [f"{TOWER}blocks.{i}.{m}" for i in range(s.depth)
+              for m in ("attn.qkv", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    return blocks + [TOWER + "merger.mlp.0", TOWER + "merger.mlp.2"]
+
+
 def emit_graph(g: GraphBuilder, w, s: QwenVisionSpec) -> None:
     n, i64, ops = g.node, g.i64, GraphOps(g, w)
     h, d = s.hidden, s.head_dim

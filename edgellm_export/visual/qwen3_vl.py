@@ -146,6 +146,14 @@ def golden_inputs(spec: Qwen3VisionSpec) -> dict[str, np.ndarray]:
 
 
 # -- graph face ---------------------------------------------------------------------------------------
+def linear_names(s: Qwen3VisionSpec) -> list[str]:
+    """The tower's linears (their names in the checkpoint), for quantization metadata (visual._tower_quant)."""
+    blocks = [f"{TOWER}blocks.{i}.{m}" for i in range(s.depth)
+              for m in ("attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2")]
+    mergers = [TOWER + "merger"] + [f"{TOWER}deepstack_merger_list.{k}" for k in range(len(s.deepstack))]
+    return blocks + [f"{m}.{fc}" for m in mergers for fc in ("linear_fc1", "linear_fc2")]
+
+
 def emit_graph(g: GraphBuilder, w, s: Qwen3VisionSpec) -> None:
     n, i64, ops = g.node, g.i64, GraphOps(g, w)
     h, d, wide = s.hidden, s.head_dim, s.hidden * s.merge_unit

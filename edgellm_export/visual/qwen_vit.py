@@ -104,10 +104,12 @@ def frame_seqlens(grids) -> tuple[np.ndarray, np.ndarray]:
 
 # -- graph face pieces ---------------------------------------------------------------------------------
 class GraphOps:
-    """Graph-face building blocks over `g` and the weight source `w`."""
+    """Graph-face building blocks over `g` and the weight source `w`; `w.quant` (set by visual.plan): the
+    tower's quantized linears by name (FP8, NVFP4, MXFP8 as the language model's, quant/linear.py)."""
 
     def __init__(self, g: GraphBuilder, w):
         self.g, self.w, self.n = g, w, g.node
+        self.quant = getattr(w, "quant", None) or {}
 
     def fp32(self, y):
         return self.n("Cast", [y], {"to": FLOAT})
@@ -116,7 +118,13 @@ class GraphOps:
         return self.n("Cast", [y], {"to": FLOAT16})
 
     def linear(self, y, name, out_f, in_f):
-        out = self.n("MatMul", [y, self.w.linear_weight(name + ".weight", out_f, in_f)])
+        lq = self.quant.get(name)
+        if lq is not None:
+            from ..quant import linear as qlinear
+
+            out = qlinear.emit(qlinear.LinearContext(self.g, self.w, name, out_f, in_f, lq), y)
+        else:
+            out = self.n("MatMul", [y, self.w.linear_weight(name + ".weight", out_f, in_f)])
         return self.n("Add", [out, self.w.vector(name + ".bias", out_f)])
 
     def patch_embed(self, x, name, shape, bias: bool):
@@ -185,10 +193,11 @@ def _to_fp16(ref):
 class EagerOps:
     """The same pieces in torch over the graph's initializers `t` (fp16 tensors by name)."""
 
-    def __init__(self, t: dict):
+    def __init__(self, t: dict, quant: dict | None = None):
         import torch
 
         self.torch, self.t = torch, t
+        self.quant = quant if quant is not None else getattr(t, "quant", None) or {}
         self.op = vit_attention_plugin.register_torch_op()
 
     @staticmethod
@@ -199,6 +208,11 @@ class EagerOps:
         return self.t[name].float()
 
     def linear(self, y, name):
+        lq = self.quant.get(name)
+        if lq is not None:
+            from ..quant import linear as qlinear
+
+            return self.r16(self.r16(qlinear.eager(y, self.t, name, lq)) + self.f(name + ".bias"))
         return self.r16(self.r16(y @ self.f(name + ".weight.T")) + self.f(name + ".bias"))
 
     def patch_embed(self, x, name, bias: bool):
