@@ -541,9 +541,9 @@ COMPONENTS = ("llm", "visual", "audio")
 def exported_components(raw: dict) -> tuple[str, ...]:
     """What this version can write for the checkpoint: the language model, and its vision tower where the
     tower's family is implemented (visual.FAMILIES)."""
-    from .visual import exportable
+    from . import audio, visual
 
-    return ("llm", "visual") if exportable(raw) else ("llm",)
+    return ("llm", *(["visual"] if visual.exportable(raw) else []), *(["audio"] if audio.exportable(raw) else []))
 
 
 def multimodal_components(raw: dict) -> dict[str, str]:
@@ -586,11 +586,12 @@ def check_components(raw: dict, requested: tuple[str, ...] | None, path: Path) -
                           path)
     missing = [c for c in requested or () if c not in can]
     if missing:
-        from .visual import FAMILIES
+        from . import audio, visual
 
         raise UnsupportedError(f"--components {','.join(missing)}: exporting the {' and '.join(missing)} encoder of "
                                f"a {raw.get('model_type')!r} checkpoint is not implemented yet (vision towers: "
-                               f"{', '.join(sorted(FAMILIES))}; audio: none)", path)
+                               f"{', '.join(sorted(visual.FAMILIES))}; audio encoders: "
+                               f"{', '.join(sorted(audio.FAMILIES))})", path)
     if requested is not None:
         return tuple(c for c in COMPONENTS if c in requested)
     cannot = {c: key for c, key in present.items() if c not in can}

@@ -15,7 +15,8 @@ from edgellm_core.manifest import write_manifest
 from edgellm_core.onnx_graph.builder import GraphBuilder
 from edgellm_core.ops.schemas import ONNX_OPSET
 
-from . import __version__, interrupts
+from . import __version__, encoders, interrupts
+from . import audio as audio_mod
 from . import golden as golden_mod
 from . import visual as visual_mod
 from .checkpoint import open_checkpoint
@@ -142,17 +143,17 @@ def export_checkpoint(checkpoint: str | Path | CheckpointRef, out_dir: str | Pat
             capacity = contract.KV_CAPACITY if native else golden_mod.KV_CAPACITY
             scenarios = golden_mod.make_scenarios(cfg.vocab_size, native=native) if opts.golden else []
             digests = {}
-            if planned.visual is not None:  # first: the LLM's image scenario starts from the encoder's output
-                visual_digests, features = _write_visual(planned.visual, tmp / visual_mod.SUBDIR, ckpt, opts,
-                                                         report, contract)
-                digests.update(visual_digests)
+            for enc in planned.encoders:  # first: the LLM's image / audio scenario starts from the encoder's output
+                enc_digests, features = _write_encoder(enc, tmp / enc.component, ckpt, opts, report, contract)
+                digests.update(enc_digests)
                 if features is not None and not native:
-                    scenario = _image_scenario(cfg, planned.visual, embed_ref, features, tmp / visual_mod.SUBDIR)
+                    scenario = _encoder_scenario(cfg, enc, embed_ref, features, tmp / enc.component)
                     needed = len(scenario.steps[0].token_ids[0]) + golden_mod.DECODE_STEPS
                     capacity = max(capacity, -(-needed // 64) * 64)  # the whole bundle's: one engine replays it
-                    if scenario.image["positions"] is not None:
-                        scenario.rope = _image_rope(cfg, scenario.image["positions"], capacity)
                     scenarios.append(scenario)
+            for scenario in scenarios:  # MRoPE tables once the capacity is known
+                if scenario.image is not None and scenario.image.get("positions") is not None:
+                    scenario.rope = _image_rope(cfg, scenario.image["positions"], capacity)
             run = golden_mod.GoldenRun(cfg, family, embed_ref, scenarios, planned.quant, native=native,
                                        kv_capacity=capacity) if opts.golden else None
             report("writing embedding.safetensors")
@@ -178,10 +179,11 @@ def export_checkpoint(checkpoint: str | Path | CheckpointRef, out_dir: str | Pat
     return ExportResult(Path(out_dir), files, time.perf_counter() - t0, _cpu_seconds() - cpu0)
 
 
-def _write_visual(planned: visual_mod.PlannedVisual, out: Path, ckpt, opts: ExportOptions, report,
-                  contract) -> tuple[dict, dict | None]:
-    """OUT/visual/: graph, weights, config.json, the preprocessor's config and the golden inputs; returns the
-    digests the writer computed (path -> sha256) for the manifest, and the golden outputs (None without)."""
+def _write_encoder(planned: encoders.PlannedEncoder, out: Path, ckpt, opts: ExportOptions, report,
+                   contract) -> tuple[dict, dict | None]:
+    """OUT/<component>/: graph, weights, config.json, the preprocessor's config, sidecars and the golden inputs;
+    returns the digests the writer computed (path -> sha256) for the manifest, and the golden outputs (None
+    without)."""
     g = planned.graph
     data_size = g.layout_weights()
     domains = sorted({node.domain for node in g.nodes if node.domain})  # ViTAttentionPlugin's, quantized linears'
@@ -190,7 +192,7 @@ def _write_visual(planned: visual_mod.PlannedVisual, out: Path, ckpt, opts: Expo
     out.mkdir()
     (out / contract.GRAPH_FILE).write_bytes(model.SerializeToString())
     _write_json(out / "config.json", planned.runtime_config)
-    visual_mod.copy_preprocessor(ckpt.path, out)
+    encoders.copy_preprocessor(ckpt.path, planned.preprocessor, out)
     writer = StreamWriter()
     try:
         _write_weights(g, writer, out / contract.DATA_FILE, data_size, None, report)
@@ -199,24 +201,29 @@ def _write_visual(planned: visual_mod.PlannedVisual, out: Path, ckpt, opts: Expo
             writer.finish()
         raise
     writer.finish()
-    visual_mod.write_sidecars(out, planned, ckpt, out / contract.DATA_FILE)
-    features = visual_mod.write_golden(out, planned, out / contract.DATA_FILE) if opts.golden else None
+    encoders.write_sidecars(out, planned, ckpt, out / contract.DATA_FILE)
+    features = encoders.write_golden(out, planned, out / contract.DATA_FILE) if opts.golden else None
     return writer.digests, features
 
 
-def _image_scenario(cfg: ModelConfig, planned: visual_mod.PlannedVisual, embed_ref, outputs: dict, out_dir: Path):
-    """The golden bundle's image scenario: the visual golden's first image in a prompt (config.json's token ids),
-    MRoPE positions where the language model has them (the table is made once the capacity is known)."""
+def _encoder_scenario(cfg: ModelConfig, planned: encoders.PlannedEncoder, embed_ref, outputs: dict, out_dir: Path):
+    """The golden bundle's image or audio scenario: the encoder golden's first image (or its clip) in a prompt
+    (config.json's token ids), MRoPE positions where the language model has them (the table is made once the
+    capacity is known)."""
     from edgellm_core.multimodal import qwen_positions
 
     layout = planned.module.golden_image(planned.spec)
-    image_token = planned.runtime_config["image_token_id"]
-    extra = {k: planned.runtime_config[k] for k in ("vision_start_token_id", "vision_end_token_id")
-             if isinstance(planned.runtime_config.get(k), int)}
+    rc = planned.runtime_config
+    token = rc["audio_token_id" if planned.component == "audio" else "image_token_id"]
+    ends = ("audio_start_token_id", "audio_end_token_id") if planned.component == "audio" else (
+        "vision_start_token_id", "vision_end_token_id")
+    extra = {k: rc[k] for k in ends if isinstance(rc.get(k), int)}
     mrope = "mrope_section" in cfg.rope.params
 
     def positions(prompt):
-        return qwen_positions(prompt, layout["grids"], image_token, layout["merge"]) if mrope else None
+        if not mrope:
+            return None
+        return qwen_positions(prompt, layout["grids"] or [], token, layout["merge"] or 1)
 
     table = embed_ref.view()
 
@@ -226,12 +233,13 @@ def _image_scenario(cfg: ModelConfig, planned: visual_mod.PlannedVisual, embed_r
         return table[torch.as_tensor(ids)].float().half().numpy()
 
     deepstack = {f"deepstack_features_{k}": outputs[f"deepstack_features_{k}"]
-                 for k in range(cfg.num_deepstack_features)}
-    features, assemble = outputs["output"], layout.get("assemble")
+                 for k in range(cfg.num_deepstack_features)} if planned.component == "visual" else {}
+    features, assemble = outputs[planned.module.OUTPUT], layout.get("assemble")
     if assemble is not None:  # Phi-4-MM: the crops' rows laid out with separators, as the runtime does
         features = visual_mod.assemble(assemble, features, out_dir)
-    return golden_mod.image_scenario(cfg, lookup, features, layout["counts"], image_token, extra, positions,
-                                     deepstack, assemble=assemble)
+    return golden_mod.image_scenario(cfg, lookup, features, layout["counts"], token, extra, positions, deepstack,
+                                     assemble=assemble, component=planned.component,
+                                     output=planned.module.OUTPUT, start=extra.get(ends[0]), end=extra.get(ends[1]))
 
 
 def _image_rope(cfg: ModelConfig, positions, capacity: int):
@@ -259,7 +267,7 @@ class PlannedExport:
     embed_ref: TensorRef
     runtime_config: dict
     quant: QuantDecisions = field(default_factory=QuantDecisions)
-    visual: visual_mod.PlannedVisual | None = None  # OUT/visual/, when the checkpoint's tower is exported
+    encoders: list[encoders.PlannedEncoder] = field(default_factory=list)  # OUT/visual/, OUT/audio/
 
 
 def plan_export(ckpt, contract, opts: ExportOptions) -> PlannedExport:
@@ -296,9 +304,11 @@ def plan_export(ckpt, contract, opts: ExportOptions) -> PlannedExport:
     family.emit_graph(g, weights, cfg, contract, has_lm_head, quant)
     _refuse_unread_tensors(ckpt, family.linear_names(cfg, has_lm_head), weights.used, quant)
     embed_ref = weights.ref("embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
-    planned_visual = (visual_mod.plan(ckpt, cfg.hidden_size, cfg.vocab_size, opts.clamp_fp16)
-                      if "visual" in components else None)
-    return PlannedExport(cfg, family, g, embed_ref, runtime_cfg, quant, planned_visual)
+    planned_encoders = [mod.plan(ckpt, cfg.hidden_size, cfg.vocab_size, opts.clamp_fp16)
+                        for name, mod in (("visual", visual_mod), ("audio", audio_mod)) if name in components]
+    if "audio" in components or ckpt.config.get("model_type") in audio_mod.FAMILIES:
+        runtime_cfg.update(audio_mod.llm_config_fields(ckpt.config, ckpt.path))
+    return PlannedExport(cfg, family, g, embed_ref, runtime_cfg, quant, planned_encoders)
 
 
 def _refuse_unmerged_lora(ckpt) -> None:

@@ -62,15 +62,17 @@ class Scenario:
 
 def image_scenario(cfg: ModelConfig, lookup, features: np.ndarray, counts, image_token_id: int, extra_ids,
                    positions_fn, deepstack: dict[str, np.ndarray] | None = None, seed: int = 20261202,
-                   assemble: dict | None = None) -> Scenario:
-    """Text, then one image per entry of `counts` (its rows of `features`, in order, between the checkpoint's
-    vision start / end tokens when it has them), text; prefill, then DECODE_STEPS teacher-forced steps. Two
-    copies of that request in one batch: the golden pass runs every scenario at the text scenarios' batch of 2.
-    `lookup(ids)` gives the token embeddings `[S, H]` fp16, `positions_fn(prompt)` MRoPE positions `[3, S]`
+                   assemble: dict | None = None, component: str = "visual", output: str = "output",
+                   start: int | None = None, end: int | None = None) -> Scenario:
+    """Text, then one image (or audio clip) per entry of `counts` (its rows of `features`, in order, between the
+    checkpoint's `start` / `end` tokens when it has them), text; prefill, then DECODE_STEPS teacher-forced steps.
+    Two copies of that request in one batch: the golden pass runs every scenario at the text scenarios' batch of
+    2. `lookup(ids)` gives the token embeddings `[S, H]` fp16, `positions_fn(prompt)` MRoPE positions `[3, S]`
     (None: plain RoPE). The MRoPE table (`rope`) is the caller's to set, once the bundle's capacity is known.
     `deepstack` (Qwen3-VL): the encoder's deepstack outputs by name, scattered at the image tokens (zeros
     elsewhere) into the prefill's deepstack_embeds_i, in the dict's order (the index i). `assemble` (Phi-4-MM):
-    how the validation side lays the encoder's rows out before scattering them (`features` are already laid out)."""
+    how the validation side lays the encoder's rows out before scattering them (`features` are already laid out).
+    `component` / `output`: the encoder and its output the validation side scatters (audio: an audio scenario)."""
     from edgellm_core.multimodal import scatter_features
 
     rng = np.random.default_rng(seed)
@@ -78,9 +80,9 @@ def image_scenario(cfg: ModelConfig, lookup, features: np.ndarray, counts, image
     text = [int(t) for t in rng.integers(0, cfg.vocab_size, 64) if int(t) not in special]
     prompt = text[:3]
     for n in counts:
-        prompt += [extra_ids["vision_start_token_id"]] if "vision_start_token_id" in extra_ids else []
+        prompt += [start] if start is not None else []
         prompt += [image_token_id] * n
-        prompt += [extra_ids["vision_end_token_id"]] if "vision_end_token_id" in extra_ids else []
+        prompt += [end] if end is not None else []
     prompt += text[3:5]
     forced = text[5:5 + DECODE_STEPS]
     rows = sum(counts)
@@ -93,7 +95,8 @@ def image_scenario(cfg: ModelConfig, lookup, features: np.ndarray, counts, image
     for k, tok in enumerate(forced):
         steps.append(Step("decode", np.asarray([[tok]] * 2, np.int64), np.asarray([n + k + 1] * 2, np.int32),
                           np.asarray([n + k] * 2, np.int32), np.zeros((2, 1), np.int64)))
-    image = {"component": "visual", "output": "output", "rows": [0, rows], "image_token_id": image_token_id,
+    kind = "audio" if component == "audio" else "image"
+    image = {"component": component, "output": output, "rows": [0, rows], f"{kind}_token_id": image_token_id,
              "positions": None if positions is None else positions.tolist()}
     if assemble is not None:
         image["assemble"] = assemble
@@ -103,7 +106,7 @@ def image_scenario(cfg: ModelConfig, lookup, features: np.ndarray, counts, image
         stacked = [np.concatenate([scatter_features(zeros, prompt, image_token_id, rows_[:rows])] * 2)
                    for rows_ in deepstack.values()]
         image["deepstack"] = list(deepstack)
-    return Scenario("image_prefill_decode", steps, embeds, None, image, stacked)
+    return Scenario(f"{kind}_prefill_decode", steps, embeds, None, image, stacked)
 
 
 def _padded(seqs: list[list[int]]) -> np.ndarray:
@@ -285,7 +288,8 @@ def write_bundle(out_dir: Path, scenarios: list[Scenario], *, precision: str, kv
                 "last_token_ids": st.last_token_ids.tolist(),
                 "logits": key,
             })
-        meta["scenarios"].append({"name": sc.name, "steps": steps, **({"image": sc.image} if sc.image else {})})
+        media = {} if not sc.image else {"audio" if sc.image["component"] == "audio" else "image": sc.image}
+        meta["scenarios"].append({"name": sc.name, "steps": steps, **media})
     (d / BUNDLE_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     save_file(arrays, str(d / LOGITS_FILE))
     (d / LOGITS_FILE).chmod(0o644)  # save_file creates it private; the bundle ships to devices

@@ -195,7 +195,8 @@ def drive(llm_dir: Path, backend, scenarios: list[dict], capacity: int, componen
     twin = Twin(llm_dir, backend, capacity)
     for sc in scenarios:
         state = twin.new_state(len(sc["steps"][0]["context_lengths"]))
-        embeds, rope, deepstack = _image_inputs(twin, sc, components) if sc.get("image") else (None, None, None)
+        media = sc.get("image") or sc.get("audio")
+        embeds, rope, deepstack = _image_inputs(twin, sc, media, components) if media else (None, None, None)
         for k, st in enumerate(sc["steps"]):
             logits, state = twin.step(state, st["token_ids"], st["context_lengths"], st["kvcache_start_index"],
                                       st["last_token_ids"], deepstack if k == 0 else None,
@@ -203,14 +204,15 @@ def drive(llm_dir: Path, backend, scenarios: list[dict], capacity: int, componen
             yield sc["name"], k, st, logits
 
 
-def _image_inputs(twin: Twin, sc: dict, components: dict | None):
-    """An image scenario's prefill embeddings (the encoder's rows, as run here, in the image tokens), its
-    per-sequence rope table (MRoPE from the bundle's positions and the config's rope, else the plain one) and,
-    for Qwen3-VL, the prefill's deepstack_embeds_i (the encoder's deepstack outputs at the image tokens)."""
+def _image_inputs(twin: Twin, sc: dict, image: dict, components: dict | None):
+    """An image (or audio) scenario's prefill embeddings (the encoder's rows, as run here, in the image or audio
+    tokens), its per-sequence rope table (MRoPE from the bundle's positions and the config's rope, else the plain
+    one) and, for Qwen3-VL, the prefill's deepstack_embeds_i (the encoder's deepstack outputs at the image
+    tokens)."""
     from edgellm_core.errors import ExportError
     from edgellm_core.multimodal import assemble, mrope_table, scatter_features
 
-    image = sc["image"]
+    token = image.get("image_token_id", image.get("audio_token_id"))
     rows = (components or {}).get(image["component"], {}).get(image["output"])
     if rows is None:
         raise ExportError(f"golden scenario {sc['name']} needs the {image['component']} component's "
@@ -218,15 +220,18 @@ def _image_inputs(twin: Twin, sc: dict, components: dict | None):
     ids = np.asarray(sc["steps"][0]["token_ids"], np.int64)  # every row one request with the image
     if image.get("assemble"):  # Phi-4-MM: crops laid out with the sidecar's separators first
         how = image["assemble"]
+        if Path(how["sidecar"]).name != how["sidecar"]:
+            raise ExportError(f"golden scenario {sc['name']} names sidecar {how['sidecar']!r}, not a file name of "
+                              "the encoder's directory", twin.llm_dir)
         rows = assemble(how, rows, read_safetensors(twin.llm_dir.parent / image["component"] / how["sidecar"]))
     lo, hi = image["rows"]
-    embeds = np.concatenate([scatter_features(twin.embedding.lookup(row[None]), row, image["image_token_id"],
+    embeds = np.concatenate([scatter_features(twin.embedding.lookup(row[None]), row, token,
                                               np.asarray(rows)[lo:hi]) for row in ids])
     deepstack = None
     if image.get("deepstack"):
         outs = components[image["component"]]
         zeros = np.zeros((1, ids.shape[1], embeds.shape[-1]), np.float16)
-        deepstack = [np.concatenate([scatter_features(zeros, row, image["image_token_id"],
+        deepstack = [np.concatenate([scatter_features(zeros, row, token,
                                                       np.asarray(outs[name])[lo:hi]) for row in ids])
                      for name in image["deepstack"]]
     if image.get("positions") is None:

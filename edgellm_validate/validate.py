@@ -11,11 +11,11 @@ from edgellm_core.manifest import verify_manifest
 from edgellm_core.runtime_limits import runtime_limits
 
 from .compare import step_metrics, verdict
+from .encoders import MIN_COSINE as ENCODER_MIN_COSINE
+from .encoders import encoder_dirs, validate_encoder
 from .export_dir import find_llm_dir
 from .runtime_rules import RuntimeRefusal
 from .twin import BUNDLE, load_bundle, run_twin
-from .visual import MIN_COSINE as VISUAL_MIN_COSINE
-from .visual import validate_visual, visual_dir
 
 RESULT_FILE = "validation.json"
 
@@ -42,14 +42,14 @@ def validate_export(out_dir: str | Path, *, backend: str = "cpu", result_path: P
         except ImportError as e:  # e.g. onnxruntime missing on a device image
             raise EnvironmentProblem(f"the CPU backend needs onnxruntime, which cannot be imported ({e}); "
                                      "install it with `pip install onnxruntime`") from None
-    vdir = visual_dir(llm.parent)
-    visual, outputs = None, {}
+    encoders, outputs = {}, {}
     try:
-        if vdir is not None:  # the vision encoder on its golden inputs first (visual.py), on the LLM's device:
-            options = {**(backend_options or {}), "device": getattr(be, "device", None),  # its outputs feed the
-                       "engine_dir": getattr(be, "engine_dir", None)}                      # image scenario
-            visual = validate_visual(vdir, backend, options, keep=outputs)
-        run = run_twin(llm, be, {"visual": outputs})
+        for component, edir in encoder_dirs(llm.parent).items():  # the encoders on their golden inputs first
+            options = {**(backend_options or {}), "device": getattr(be, "device", None),  # (encoders.py), on the
+                       "engine_dir": getattr(be, "engine_dir", None)}  # LLM's device: their outputs feed the
+            outputs[component] = {}                                     # image / audio scenarios
+            encoders[component] = validate_encoder(component, edir, backend, options, keep=outputs[component])
+        run = run_twin(llm, be, outputs)
     except RuntimeRefusal as e:
         result = {"passed": False, "failures": [f"the runtime would refuse this export: {e}"], "steps": []}
     else:
@@ -59,12 +59,13 @@ def validate_export(out_dir: str | Path, *, backend: str = "cpu", result_path: P
         be.close()
     result.update({"backend": be.name, "export": str(llm), "manifest_verified": verify,
                    "seconds": round(time.perf_counter() - t0, 3)})
-    if visual is not None:
-        result["components"] = {"visual": visual}
-        if not visual["passed"]:
+    if encoders:
+        result["components"] = encoders
+    for component, enc in encoders.items():
+        if not enc["passed"]:
             result["passed"] = False
             result.setdefault("failures", []).append(
-                f"visual: the encoder's output differs from its golden (cosine below {VISUAL_MIN_COSINE})")
+                f"{component}: the encoder's output differs from its golden (cosine below {ENCODER_MIN_COSINE})")
     limits = runtime_limits(json.loads((llm / "config.json").read_text()))
     if limits:  # not failures: what the runtime does regardless of the export (core/runtime_limits.py)
         result["runtime_limits"] = limits

@@ -36,7 +36,7 @@ RECEIVERS = {
     "backend.py": {"self.trt": MODULE},
 }
 # Files with no TensorRT object at all (cuda_device.py's `self.context` is a pycuda context).
-NO_TRT = {"__init__.py", "cuda_device.py", "profiles.py", "visual_profiles.py"}
+NO_TRT = {"__init__.py", "cuda_device.py", "profiles.py", "visual_profiles.py", "audio_profiles.py"}
 # Calls the AST cannot see: plugin.missing_creators calls get_creator / get_plugin_creator as `g(*w)` with
 # (op_type, version, namespace); trt_api's logger overrides ILogger.log(severity, msg).
 DYNAMIC_CALLS = [("IPluginRegistry", "get_creator", 3, set()), ("IPluginRegistry", "get_plugin_creator", 3, set())]

@@ -270,17 +270,31 @@ def build_engine(export_dir: str | os.PathLike, engine_dir: str | os.PathLike, o
 
 
 VISUAL_ENGINE_FILE = "visual.engine"
+ENGINE_FILES = {"visual": VISUAL_ENGINE_FILE, "audio": "audio_encoder.engine"}  # visual_build's, audio_build's
+# what visual_build / audio_build copy next to the engine (the runners read them from the engine directory)
+ENGINE_SIDECARS = ("preprocessor_config.json", "phi4mm_gn_proj.safetensors")
 
 
 def build_visual_engine(visual_dir: str | os.PathLike, engine_dir: str | os.PathLike, limits=None, *,
                         plugin_path: str | None = None, trt=None) -> dict:
-    """visual_build's engine for `OUT/visual/`: its one optimization profile (visual_profiles.py), the Edge-LLM
-    plugin library only when the graph has a plugin node (the Qwen towers' ViTAttentionPlugin); writes
-    `engine_dir/visual.engine` and the export's config.json with `builder_config` (the limits), as visual_build
-    does, and the preprocessor's config. Returns {engine, profile, tensorrt_version, plugin}."""
+    return build_encoder_engine("visual", visual_dir, engine_dir, limits, plugin_path=plugin_path, trt=trt)
+
+
+def build_encoder_engine(component: str, visual_dir: str | os.PathLike, engine_dir: str | os.PathLike, limits=None,
+                         *, plugin_path: str | None = None, trt=None) -> dict:
+    """visual_build's (or audio_build's) engine for `OUT/visual/` (`OUT/audio/`): its one optimization profile
+    (visual_profiles.py, audio_profiles.py), the Edge-LLM plugin library only when the graph has a plugin node
+    (the Qwen towers' ViTAttentionPlugin); writes `engine_dir/visual.engine` (`audio_encoder.engine`) and the
+    export's config.json with `builder_config` (the limits), as the builders do, and the sidecars the runners
+    read from there. Returns {engine, profile, tensorrt_version, plugin}."""
     import onnx
 
-    from .visual_profiles import default_limits, visual_profile
+    if component == "audio":
+        from .audio_profiles import audio_profile as make_profile
+        from .audio_profiles import default_limits
+    else:
+        from .visual_profiles import default_limits
+        from .visual_profiles import visual_profile as make_profile
 
     visual_dir, engine_dir = Path(visual_dir), Path(engine_dir)
     config_path = visual_dir / "config.json"
@@ -291,7 +305,7 @@ def build_visual_engine(visual_dir: str | os.PathLike, engine_dir: str | os.Path
     limits = limits or default_limits(config)
     model = onnx.load(str(visual_dir / "model.onnx"), load_external_data=False)
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
-    profiles = {"visual": visual_profile(config, dims, limits, where=config_path)}
+    profiles = {component: make_profile(config, dims, limits, where=config_path)}
     check_inputs_covered(profiles, list(dims))
     wanted = required_plugins(model)
     del model
@@ -309,22 +323,24 @@ def build_visual_engine(visual_dir: str | os.PathLike, engine_dir: str | os.Path
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(visual_dir / "model.onnx")):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)] or SINK.errors(mark)
-        raise EngineBuildFailed("TensorRT's ONNX parser rejected the visual graph: " + " | ".join(errors[:5]),
+        raise EngineBuildFailed(f"TensorRT's ONNX parser rejected the {component} graph: " + " | ".join(errors[:5]),
                                 visual_dir / "model.onnx")
     bconfig, _ = _builder_config(trt, builder, profiles, BuildOptions(), version)
     plan = builder.build_serialized_network(network, bconfig)
     if plan is None:
         errors = SINK.errors(mark)[-5:] or ["no error was logged"]
-        raise EngineBuildFailed("TensorRT could not build the visual engine: " + " | ".join(errors), visual_dir)
+        raise EngineBuildFailed(f"TensorRT could not build the {component} engine: " + " | ".join(errors), visual_dir)
     blob = memoryview(plan).cast("B")
     del parser, network, builder, bconfig
     engine_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(engine_dir / VISUAL_ENGINE_FILE, blob)
+    engine_file = engine_dir / ENGINE_FILES[component]
+    _write_atomic(engine_file, blob)
     blob.release()
     del plan
     _write_atomic(engine_dir / "config.json",
                   (json.dumps({**config, "builder_config": limits.as_dict()}, indent=2) + "\n").encode())
-    if (visual_dir / "preprocessor_config.json").is_file():
-        _copy_sidecar(visual_dir / "preprocessor_config.json", engine_dir / "preprocessor_config.json")
-    return {"engine": str(engine_dir / VISUAL_ENGINE_FILE), "profile": profiles_to_json(profiles),
+    for name in ENGINE_SIDECARS:
+        if (visual_dir / name).is_file():
+            _copy_sidecar(visual_dir / name, engine_dir / name)
+    return {"engine": str(engine_file), "profile": profiles_to_json(profiles),
             "tensorrt_version": version, "plugin": plugin_info}

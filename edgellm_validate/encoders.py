@@ -1,9 +1,10 @@
-"""Validating `OUT/visual/`: the vision encoder's graph on the golden tiles against the exporter's eager face.
+"""Validating the encoder components (`OUT/visual/`, `OUT/audio/`): each graph on its golden inputs against the
+exporter's eager face.
 
-The bundle (`visual/golden/bundle.json`) names the graph inputs and outputs and the tensors holding them
-(`visual/golden/tensors.safetensors`). The CPU backend runs the graph through onnxruntime as exported; the
-TensorRT backend builds the engine visual_build would (trt/build.py build_visual_engine: one profile, the
-plugin library when the graph has a plugin node) and runs it. Every output row (one image token) must reach
+The bundle (`<component>/golden/bundle.json`) names the graph inputs and outputs and the tensors holding them
+(`<component>/golden/tensors.safetensors`). The CPU backend runs the graph through onnxruntime as exported; the
+TensorRT backend builds the engine visual_build / audio_build would (trt/build.py: one profile, the plugin
+library when the graph has a plugin node) and runs it. Every output row (one image or audio token) must reach
 MIN_COSINE against the expected row.
 """
 
@@ -14,22 +15,23 @@ from pathlib import Path
 
 import numpy as np
 
-SUBDIR = "visual"
+COMPONENTS = ("visual", "audio")  # OUT/ subdirectories, in the order they run (before the language model)
 BUNDLE = Path("golden") / "bundle.json"
 TENSORS = Path("golden") / "tensors.safetensors"
-MIN_COSINE = 0.999  # an fp16 tower against its fp32-computed, fp16-stored reference
+MIN_COSINE = 0.999  # an fp16 encoder against its fp32-computed, fp16-stored reference
 
 
-def visual_dir(out_dir: Path) -> Path | None:
-    """OUT/visual when the export has a vision encoder with its golden bundle."""
-    d = Path(out_dir) / SUBDIR
-    return d if (d / BUNDLE).is_file() else None
+def encoder_dirs(out_dir: Path) -> dict[str, Path]:
+    """{component: OUT/<component>} for every encoder the export has with its golden bundle."""
+    return {c: Path(out_dir) / c for c in COMPONENTS if (Path(out_dir) / c / BUNDLE).is_file()}
 
 
-def validate_visual(vdir: Path, backend: str, options: dict | None = None, keep: dict | None = None) -> dict:
+def validate_encoder(component: str, vdir: Path, backend: str, options: dict | None = None,
+                     keep: dict | None = None) -> dict:
     """{passed, validated, outputs: {name: {passed, tokens, worst_cosine, max_abs_diff}}}. `options` (TensorRT):
-    engine_dir (the LLM's; the visual engine goes to its `visual/`), plugin_path, trt, device, visual_limits.
-    `keep` receives the outputs themselves (the LLM's image scenario scatters them into its prompt)."""
+    engine_dir (the LLM's; the encoder's engine goes to its `<component>/`), plugin_path, trt, device,
+    visual_limits / audio_limits. `keep` receives the outputs themselves (the LLM's image or audio scenario
+    scatters them into its prompt)."""
     from .runtime_rules import read_safetensors
 
     meta = json.loads((vdir / BUNDLE).read_text())
@@ -37,7 +39,7 @@ def validate_visual(vdir: Path, backend: str, options: dict | None = None, keep:
     feeds = {name: np.asarray(tensors[key]) for name, key in meta["inputs"].items()}
     result: dict = {"validated": True, "outputs": {}}
     if backend == "trt":
-        got, result["engine"] = _run_on_tensorrt(vdir, feeds, options or {})
+        got, result["engine"] = _run_on_tensorrt(component, vdir, feeds, options or {})
     else:
         from .cpu_backend import CpuBackend
 
@@ -64,21 +66,21 @@ def validate_visual(vdir: Path, backend: str, options: dict | None = None, keep:
     return result
 
 
-def _run_on_tensorrt(vdir: Path, feeds: dict, options: dict) -> tuple[dict, dict]:
-    """Build (trt/build.py) and run the visual engine once on `feeds`; returns (outputs, build record)."""
+def _run_on_tensorrt(component: str, vdir: Path, feeds: dict, options: dict) -> tuple[dict, dict]:
+    """Build (trt/build.py) and run the encoder's engine once on `feeds`; returns (outputs, build record)."""
     import tempfile
 
-    from .trt.build import build_visual_engine
+    from .trt.build import build_encoder_engine
     from .trt.runner import TrtRunner
 
     engine_root = options.get("engine_dir")
-    scratch = None if engine_root else tempfile.TemporaryDirectory(prefix="edgellm-visual-engine-")
-    engine_dir = Path(engine_root) / SUBDIR if engine_root else Path(scratch.name)
+    scratch = None if engine_root else tempfile.TemporaryDirectory(prefix=f"edgellm-{component}-engine-")
+    engine_dir = Path(engine_root) / component if engine_root else Path(scratch.name)
     device = options.get("device")
     own = device is None
     try:
-        record = build_visual_engine(vdir, engine_dir, options.get("visual_limits"),
-                                     plugin_path=options.get("plugin_path"), trt=options.get("trt"))
+        record = build_encoder_engine(component, vdir, engine_dir, options.get(f"{component}_limits"),
+                                      plugin_path=options.get("plugin_path"), trt=options.get("trt"))
         if own:
             from .trt.cuda_device import PycudaDevice
 

@@ -1,0 +1,151 @@
+"""Qwen3-ASR exported whole: `OUT/llm/` and `OUT/audio/` from one `edgellm export`, validated end to end.
+
+The golden bundle's audio scenario (a synthetic clip's mel features through the runtime's chunking, the audio
+encoder's rows scattered at the audio tokens between the start / end tokens) is checked against transformers'
+Qwen3ASRForConditionalGeneration forward on the same features; `edgellm validate` replays it from the exported
+encoder's own output. Tiny random model saved in bf16, transformers' layout.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+from test_qwen3_asr_audio import IDS, TINY, USER_ID, _signal
+
+from edgellm_export.audio import qwen3_asr as asr
+from edgellm_export.cli import main
+from edgellm_validate.trt import audio_profiles
+from edgellm_validate.validate import validate_export
+
+HIDDEN = 128
+
+
+def make_asr(path, seed: int = 0):
+    import torch
+    from transformers import Qwen3ASRConfig, Qwen3ASRForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = Qwen3ASRConfig(
+        audio_config={**{k: v for k, v in TINY.items() if k != "initializer_range"}, "output_dim": HIDDEN},
+        text_config={"hidden_size": HIDDEN, "intermediate_size": 256, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 64, "vocab_size": 600,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}},
+        audio_token_id=IDS["audio_token_id"], initializer_range=0.05)
+    model = Qwen3ASRForConditionalGeneration(cfg).eval()
+    _signal(model.model.audio_tower)
+    _signal(model.model.multi_modal_projector)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4.0)
+    model.to(torch.bfloat16).save_pretrained(path)
+    decoder = {str(IDS[k]): {"content": name, "special": True} for k, name in asr._TOKEN_NAMES.items()}
+    (path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": decoder}))
+    (path / "vocab.json").write_text(json.dumps({"user": USER_ID, "hello": 5}))
+    (path / "preprocessor_config.json").write_text(json.dumps({
+        "feature_extractor_type": "WhisperFeatureExtractor", "feature_size": 128, "sampling_rate": 16000,
+        "hop_length": 160, "n_fft": 400}))
+    return path, model.float()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen3_asr_export")
+    ckpt, model = make_asr(root / "ckpt")
+    assert main(["-q", "export", str(ckpt), str(root / "out")]) == 0  # llm and audio, by default
+    return ckpt, model, root / "out"
+
+
+def row_cosines(a, b):
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def test_layout_and_configs(exported):
+    _, _, out = exported
+    files = set(json.loads((out / "manifest.json").read_text())["files"])
+    assert {"llm/model.onnx", "audio/model.onnx", "audio/model.onnx.data", "audio/config.json",
+            "audio/preprocessor_config.json", "audio/golden/tensors.safetensors"} <= files
+    cfg = json.loads((out / "audio" / "config.json").read_text())
+    assert cfg["model_type"] == "qwen3_asr_thinker" and cfg["audio_config"]["n_window"] == 50
+    assert cfg["audio_token_id"] == IDS["audio_token_id"] and cfg["audio_start_token_id"] == IDS["audio_start_token_id"]
+    llm = json.loads((out / "llm" / "config.json").read_text())
+    assert llm["audio_token_id"] == IDS["audio_token_id"] and llm["user_token_id"] == USER_ID
+    assert llm["model"] == "qwen3asrthinker"
+    # audio_build's profile covers the golden clip
+    dims = {"padded_feature": [None, 128, 100]}
+    golden = load_file(str(out / "audio" / "golden" / "tensors.safetensors"))
+    prof = audio_profiles.audio_profile(cfg, dims)
+    assert prof["padded_feature"].min[0] <= golden["padded_feature"].shape[0] <= prof["padded_feature"].max[0]
+    t = golden["padded_mask_after_cnn_indices"].shape[0]
+    assert prof["attention_mask"].min[0] <= t <= prof["attention_mask"].max[0]
+    assert prof["padded_feature"] == ((1, 128, 100), (30, 128, 100), (60, 128, 100))
+    assert prof["attention_mask"].opt == (390, 390)
+
+
+def test_audio_scenario_matches_transformers_and_validates(exported, record_property):
+    import torch
+
+    _, model, out = exported
+    meta = json.loads((out / "llm" / "golden" / "bundle.json").read_text())
+    (sc,) = [s for s in meta["scenarios"] if s["name"] == "audio_prefill_decode"]
+    expected = load_file(str(out / "llm" / "golden" / "logits.safetensors"))
+    prompt = sc["steps"][0]["token_ids"][0]
+    spec_t = len(load_file(str(out / "audio" / "golden" / "tensors.safetensors"))["padded_mask_after_cnn_indices"])
+    assert prompt.count(IDS["audio_token_id"]) == spec_t == sc["audio"]["rows"][1]
+    start = prompt.index(IDS["audio_start_token_id"])
+    assert prompt[start + 1 + spec_t] == IDS["audio_end_token_id"]
+    ckpt_cfg = json.loads((out / "audio" / "config.json").read_text())
+    spec = asr.parse({"model_type": "qwen3_asr", "audio_config": ckpt_cfg["audio_config"]}, HIDDEN, out)
+    mel = asr.mel_features(asr.golden_wave(spec), spec.mel_bins)
+    ids = torch.tensor([prompt + [st["token_ids"][0][0] for st in sc["steps"][1:]]])
+    frames = mel.shape[1]  # the processor pads to whole chunks and masks the padding
+    padded = np.zeros((spec.mel_bins, -(-frames // spec.chunk) * spec.chunk), np.float32)
+    padded[:, :frames] = mel.astype(np.float16)
+    mask = torch.zeros((1, padded.shape[1]), dtype=torch.long)
+    mask[0, :frames] = 1
+    with torch.no_grad():
+        logits = model(input_ids=ids, input_features=torch.from_numpy(padded)[None],
+                       input_features_mask=mask).logits[0].numpy()
+    want = [logits[len(prompt) - 1 + k] for k in range(len(sc["steps"]))]
+    got = [expected[st["logits"]][0] for st in sc["steps"]]
+    cos = [float(row_cosines(g[None], w[None])[0]) for g, w in zip(got, want)]
+    record_property("golden_audio_cosine_vs_hf", min(cos))
+    assert min(cos) >= 0.999, cos
+    assert [int(g.argmax()) for g in got] == [int(w.argmax()) for w in want]
+    res = validate_export(out, result_path=out.parent / "v.json")
+    assert res["passed"], res["failures"]
+    assert res["components"]["audio"]["outputs"]["last_hidden_state"]["worst_cosine"] >= 0.999
+    steps = [s for s in res["steps"] if s["scenario"] == "audio_prefill_decode"]
+    assert len(steps) == len(sc["steps"]) and min(s["min_cosine"] for s in steps) >= 0.999
+
+
+def test_a_wrong_audio_encoder_fails_validation(exported, tmp_path):
+    import shutil
+
+    _, _, out = exported
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    data = bad / "audio" / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[-1] ^= 0x40
+    data.write_bytes(bytes(raw))
+    res = validate_export(bad, result_path=tmp_path / "v.json", verify=False)
+    assert not res["passed"] and any(f.startswith("audio:") for f in res["failures"])
+
+
+def test_components_and_bad_preprocessor(exported, tmp_path, capsys):
+    import shutil
+
+    ckpt, _, _ = exported
+    assert main(["-q", "export", str(ckpt), str(tmp_path / "llm_only"), "--components", "llm"]) == 0
+    assert not (tmp_path / "llm_only" / "audio").exists()
+    assert main(["-q", "export", str(ckpt), str(tmp_path / "v"), "--components", "llm,visual"]) == 2
+    assert "has no visual encoder" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    (bad / "preprocessor_config.json").write_text(json.dumps({"feature_size": 80, "sampling_rate": 16000}))
+    assert main(["-q", "export", str(bad), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "preprocessor_config.json" in err and "feature_size is 80" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
