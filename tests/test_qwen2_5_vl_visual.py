@@ -28,7 +28,7 @@ VISION = {"depth": 4, "hidden_size": 64, "intermediate_size": 128, "num_heads": 
           "temporal_patch_size": 2, "window_size": 112, "fullatt_block_indexes": [1, 3]}
 
 
-def make_qwen2_5_vl(path, **vision):
+def make_qwen2_5_vl(path, dtype: str = "bfloat16", **vision):
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -43,7 +43,7 @@ def make_qwen2_5_vl(path, **vision):
             if name.endswith(".bias") or "norm" in name or "ln_q" in name:
                 p.add_(torch.randn_like(p) * 0.1)
         model.lm_head.weight.mul_(4.0)
-    model.to(torch.bfloat16).save_pretrained(path)
+    model.to(getattr(torch, dtype)).save_pretrained(path)
     return path, model.float()
 
 
@@ -240,3 +240,19 @@ def test_a_merge_size_the_runtime_does_not_count_is_refused(tmp_path, capsys):
     (ckpt / "config.json").write_text(json.dumps(raw))
     assert main(["-q", "export", str(ckpt), str(tmp_path / "out")]) == 2
     assert "spatial_merge_size 4" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_fp32_checkpoint_exports_and_validates(tmp_path):
+    """The hub ships bf16; an fp32 checkpoint (a fine-tune saved as trained) exports the same way."""
+    from safetensors import safe_open
+
+    ckpt, model = make_qwen2_5_vl(tmp_path / "ckpt", dtype="float32")
+    with safe_open(str(ckpt / "model.safetensors"), "np") as f:
+        assert f.get_slice("visual.blocks.0.attn.qkv.weight").get_dtype() == "F32"
+    assert main(["-q", "export", str(ckpt), str(tmp_path / "out")]) == 0
+    golden = load_file(str(tmp_path / "out" / "visual" / "golden" / "tensors.safetensors"))
+    t = sum(a * b * c for a, b, c in qvl.GOLDEN_GRIDS)
+    want = hf_tower(model, golden["input"][:t], [list(g) for g in qvl.GOLDEN_GRIDS])
+    assert row_cosines(golden["expected_output"], want).min() >= 0.999
+    res = validate_export(tmp_path / "out", result_path=tmp_path / "v.json")
+    assert res["passed"], res["failures"]

@@ -63,11 +63,10 @@ def test_tower_and_image_scenario_match_transformers(exported, record_property):
                                 grid_thw=torch.tensor(q3.GOLDEN_GRIDS)).pooler_output.numpy()
     tower = float(row_cosines(golden["expected_output"], hf).min())
     _, sc, expected = image_scenario(out / "llm")
-    t, h, w = q3.GOLDEN_GRIDS[0]
     prompt = sc["steps"][0]["token_ids"][0]
     ids = torch.tensor([prompt + [st["token_ids"][0][0] for st in sc["steps"][1:]]])
-    want = hf_logits(model, sc, pixel_values=torch.from_numpy(golden["input"][: t * h * w]).float(),
-                     image_grid_thw=torch.tensor([[t, h, w]]), mm_token_type_ids=(ids == 500).int())
+    want = hf_logits(model, sc, pixel_values=torch.from_numpy(golden["input"]).float(),  # both images
+                     image_grid_thw=torch.tensor(q3.GOLDEN_GRIDS), mm_token_type_ids=(ids == 500).int())
     cos = [float(row_cosines(e[:1], g[None])[0]) for e, g in zip(expected, want)]
     record_property("tower_cosine_vs_hf", tower)
     record_property("golden_image_cosine_vs_hf", min(cos))

@@ -54,15 +54,15 @@ def test_qwen2_5_vl_image_scenario_matches_transformers_and_validates(qwen, reco
     model, out = qwen
     meta, sc, expected = image_scenario(out / "llm")
     image = sc["image"]
-    t, h, w = qvl.GOLDEN_GRIDS[0]
-    assert image["rows"] == [0, t * h * w // 4] and len(image["positions"]) == 3
+    tokens = sum(t * h * w for t, h, w in qvl.GOLDEN_GRIDS) // 4  # two images of different sizes in one prompt
+    assert image["rows"] == [0, tokens] and len(image["positions"]) == 3
     assert meta["kv_capacity"] == 128  # the image prompt does not fit the text scenarios' 64
     prompt = sc["steps"][0]["token_ids"][0]
     assert prompt == sc["steps"][0]["token_ids"][1]  # two copies: the text scenarios' batch of 2
-    assert prompt.count(500) == t * h * w // 4 and prompt.count(502) == prompt.count(503) == 1
-    patches = load_file(str(out / "visual" / "golden" / "tensors.safetensors"))["input"][: t * h * w]
+    assert prompt.count(500) == tokens and prompt.count(502) == prompt.count(503) == 2
+    patches = load_file(str(out / "visual" / "golden" / "tensors.safetensors"))["input"]
     want = hf_logits(model, sc, pixel_values=torch.from_numpy(patches).float(),
-                     image_grid_thw=torch.tensor([[t, h, w]]))
+                     image_grid_thw=torch.tensor(qvl.GOLDEN_GRIDS))
     cos = [float(row_cosines(e[:1], g[None])[0]) for e, g in zip(expected, want)]
     record_property("golden_image_cosine_vs_hf", min(cos))
     assert min(cos) >= 0.999, cos
@@ -124,12 +124,11 @@ def test_qwen3_vl_image_scenario_with_deepstack(tmp_path, record_property):
     assert main(["-q", "export", str(ckpt), str(tmp_path / "out")]) == 0
     _, sc, expected = image_scenario(tmp_path / "out" / "llm")
     assert sc["image"]["deepstack"] == ["deepstack_features_0", "deepstack_features_1"]
-    t, h, w = q3.GOLDEN_GRIDS[0]
-    patches = load_file(str(tmp_path / "out" / "visual" / "golden" / "tensors.safetensors"))["input"][: t * h * w]
+    patches = load_file(str(tmp_path / "out" / "visual" / "golden" / "tensors.safetensors"))["input"]
     prompt = sc["steps"][0]["token_ids"][0]
     ids = torch.tensor([prompt + [st["token_ids"][0][0] for st in sc["steps"][1:]]])
-    want = hf_logits(model, sc, pixel_values=torch.from_numpy(patches).float(),
-                     image_grid_thw=torch.tensor([[t, h, w]]), mm_token_type_ids=(ids == 500).int())
+    want = hf_logits(model, sc, pixel_values=torch.from_numpy(patches).float(),  # both images, one prompt
+                     image_grid_thw=torch.tensor(q3.GOLDEN_GRIDS), mm_token_type_ids=(ids == 500).int())
     cos = [float(row_cosines(e[:1], g[None])[0]) for e, g in zip(expected, want)]
     record_property("golden_image_cosine_vs_hf", min(cos))
     assert min(cos) >= 0.999, cos

@@ -26,7 +26,7 @@ from edgellm_core.errors import ExportError, UnsupportedError
 from edgellm_core.onnx_graph.builder import FLOAT, FLOAT16, INT32, INT64, GraphBuilder
 
 from . import qwen_vit
-from .qwen_vit import EagerOps, GraphOps, QwenTower, first_image, frame_seqlens, golden_patches, rotary_angles
+from .qwen_vit import EagerOps, GraphOps, QwenTower, all_images, frame_seqlens, golden_patches, rotary_angles
 
 TOWER = "visual."
 PREFIXES = (TOWER,)
@@ -239,5 +239,5 @@ def eager(inputs: dict, t: dict, s: QwenVisionSpec):
 
 
 def golden_image(s) -> dict:
-    """The first golden image, as the LLM's image scenario uses it (qwen_vit.first_image)."""
-    return first_image(s, GOLDEN_GRIDS)
+    """Both golden images, two images in one prompt, as the LLM's image scenario uses them."""
+    return all_images(s, GOLDEN_GRIDS)

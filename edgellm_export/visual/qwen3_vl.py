@@ -27,7 +27,7 @@ from .qwen_vit import (
     EagerOps,
     GraphOps,
     QwenTower,
-    first_image,
+    all_images,
     frame_seqlens,
     golden_patches,
     patch_positions,
@@ -231,5 +231,5 @@ def eager(inputs: dict, t: dict, s: Qwen3VisionSpec) -> dict:
 
 
 def golden_image(s) -> dict:
-    """The first golden image, as the LLM's image scenario uses it (qwen_vit.first_image)."""
-    return first_image(s, GOLDEN_GRIDS)
+    """Both golden images, two images in one prompt, as the LLM's image scenario uses them."""
+    return all_images(s, GOLDEN_GRIDS)

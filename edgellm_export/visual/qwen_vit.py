@@ -54,8 +54,14 @@ def golden_patches(spec: QwenTower, grids) -> np.ndarray:
 def first_image(spec: QwenTower, grids) -> dict:
     """The first golden image (the first rows of the output) for the LLM's image scenario, with its grid for
     the MRoPE positions."""
-    t, h, w = grids[0]
-    return {"counts": [t * h * w // spec.merge_unit], "grids": [tuple(grids[0])], "merge": spec.merge}
+    return all_images(spec, grids[:1])
+
+
+def all_images(spec: QwenTower, grids) -> dict:
+    """Every golden image, in order, for the LLM's image scenario (several images in one prompt), with their
+    grids for the MRoPE positions."""
+    return {"counts": [t * h * w // spec.merge_unit for t, h, w in grids], "grids": [tuple(g) for g in grids],
+            "merge": spec.merge}
 
 
 def preprocessor_problems(pre: dict, spec: QwenTower) -> list[str]:
