@@ -30,6 +30,7 @@ from edgellm_core.errors import EnvironmentProblem, ExportError
 from edgellm_core.safetensors_file import SafetensorsFile
 
 from . import interrupts
+from .checkpoint.reader import load_json
 
 INDEX_NAME = "model.safetensors.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -116,14 +117,7 @@ def _check_out(out: Path, inputs: list[tuple[Path, str]]) -> None:
 
 
 def _load_json(path: Path, what: str):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ExportError(f"{what} is missing", path) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ExportError(f"{what} is not valid JSON ({e})", path) from None
-    except OSError as e:
-        raise ExportError(f"cannot read {what} ({e.strerror})", path) from None
+    return load_json(path, what)
 
 
 # -- the checkpoint's tensors --------------------------------------------------------------------------------------

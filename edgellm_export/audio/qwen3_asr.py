@@ -36,7 +36,9 @@ from pathlib import Path
 import numpy as np
 
 from edgellm_core.errors import ExportError, UnsupportedError
-from edgellm_core.onnx_graph.builder import FLOAT, FLOAT16, INT64, GraphBuilder
+from edgellm_core.onnx_graph.builder import FLOAT16, INT64, GraphBuilder
+
+from ..encoder_ops import EagerOps, GraphOps
 
 THINKER_TOWER, HF_TOWER, HF_PROJECTOR = "thinker.audio_tower.", "audio_tower.", "multi_modal_projector."
 PREFIXES = (THINKER_TOWER, HF_TOWER, HF_PROJECTOR)  # every tensor under these must be read
@@ -265,32 +267,19 @@ def positions_table(s: AudioSpec) -> np.ndarray:
 
 def emit_graph(g: GraphBuilder, w, s: AudioSpec) -> None:
     """The whole encoder into `g`, weights through `w` (models.weights.WeightSource)."""
-    n, i64 = g.node, g.i64
+    ops, n, i64 = GraphOps(g, w), g.node, g.i64
+    fp32, fp16, gelu = ops.fp32, ops.fp16, ops.gelu
     c, d, hd, ch = s.d_model, s.heads, s.head_dim, s.conv_channels
+
+    def linear(y, name, out_f, in_f, bias=True):
+        return ops.linear(y, name, out_f, in_f, bias)
+
+    def norm(y, name):
+        return ops.layer_norm(y, name, c, LN_EPS)
+
     feats = g.input(FEATURES, FLOAT16, ["num_chunks", s.mel_bins, s.chunk])
     idx = g.input(INDICES, INT64, ["num_attention_elems", 2])
     mask = g.input(MASK, FLOAT16, ["num_attention_elems", "num_attention_elems"])
-
-    def linear(y, name, out_f, in_f, bias=True):
-        out = n("MatMul", [y, w.linear_weight(name + ".weight", out_f, in_f)])
-        return n("Add", [out, w.vector(name + ".bias", out_f)]) if bias else out
-
-    def fp32(y):
-        return n("Cast", [y], {"to": FLOAT})
-
-    def fp16(y):
-        return n("Cast", [y], {"to": FLOAT16})
-
-    def norm(y, name):
-        out = n("LayerNormalization", [fp32(y), fp32(w.vector(name + ".weight", c)), fp32(w.vector(name + ".bias", c))],
-                {"axis": -1, "epsilon": LN_EPS})
-        return fp16(out)
-
-    def gelu(y):
-        y32 = fp32(y)
-        erf = n("Erf", [n("Mul", [y32, g.const(np.array(1 / math.sqrt(2), np.float32))])])
-        return fp16(n("Mul", [n("Mul", [y32, g.const(np.array(0.5, np.float32))]),
-                              n("Add", [erf, g.const(np.array(1.0, np.float32))])]))
 
     g.scope = "audio.conv"
     x = n("Unsqueeze", [feats, i64(1)])  # [chunks, 1, mel, 2n]
@@ -466,21 +455,11 @@ def eager(inputs: dict, t, s: AudioSpec):
     import torch
     import torch.nn.functional as F
 
-    def r16(x):
-        return x.half().float()
-
-    def f(name):
-        return t[name].float()
-
-    def linear(y, name, bias=True):
-        out = r16(y @ f(name + ".weight.T"))
-        return r16(out + f(name + ".bias")) if bias else out
+    ops = EagerOps(t)
+    r16, f, linear, gelu = ops.r16, ops.f, ops.linear, ops.gelu
 
     def norm(y, name):
-        return r16(F.layer_norm(y, y.shape[-1:], f(name + ".weight"), f(name + ".bias"), LN_EPS))
-
-    def gelu(y):
-        return r16(F.gelu(y))
+        return ops.layer_norm(y, name, LN_EPS)
 
     c, d, hd = s.d_model, s.heads, s.head_dim
     x = torch.from_numpy(np.asarray(inputs[FEATURES])).float()[:, None]

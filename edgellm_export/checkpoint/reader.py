@@ -81,6 +81,18 @@ class TensorRef:
         return f"{self.file.path.name}:{self.key}"
 
 
+def load_json(path: Path, what: str, missing: str = "is missing"):
+    """A JSON file, or an ExportError naming it (missing, unreadable, not JSON)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExportError(f"{what} {missing}", path) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportError(f"{what} is not valid JSON ({e})", path) from None
+    except OSError as e:
+        raise ExportError(f"cannot read {what} ({e.strerror})", path) from None
+
+
 def canonical_name(raw: str) -> str:
     """Strip wrapper prefixes and PEFT's `.base_layer.` from a checkpoint key."""
     name = raw.replace(".base_layer.", ".")
@@ -109,14 +121,7 @@ class Checkpoint:
 
     # -- loading ---------------------------------------------------------------------------
     def _load_json(self, path: Path, what: str):
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ExportError(f"{what} is missing from the checkpoint directory", path) from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ExportError(f"{what} is not valid JSON ({e})", path) from None
-        except OSError as e:
-            raise ExportError(f"cannot read {what} ({e.strerror})", path) from None
+        return load_json(path, what, missing="is missing from the checkpoint directory")
 
     def _shard_path(self, name: str, index_path: Path) -> Path:
         # Names come from an untrusted index: plain relative names only. The file

@@ -28,7 +28,7 @@ from edgellm_core.errors import ExportError, UnsupportedError
 from edgellm_core.multimodal import PHI4MM_SIDECAR
 from edgellm_core.onnx_graph.builder import FLOAT16, GraphBuilder
 
-from .qwen_vit import EagerOps, GraphOps
+from ..encoder_ops import EagerOps, GraphOps
 
 EMBED = "embed_tokens_extend.image_embed."
 TOWER = EMBED + "img_processor."
