@@ -234,17 +234,18 @@ def _vlm_checkpoint(root):
     return save_checkpoint(model, root / "ckpt"), model
 
 
-def _qwen2_vl_checkpoint(root):
-    """A tiny Qwen2-VL: a language model this version exports (a Qwen2 decoder), a tower it does not (Qwen2-VL's
-    own LayerNorm / QuickGELU ViT)."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+def _llava_checkpoint(root):
+    """A tiny LLaVA: a language model this version exports (a Llama decoder), a tower it does not (CLIP; 0.7.1's
+    runtime has no LLaVA runner either)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(3)
-    text = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]})
-    vision = dict(depth=1, embed_dim=64, hidden_size=256, num_heads=2, mlp_ratio=2, patch_size=14)
-    model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=500,
-                                                          video_token_id=501, vision_start_token_id=502)).eval()
+    text = dict(model_type="llama", vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2)
+    vision = dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)
+    model = LlavaForConditionalGeneration(LlavaConfig(text_config=text, vision_config=vision,
+                                                      image_token_id=500)).eval()
     return save_checkpoint(model, root / "ckpt"), model
 
 
@@ -254,11 +255,11 @@ def _qwen2_vl_checkpoint(root):
     ("llm,video", 2, ["'video'", "llm, visual, audio"]),
 ])
 def test_a_vlm_never_loses_its_vision_tower_silently(tmp_path, capsys, components, code, words):
-    """Without --components, a checkpoint with an encoder this version cannot export (Qwen2-VL's) is refused (it
+    """Without --components, a checkpoint with an encoder this version cannot export (LLaVA's) is refused (it
     used to be exported as its language model alone, exit 0); asking for the encoder says it is not implemented."""
     from edgellm_export.cli import main
 
-    ckpt, _ = _qwen2_vl_checkpoint(tmp_path)
+    ckpt, _ = _llava_checkpoint(tmp_path)
     args = ["-q", "export", str(ckpt), str(tmp_path / "out")] + (["--components", components] if components else [])
     assert main(args) == code
     err = capsys.readouterr().err
