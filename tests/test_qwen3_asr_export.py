@@ -149,3 +149,16 @@ def test_components_and_bad_preprocessor(exported, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "preprocessor_config.json" in err and "feature_size is 80" in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_make_reports_the_audio_component(exported, tmp_path):
+    """`edgellm make` (on the host, CPU target): the case lists its audio component, summary.md shows it."""
+    ckpt, _, out0 = exported
+    tokens = len(load_file(str(out0 / "audio" / "golden" / "tensors.safetensors"))["padded_mask_after_cnn_indices"])
+    out = tmp_path / "DIR"
+    assert main(["-q", "make", str(ckpt), "--target", "x86-cpu", "--out", str(out), "--no-container"]) == 0
+    case = json.loads((out / "report" / "qualification.json").read_text())["cases"][0]
+    audio = case["components"]["audio"]
+    assert case["verdict"] == "pass" and audio["passed"] and audio["outputs"]["last_hidden_state"]["tokens"] == tokens
+    summary = (out / "report" / "summary.md").read_text()
+    assert "## Components" in summary and f"| {case['name']} | audio | pass | {tokens} |" in summary
