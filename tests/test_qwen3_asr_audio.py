@@ -300,7 +300,8 @@ def test_runtime_config(built):
     assert (a["num_mel_bins"], a["n_window"], a["n_window_infer"], a["output_dim"]) == (128, 50, 200, TEXT_HIDDEN)
     assert {k: runtime[k] for k in IDS} == IDS and runtime["user_token_id"] == USER_ID
     assert runtime["text_config"] == {"rope_theta": ROPE_THETA}
-    assert spec.tower == ("audio_tower." if layout == "qwen3_asr_hf" else "thinker.audio_tower.")
+    assert spec.tower == "audio_tower."  # canonical: the reader strips `thinker.` and `model.`
+    assert spec.proj1 == ("multi_modal_projector.linear_1" if layout == "qwen3_asr_hf" else "audio_tower.proj1")
 
 
 def test_a_missing_tower_tensor_is_named(tmp_path):
@@ -308,7 +309,7 @@ def test_a_missing_tower_tensor_is_named(tmp_path):
     tensors = load_file(str(ckpt / "model.safetensors"))
     del tensors["thinker.audio_tower.layers.1.self_attn.k_proj.bias"]
     save_file(tensors, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ExportError, match=r"thinker\.audio_tower\.layers\.1\.self_attn\.k_proj\.bias.*missing"):
+    with pytest.raises(ExportError, match=r"audio_tower\.layers\.1\.self_attn\.k_proj\.bias.*missing"):
         build(ckpt, tmp_path / "audio")
 
 
@@ -317,7 +318,7 @@ def test_a_stray_tower_tensor_is_reported(tmp_path):
     tensors = load_file(str(ckpt / "model.safetensors"))
     tensors["thinker.audio_tower.layers.0.self_attn.q_norm.weight"] = np.ones(64, np.float32)
     save_file(tensors, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
-    assert build(ckpt, tmp_path / "audio")[-1] == ["thinker.audio_tower.layers.0.self_attn.q_norm.weight"]
+    assert build(ckpt, tmp_path / "audio")[-1] == ["audio_tower.layers.0.self_attn.q_norm.weight"]
 
 
 @pytest.mark.parametrize("change, error, words", [

@@ -162,3 +162,46 @@ def test_make_reports_the_audio_component(exported, tmp_path):
     assert case["verdict"] == "pass" and audio["passed"] and audio["outputs"]["last_hidden_state"]["tokens"] == tokens
     summary = (out / "report" / "summary.md").read_text()
     assert "## Components" in summary and f"| {case['name']} | audio | pass | {tokens} |" in summary
+
+
+def to_thinker_layout(hf, dst):
+    """The same model as the hub's original Qwen3-ASR lays it out (the qwen_asr package's classes, no transformers
+    class to make it with): `thinker_config` holding the audio and text configs and the token ids, tensors under
+    `thinker.` with the projection inside the tower (`audio_tower.proj1` / `proj2`)."""
+    from safetensors.torch import load_file as load_torch
+    from safetensors.torch import save_file as save_torch
+
+    raw = json.loads((hf / "config.json").read_text())
+    audio = {k: v for k, v in raw["audio_config"].items() if k != "model_type"}
+    thinker = {"model_type": "qwen3_asr_thinker", "audio_config": audio, "text_config": raw["text_config"],
+               "audio_token_id": raw["audio_token_id"]}
+    config = {"model_type": "qwen3_asr", "architectures": ["Qwen3ASRForConditionalGeneration"],
+              "thinker_config": thinker}
+    names = (("model.language_model.", "thinker.model."), ("lm_head.", "thinker.lm_head."),
+             ("model.audio_tower.", "thinker.audio_tower."),
+             ("model.multi_modal_projector.linear_1.", "thinker.audio_tower.proj1."),
+             ("model.multi_modal_projector.linear_2.", "thinker.audio_tower.proj2."))
+    out = {}
+    for key, value in load_torch(str(hf / "model.safetensors")).items():
+        new = next((b + key[len(a):] for a, b in names if key.startswith(a)), None)
+        assert new is not None, key
+        out[new] = value
+    dst.mkdir()
+    save_torch(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer_config.json", "vocab.json", "preprocessor_config.json"):
+        (dst / name).write_bytes((hf / name).read_bytes())
+    return dst
+
+
+def test_the_hubs_original_layout_exports_the_same(exported, tmp_path):
+    """`thinker.model.*`, `thinker.lm_head`, `thinker.audio_tower.*` and `thinker_config`: the same graphs, bytes
+    and golden logits as transformers' layout."""
+    ckpt, _, out = exported
+    orig = to_thinker_layout(ckpt, tmp_path / "orig")
+    assert main(["-q", "export", str(orig), str(tmp_path / "out")]) == 0
+    for name in ("llm/model.onnx.data", "audio/model.onnx.data", "llm/golden/logits.safetensors",
+                 "audio/golden/tensors.safetensors"):
+        assert (out / name).read_bytes() == (tmp_path / "out" / name).read_bytes(), name
+    cfg = json.loads((tmp_path / "out" / "audio" / "config.json").read_text())
+    assert cfg["model_type"] == "qwen3_asr_thinker" and cfg["audio_start_token_id"] == IDS["audio_start_token_id"]

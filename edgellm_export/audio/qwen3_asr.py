@@ -13,7 +13,8 @@ as MatMul -> + mask -> Softmax in fp32 -> MatMul, GELU MLP, fp16 clamp) -> `ln_p
 Layouts: Qwen3-Omni-MoE and the hub's own Qwen3-ASR nest the config under `thinker_config` and keep the tower
 (projection included) under `thinker.audio_tower.`; transformers' Qwen3-ASR (`audio_config` at the root, encoder
 model_type `qwen3_asr_encoder`) keeps the tower under `model.audio_tower.` and the projection as
-`model.multi_modal_projector.linear_1/2`. The graph reads the tensors under the names the checkpoint has.
+`model.multi_modal_projector.linear_1/2`. Both read as `audio_tower.*` once the reader strips the `thinker.` /
+`model.` wrappers; only the projection's place differs.
 
 Numerics: activations are stored in fp16 where the graph stores them; norms, softmax and GELU compute in fp32;
 the eager face (`eager`) rounds at the same points. The 0.7.1 runtime counts 13 post-CNN frames per full chunk
@@ -40,8 +41,10 @@ from edgellm_core.onnx_graph.builder import FLOAT16, INT64, GraphBuilder
 
 from ..encoder_ops import EagerOps, GraphOps
 
-THINKER_TOWER, HF_TOWER, HF_PROJECTOR = "thinker.audio_tower.", "audio_tower.", "multi_modal_projector."
-PREFIXES = (THINKER_TOWER, HF_TOWER, HF_PROJECTOR)  # every tensor under these must be read
+# canonical names (checkpoint/reader.py strips the `thinker.` and `model.` wrappers): the tower under
+# `audio_tower.` in both layouts, transformers' projection beside it
+TOWER, HF_PROJECTOR = "audio_tower.", "multi_modal_projector."
+PREFIXES = (TOWER, HF_PROJECTOR)  # every tensor under these must be read
 FEATURES, INDICES, MASK = "padded_feature", "padded_mask_after_cnn_indices", "attention_mask"
 INPUTS = (FEATURES, INDICES, MASK)  # binding names (bindingNames.h kAudioPaddedFeatures / ...MaskIndices / ...Mask)
 OUTPUT = "last_hidden_state"  # kAudioOutput
@@ -133,7 +136,7 @@ def parse(raw: dict, text_hidden: int, path: Path) -> AudioSpec:
 
     thinker = key.startswith("thinker_config")
     hf_asr = not thinker and a.get("model_type") == "qwen3_asr_encoder"  # transformers' own Qwen3-ASR layout
-    tower = THINKER_TOWER if thinker else HF_TOWER
+    tower = TOWER
     proj1, proj2 = (HF_PROJECTOR + "linear_1", HF_PROJECTOR + "linear_2") if hf_asr else (tower + "proj1",
                                                                                            tower + "proj2")
     spec = AudioSpec(

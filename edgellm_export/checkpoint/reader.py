@@ -23,7 +23,8 @@ from edgellm_core.safetensors_file import SafetensorsFile, TensorInfo
 from .pickled import convert_pickled
 
 INDEX_NAME = "model.safetensors.index.json"
-_WRAPPERS = ("language_model", "text_model", "llm", "model", "transformer", "backbone")  # backbone: Nemotron-H
+# backbone: Nemotron-H; thinker: Qwen3-ASR / Qwen3-Omni (`thinker.model.layers.*`, `thinker.audio_tower.*`)
+_WRAPPERS = ("language_model", "text_model", "llm", "model", "transformer", "backbone", "thinker")
 _LAYER_RE = re.compile(r"^layers\.\d+\.")
 
 
