@@ -534,8 +534,13 @@ def _nemotron_h_fields(cfg: dict, path: Path) -> dict:
 # Components a multimodal checkpoint carries besides its language model, by the config keys that announce
 # them (the root config, or a Qwen-Omni style `thinker_config`).
 COMPONENT_KEYS = {"visual": ("vision_config", "embd_layer.image_embd_layer"),  # the latter: original Phi-4-MM
-                  "audio": ("audio_config", "embd_layer.audio_embd_layer")}
+                  "audio": ("audio_config", "embd_layer.audio_embd_layer"),
+                  # speech output (Qwen3-Omni, families.md §5.6): never exported by this version, never dropped
+                  # silently; --components without them says so knowingly
+                  "talker": ("talker_config",), "code2wav": ("code2wav_config",)}
 COMPONENTS = ("llm", "visual", "audio")
+_COMPONENT_NAMES = {"visual": "visual encoder", "audio": "audio encoder", "talker": "talker (speech output)",
+                    "code2wav": "code2wav vocoder"}
 
 
 def exported_components(raw: dict) -> tuple[str, ...]:
@@ -596,9 +601,10 @@ def check_components(raw: dict, requested: tuple[str, ...] | None, path: Path) -
         return tuple(c for c in COMPONENTS if c in requested)
     cannot = {c: key for c, key in present.items() if c not in can}
     if cannot:
-        named = ", ".join(f"a {c} encoder ({key})" for c, key in cannot.items())
+        named = ", ".join(f"a {_COMPONENT_NAMES[c]} ({key})" for c, key in cannot.items())
         rest = ",".join(c for c in COMPONENTS if c in can and (c == "llm" or c in present))
+        them = "them" if len(cannot) > 1 else "it"
         raise UnsupportedError(
-            f"this checkpoint also has {named}, which edgellm-export cannot export yet; exporting without it "
-            f"would drop it without a word. Pass --components {rest} to export the rest, knowingly", path)
+            f"this checkpoint also has {named}, which edgellm-export cannot export yet; exporting without {them} "
+            f"would drop {them} without a word. Pass --components {rest} to export the rest, knowingly", path)
     return ("llm", *(c for c in COMPONENTS if c in present))

@@ -279,10 +279,10 @@ def plan_export(ckpt, contract, opts: ExportOptions) -> PlannedExport:
     has_lm_head = ckpt.has("lm_head.weight")
     _refuse_unmerged_lora(ckpt)
     try:
-        components = check_components(ckpt.config, opts.components, ckpt.config_path)
         plan = parse_quant_plan(ckpt.path, ckpt.config)
         cfg = build_model_config(ckpt.config, ckpt.has_layer_tensor, ckpt.config_path)
-        family = family_for(cfg, ckpt.config_path)
+        family = family_for(cfg, ckpt.config_path)  # first: the language model is always exported
+        components = check_components(ckpt.config, opts.components, ckpt.config_path)
         contract.check_supported(cfg)
         family.prepare(ckpt, cfg)
         quant = QuantDecisions()

@@ -205,3 +205,37 @@ def test_the_hubs_original_layout_exports_the_same(exported, tmp_path):
         assert (out / name).read_bytes() == (tmp_path / "out" / name).read_bytes(), name
     cfg = json.loads((tmp_path / "out" / "audio" / "config.json").read_text())
     assert cfg["model_type"] == "qwen3_asr_thinker" and cfg["audio_start_token_id"] == IDS["audio_start_token_id"]
+
+
+def test_speech_output_components_are_never_dropped_silently(exported, tmp_path, capsys):
+    """A talker / code2wav (Qwen3-Omni's speech output, not exported by this version) next to an exportable
+    language model and audio encoder: exit 2 naming them, unless --components leaves them out knowingly."""
+    import shutil
+
+    ckpt, _, _ = exported
+    omni = tmp_path / "ckpt"
+    shutil.copytree(ckpt, omni)
+    raw = json.loads((omni / "config.json").read_text())
+    raw.update(talker_config={"model_type": "qwen3_omni_moe_talker"}, code2wav_config={"num_quantizers": 16})
+    (omni / "config.json").write_text(json.dumps(raw))
+    assert main(["-q", "export", str(omni), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "a talker (speech output) (talker_config), a code2wav vocoder (code2wav_config)" in err, err
+    assert "drop them without a word" in err and "--components llm,audio" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    assert main(["-q", "export", str(omni), str(tmp_path / "out"), "--components", "llm,audio"]) == 0
+
+
+def test_qwen3_omni_is_refused_by_its_language_model(tmp_path, capsys):
+    """Qwen3-Omni's MoE thinker is not implemented: the refusal names it first (before its components)."""
+    from safetensors.numpy import save_file
+    from transformers import Qwen3OmniMoeConfig
+
+    ckpt = tmp_path / "omni"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps(Qwen3OmniMoeConfig().to_dict()))
+    save_file({"unused": np.zeros(1, np.float32)}, str(ckpt / "model.safetensors"))
+    assert main(["-q", "export", str(ckpt), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "model_type 'qwen3_omni_moe_text' is not supported" in err and "config.json" in err, err
+    assert not (tmp_path / "out").exists()
