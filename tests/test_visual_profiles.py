@@ -112,3 +112,52 @@ def test_trt_backend_builds_and_runs_the_visual_engine(family, tmp_path, monkeyp
         assert (tmp_path / "engine" / "visual" / "visual.engine").is_file()
     finally:
         fake_trt.reset()
+
+
+@pytest.mark.parametrize("family", ["phi4mm", "qwen3_asr"])
+def test_trt_backend_builds_every_encoder(family, tmp_path, monkeypatch):
+    """The same for Phi-4-MM's tower (its separators copied next to the engine, as visual_build does) and
+    Qwen3-ASR's audio encoder (audio_build's profile and engine name), on the stand-in."""
+    import _ctypes
+    from pathlib import Path
+
+    import fake_tensorrt as fake_trt
+
+    from edgellm_export.cli import main
+    from edgellm_validate.trt import plugin as plugin_mod
+    from edgellm_validate.validate import validate_export
+
+    if family == "phi4mm":
+        from test_phi4mm_visual import make_phi4mm
+
+        ckpt, _ = make_phi4mm(tmp_path / "ckpt")
+        args, component, output, engine = ["--components", "llm,visual"], "visual", "output", "visual.engine"
+    else:
+        from test_qwen3_asr_export import make_asr
+
+        ckpt, _ = make_asr(tmp_path / "ckpt")
+        args, component, output, engine = [], "audio", "last_hidden_state", "audio_encoder.engine"
+    assert main(["-q", "export", str(ckpt), str(tmp_path / "out"), *args]) == 0
+    monkeypatch.setattr(plugin_mod, "_loaded", {})
+    device = fake_trt.FakeDevice(sm=110, name="Fake Thor")
+    fake_trt.reset(device)
+    fake_trt.REGISTRY.creators.update(plugin_mod.exported_plugins())
+    try:
+        opts = {"trt": fake_trt, "device": device, "engine_dir": tmp_path / "engine",
+                "plugin_path": str(Path(_ctypes.__file__).resolve())}  # the LLM engine's (the encoders need none)
+        res = validate_export(tmp_path / "out", backend="trt", result_path=tmp_path / "v.json", backend_options=opts)
+        assert res["passed"], res["failures"]
+        enc = res["components"][component]
+        assert enc["outputs"][output]["worst_cosine"] >= 0.999 and enc["engine"]["plugin"] is None
+        assert (tmp_path / "engine" / component / engine).is_file()
+        cfg = json.loads((tmp_path / "engine" / component / "config.json").read_text())
+        if family == "phi4mm":
+            assert cfg["builder_config"]["min_image_tokens"] == 256
+            assert (tmp_path / "engine" / "visual" / "phi4mm_gn_proj.safetensors").read_bytes() == \
+                (tmp_path / "out" / "visual" / "phi4mm_gn_proj.safetensors").read_bytes()
+        else:
+            assert cfg["builder_config"] == {"min_time_steps": 100, "max_time_steps": 6000}
+            shapes = enc["engine"]["profile"][0]["shapes"]
+            assert shapes["attention_mask"] == {"min": [1, 1], "opt": [390, 390], "max": [780, 780]}
+    finally:
+        fake_trt.reset()

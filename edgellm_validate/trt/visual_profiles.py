@@ -88,7 +88,11 @@ def visual_profile(config: dict, input_dims: dict[str, list[int | str]], limits:
             raise ProfileError(f"min_image_tokens {lo} and max_image_tokens {hi} must be multiples of "
                                f"{TOKENS_PER_TILE} for a tiled ViT (visual_build refuses them too)", where)
         vision = config.get("vision_config") or {}
-        c, (h, w) = vision.get("num_channels", 3), vision.get("image_size", [0, 0])
+        if kind == "phi4mm":  # visual_build: 3 channels, embd_layer.image_embd_layer.crop_size (else 448) square
+            crop = ((config.get("embd_layer") or {}).get("image_embd_layer") or {}).get("crop_size", 448)
+            c, (h, w) = 3, (crop, crop)
+        else:  # InternVL: vision_config.num_channels and image_size [h, w]
+            c, (h, w) = vision.get("num_channels", 3), vision.get("image_size", [0, 0])
         n_lo, n_hi = lo // TOKENS_PER_TILE, hi // TOKENS_PER_TILE
         return {"input": rng([n_lo, c, h, w], [(n_lo + n_hi) // 2, c, h, w], [n_hi, c, h, w])}
     raise UnsupportedError(f"visual model_type {kind!r}: no visual_build profile is implemented for it here", where)
