@@ -146,10 +146,12 @@ def export_checkpoint(checkpoint: str | Path | CheckpointRef, out_dir: str | Pat
             for enc in planned.encoders:  # first: the LLM's image / audio scenario starts from the encoder's output
                 enc_digests, features = _write_encoder(enc, tmp / enc.component, ckpt, opts, report, contract)
                 digests.update(enc_digests)
-                if features is not None and not native:
-                    scenario = _encoder_scenario(cfg, enc, embed_ref, features, tmp / enc.component)
+                # the plugin-free form: plain RoPE only (its rope input is one shared table, no MRoPE)
+                if features is not None and not (native and "mrope_section" in cfg.rope.params):
+                    scenario = _encoder_scenario(cfg, enc, embed_ref, features, tmp / enc.component, native)
                     needed = len(scenario.steps[0].token_ids[0]) + golden_mod.DECODE_STEPS
-                    capacity = max(capacity, -(-needed // 64) * 64)  # the whole bundle's: one engine replays it
+                    if not native:  # the native form's cache capacity is static (KV_CAPACITY)
+                        capacity = max(capacity, -(-needed // 64) * 64)  # the whole bundle's: one engine replays it
                     scenarios.append(scenario)
             for scenario in scenarios:  # MRoPE tables once the capacity is known
                 if scenario.image is not None and scenario.image.get("positions") is not None:
@@ -206,7 +208,8 @@ def _write_encoder(planned: encoders.PlannedEncoder, out: Path, ckpt, opts: Expo
     return writer.digests, features
 
 
-def _encoder_scenario(cfg: ModelConfig, planned: encoders.PlannedEncoder, embed_ref, outputs: dict, out_dir: Path):
+def _encoder_scenario(cfg: ModelConfig, planned: encoders.PlannedEncoder, embed_ref, outputs: dict, out_dir: Path,
+                      native: bool = False):
     """The golden bundle's image or audio scenario: the encoder golden's first image (or its clip) in a prompt
     (config.json's token ids), MRoPE positions where the language model has them (the table is made once the
     capacity is known)."""
@@ -239,7 +242,8 @@ def _encoder_scenario(cfg: ModelConfig, planned: encoders.PlannedEncoder, embed_
         features = visual_mod.assemble(assemble, features, out_dir)
     return golden_mod.image_scenario(cfg, lookup, features, layout["counts"], token, extra, positions, deepstack,
                                      assemble=assemble, component=planned.component,
-                                     output=planned.module.OUTPUT, start=extra.get(ends[0]), end=extra.get(ends[1]))
+                                     output=planned.module.OUTPUT, start=extra.get(ends[0]), end=extra.get(ends[1]),
+                                     native=native)
 
 
 def _image_rope(cfg: ModelConfig, positions, capacity: int):

@@ -63,7 +63,7 @@ class Scenario:
 def image_scenario(cfg: ModelConfig, lookup, features: np.ndarray, counts, image_token_id: int, extra_ids,
                    positions_fn, deepstack: dict[str, np.ndarray] | None = None, seed: int = 20261202,
                    assemble: dict | None = None, component: str = "visual", output: str = "output",
-                   start: int | None = None, end: int | None = None) -> Scenario:
+                   start: int | None = None, end: int | None = None, native: bool = False) -> Scenario:
     """Text, then one image (or audio clip) per entry of `counts` (its rows of `features`, in order, between the
     checkpoint's `start` / `end` tokens when it has them), text; prefill, then DECODE_STEPS teacher-forced steps.
     Two copies of that request in one batch: the golden pass runs every scenario at the text scenarios' batch of
@@ -72,7 +72,8 @@ def image_scenario(cfg: ModelConfig, lookup, features: np.ndarray, counts, image
     `deepstack` (Qwen3-VL): the encoder's deepstack outputs by name, scattered at the image tokens (zeros
     elsewhere) into the prefill's deepstack_embeds_i, in the dict's order (the index i). `assemble` (Phi-4-MM):
     how the validation side lays the encoder's rows out before scattering them (`features` are already laid out).
-    `component` / `output`: the encoder and its output the validation side scatters (audio: an audio scenario)."""
+    `component` / `output`: the encoder and its output the validation side scatters (audio: an audio scenario).
+    `native`: the per-step inputs of the plugin-free form, as `make_scenarios` gives them."""
     from edgellm_core.multimodal import scatter_features
 
     rng = np.random.default_rng(seed)
@@ -90,10 +91,11 @@ def image_scenario(cfg: ModelConfig, lookup, features: np.ndarray, counts, image
     embeds = np.concatenate([one, one])
     positions = positions_fn(prompt)
     n = len(prompt)
-    steps = [Step("prefill", np.asarray([prompt] * 2, np.int64), np.asarray([n] * 2, np.int32), np.zeros(0, np.int32),
-                  np.asarray([[n - 1]] * 2, np.int64))]
+    steps = [Step("prefill", np.asarray([prompt] * 2, np.int64), np.asarray([n] * 2, np.int32),
+                  np.zeros(2 if native else 0, np.int32), np.asarray([[n - 1]] * 2, np.int64))]
     for k, tok in enumerate(forced):
-        steps.append(Step("decode", np.asarray([[tok]] * 2, np.int64), np.asarray([n + k + 1] * 2, np.int32),
+        steps.append(Step("decode", np.asarray([[tok]] * 2, np.int64), np.asarray([1 if native else n + k + 1] * 2,
+                                                                                 np.int32),
                           np.asarray([n + k] * 2, np.int32), np.zeros((2, 1), np.int64)))
     kind = "audio" if component == "audio" else "image"
     image = {"component": component, "output": output, "rows": [0, rows], f"{kind}_token_id": image_token_id,

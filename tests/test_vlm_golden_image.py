@@ -94,15 +94,20 @@ def test_a_wrong_encoder_fails_the_image_scenario_too(qwen, tmp_path):
     assert min(by["prefill_decode"]) >= 0.999 and min(by["chunked_prefill_decode"]) >= 0.999
 
 
-def test_internvl_image_scenario_with_plain_rope(tmp_path, record_property):
-    """InternVL3.5: one 256-token tile in the prompt, plain RoPE (no positions in the bundle)."""
+@pytest.mark.parametrize("attention", ["plugin", "native"])
+def test_internvl_image_scenario_with_plain_rope(tmp_path, record_property, attention):
+    """InternVL3.5: one 256-token tile in the prompt, plain RoPE (no positions in the bundle); in the plugin-free
+    form too (its per-step inputs and static 4096-row cache)."""
     import torch
     from test_internvl_visual import VARIANTS, make_internvl
 
     ckpt, model = make_internvl(tmp_path / "ckpt", VARIANTS["layer_norm"])
-    assert main(["-q", "export", str(ckpt), str(tmp_path / "out")]) == 0
+    assert main(["-q", "export", str(ckpt), str(tmp_path / "out"), "--attention", attention]) == 0
     meta, sc, expected = image_scenario(tmp_path / "out" / "llm")
-    assert sc["image"]["positions"] is None and sc["image"]["rows"] == [0, 256] and meta["kv_capacity"] == 320
+    capacity = 4096 if attention == "native" else 320
+    assert sc["image"]["positions"] is None and sc["image"]["rows"] == [0, 256] and meta["kv_capacity"] == capacity
+    if attention == "native":
+        assert [st["context_lengths"] for st in sc["steps"][1:]] == [[1, 1]] * 4
     tile = load_file(str(tmp_path / "out" / "visual" / "golden" / "tensors.safetensors"))["input"][:1]
     want = hf_logits(model, sc, pixel_values=torch.from_numpy(tile).float())
     cos = [float(row_cosines(e[:1], g[None])[0]) for e, g in zip(expected, want)]
