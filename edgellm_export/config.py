@@ -255,11 +255,23 @@ def text_config_of(raw: dict) -> dict:
             merged["tie_word_embeddings"] = raw["tie_word_embeddings"]
     else:
         merged = dict(raw)
+    vision = _vision_config_of(raw)
+    if vision is not None and inner is not None:  # Qwen3-Omni: the tower's config sits in thinker_config
+        merged.setdefault("vision_config", vision)
     for scope in (raw.get("thinker_config"), raw):
         for key in MULTIMODAL_TOKEN_KEYS:
             if isinstance(scope, dict) and isinstance(scope.get(key), int) and merged.get(key) is None:
                 merged[key] = scope[key]
     return merged
+
+
+def _vision_config_of(raw: dict) -> dict | None:
+    """The vision tower's config: at the root (VLMs), else in a Qwen-Omni style thinker_config."""
+    for scope in (raw, raw.get("thinker_config")):
+        vision = scope.get("vision_config") if isinstance(scope, dict) else None
+        if isinstance(vision, dict):
+            return vision
+    return None
 
 
 def parse_rope(cfg: dict, path: Path) -> tuple[RopeSpec, float]:
@@ -316,6 +328,8 @@ def build_model_config(raw: dict, tensor_names_have, path: Path) -> ModelConfig:
             path,
         )
     rope, prf = parse_rope(cfg, path)
+    if model_type in QWEN3_OMNI_TEXT_TYPES:
+        rope = qwen3_omni_rope(rope)
     _check_mrope(rope, int(head_dim * prf), path)
     # HF Mistral applies `sliding_window` whenever it is set; Qwen2 only with
     # `use_sliding_window`. Other families: only when explicitly enabled.
@@ -358,12 +372,31 @@ def _base_config(cfg, raw, model_type, hidden, heads, kv_heads, head_dim, rope, 
         mlp_bias=tensor_names_have(".mlp.down_proj.bias"),
         sliding_window=window,
         hidden_act=str(cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))),
-        moe=_moe_spec(cfg, path) if model_type == "qwen3_moe" else None,
+        moe=_moe_spec(cfg, path) if model_type in QWEN3_MOE_TYPES else None,
         # Qwen3.5's VLM adds no deepstack features to its language model (0.7.1's Qwen3.5 class forces none)
         num_deepstack_features=0 if model_type in QWEN3_5_TYPES else _deepstack_count(cfg, raw, path),
         raw=cfg,
         **(_qwen3_5_fields(cfg, path) if model_type in QWEN3_5_TYPES else {}),
     )
+
+
+# Qwen3-MoE decoders: Qwen3-MoE itself and Qwen3-Omni's thinker (the same layer, a softmax top-k router with
+# no shared expert, the same layer plan; its rope is MRoPE and it takes deepstack features).
+QWEN3_OMNI_TEXT_TYPES = ("qwen3_omni_moe_text",)
+QWEN3_MOE_TYPES = ("qwen3_moe", *QWEN3_OMNI_TEXT_TYPES)
+QWEN3_OMNI_MROPE_SECTION = [24, 20, 20]  # transformers' default when the thinker's rope names none
+
+
+def qwen3_omni_rope(rope: RopeSpec) -> RopeSpec:
+    """Qwen3-Omni's thinker always rotates with interleaved MRoPE (transformers' rotary embedding cycles t, h, w
+    whatever the config's flags say, and takes mrope_section [24, 20, 20] when it names none): say so in the
+    terms the runtime reads, `mrope_section` and `mrope_interleaved`."""
+    if rope.rope_type != "default":
+        return rope
+    params = dict(rope.params)
+    params.setdefault("mrope_section", list(QWEN3_OMNI_MROPE_SECTION))
+    params["mrope_interleaved"] = True
+    return replace(rope, params=params)
 
 
 def _deepstack_count(cfg: dict, raw: dict, path: Path) -> int:
@@ -377,7 +410,7 @@ def _deepstack_count(cfg: dict, raw: dict, path: Path) -> int:
                 raise ExportError(f"config.json field 'num_deepstack_features' must be an integer, got {n!r}", path)
             break
     else:
-        vision = raw.get("vision_config") if isinstance(raw.get("vision_config"), dict) else {}
+        vision = _vision_config_of(raw) or {}
         indexes = vision.get("deepstack_visual_indexes")
         types = f"{cfg.get('model_type')} {raw.get('model_type')}"
         n = len(indexes) if isinstance(indexes, list) else 3 if ("qwen3_vl" in types or "qwen3_omni" in types) else 0

@@ -221,7 +221,9 @@ def _encoder_scenario(cfg: ModelConfig, planned: encoders.PlannedEncoder, embed_
     ends = ("audio_start_token_id", "audio_end_token_id") if planned.component == "audio" else (
         "vision_start_token_id", "vision_end_token_id")
     extra = {k: rc[k] for k in ends if isinstance(rc.get(k), int)}
-    mrope = "mrope_section" in cfg.rope.params
+    # An audio clip's tokens count up by one on all three MRoPE axes, as text does (transformers' Qwen3-Omni
+    # get_rope_index; the runtime's sequential table): the plain positions, no table of its own.
+    mrope = "mrope_section" in cfg.rope.params and planned.component != "audio"
 
     def positions(prompt):
         if not mrope:

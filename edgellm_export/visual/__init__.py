@@ -16,8 +16,8 @@ from . import internvl, phi4mm, qwen2_5_vl, qwen2_vl, qwen3_vl
 
 SUBDIR = "visual"
 FAMILIES = {"internvl": internvl, "internvl_chat": internvl, "qwen2_5_vl": qwen2_5_vl,  # root model_type
-            "qwen2_vl": qwen2_vl, "qwen3_vl": qwen3_vl, "qwen3_5": qwen3_vl, "phi4mm": phi4mm,
-            "phi4_multimodal": phi4mm}
+            "qwen2_vl": qwen2_vl, "qwen3_vl": qwen3_vl, "qwen3_5": qwen3_vl, "qwen3_omni_moe": qwen3_vl,
+            "phi4mm": phi4mm, "phi4_multimodal": phi4mm}
 PREPROCESSOR = encoders.Preprocessor(key="image_processor", what="vision_config")
 
 

@@ -57,8 +57,25 @@ class Qwen3VisionSpec(QwenTower):
         return int(round(self.num_positions ** 0.5))
 
 
+# Qwen3-Omni (root `qwen3_omni_moe`): the same tower under thinker_config (families.md §5.3), its mergers named
+# as the original release does (`ln_q`, `mlp.0`, `mlp.2`; the deepstack ones `merger_list.k`), and the name 0.7.1's
+# stringToModelType knows it by (families.md §7).
+OMNI_ROOT_TYPES = ("qwen3_omni_moe",)
+OMNI_RUNTIME_TYPE = "qwen3_omni_vision_encoder"
+_OMNI_MERGER_PARTS = {"ln_q": "norm", "mlp.0": "linear_fc1", "mlp.2": "linear_fc2"}
+
+
+def _scope(raw: dict) -> dict:
+    """Where the tower's config and the multimodal token ids live: Qwen3-Omni's thinker_config (keeping the root's
+    model_type), else the root."""
+    thinker = raw.get("thinker_config")
+    if raw.get("model_type") in OMNI_ROOT_TYPES and isinstance(thinker, dict):
+        return {**thinker, "model_type": raw.get("model_type")}
+    return raw
+
+
 def parse(raw: dict, text_hidden: int, path: Path) -> Qwen3VisionSpec:
-    v = raw.get("vision_config")
+    v = _scope(raw).get("vision_config")
     if not isinstance(v, dict):
         raise ExportError("has no vision_config object", path)
 
@@ -103,11 +120,27 @@ def runtime_config(raw: dict, spec: Qwen3VisionSpec, ckpt_dir: Path) -> dict:
     Qwen3.5's (the same tower without deepstack features; mrope_interleaved kept in the rope)."""
     from . import qwen2_5_vl
 
-    out = qwen2_5_vl.runtime_config(raw, spec, ckpt_dir)
-    kind = "qwen3_5" if str(raw.get("model_type", "")).startswith("qwen3_5") else "qwen3_vl"
+    out = qwen2_5_vl.runtime_config(_scope(raw), spec, ckpt_dir)
+    root = str(raw.get("model_type", ""))
+    kind = "qwen3_5" if root.startswith("qwen3_5") else OMNI_RUNTIME_TYPE if root in OMNI_ROOT_TYPES else "qwen3_vl"
     out["model_type"] = out["vision_config"]["model_type"] = kind
+    if kind == OMNI_RUNTIME_TYPE:  # the thinker's MRoPE as the language model's config.json states it
+        from ..config import parse_rope, qwen3_omni_rope
+
+        rope = qwen3_omni_rope(parse_rope({"rope_scaling": out["text_config"]["rope_scaling"]}, ckpt_dir)[0])
+        out["text_config"]["rope_scaling"] = {"type": "default", "rope_type": "default", **rope.params}
     return out
 
+
+def prepare(ckpt, spec: Qwen3VisionSpec) -> None:
+    """transformers' Qwen3-VL names are the graph's; Qwen3-Omni's mergers are renamed to them (`merger.ln_q` ->
+    `merger.norm`, `mlp.0` / `mlp.2` -> `linear_fc1` / `linear_fc2`, `merger_list.k` -> `deepstack_merger_list.k`)."""
+    mergers = {"merger": "merger",
+               **{f"merger_list.{k}": f"deepstack_merger_list.{k}" for k in range(len(spec.deepstack))}}
+    for old, new in mergers.items():
+        for part, name in _OMNI_MERGER_PARTS.items():
+            for leaf in ("weight", "bias"):
+                ckpt.rename(f"{TOWER}{old}.{part}.{leaf}", f"{TOWER}{new}.{name}.{leaf}")
 
 
 # -- the runtime's preprocessing ---------------------------------------------------------------------
@@ -136,7 +169,6 @@ def preprocess(grids, spec: Qwen3VisionSpec) -> dict[str, np.ndarray]:
             "max_seqlen_carrier": carrier, "fast_pos_embed_idx": idx, "fast_pos_embed_weight": weight}
 
 
-prepare = qwen_vit.prepare  # the family interface: transformers' own names, nothing to map
 preprocessor_problems = qwen_vit.preprocessor_problems
 
 

@@ -4,12 +4,14 @@ Pure: from the exported `visual/config.json`, the graph's input dims and the bui
 (`VisualBuilderConfig`: min_image_tokens 4, max_image_tokens 1024, max_image_tokens_per_image 512 by
 default), as `VisualBuilder::setupVisualOptimizationProfile` sets them (contract families.md §5.2, §5.4):
 
-    Qwen (qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_5): HW = tokens * 4 (merge unit), min / opt / max
+    Qwen (qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_5, qwen3_omni_vision_encoder): HW = tokens * 4 (merge unit),
+    min / opt / max
         input, rotary_pos_emb      [4 min, dim] / [4 (min+max)/2, dim] / [4 max, dim]
         cu_seqlens                 [2] / [max(1, max/min) + 1] / [same]
         max_seqlen_carrier         [1] / [per_image * 4 / 2] / [per_image * 4]
         qwen2_5_vl: cu_window_seqlens [2] / [max] / [max]; window_index, reverse_window_index [HW / 4]
-        qwen3_vl, qwen3_5: fast_pos_embed_idx, fast_pos_embed_weight [4, HW]
+        qwen3_vl, qwen3_5, qwen3_omni_vision_encoder (Qwen3-VL's tower):
+                                   fast_pos_embed_idx, fast_pos_embed_weight [4, HW]
     InternVL (and Phi-4-MM): tiles of 256 tokens, so both token limits must be multiples of 256
         input                      [min/256, C, H, W] / [(min/256 + max/256) / 2, ...] / [max/256, ...]
 
@@ -24,7 +26,8 @@ from edgellm_core.errors import UnsupportedError
 
 from .profiles import ProfileError, ShapeRange
 
-QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
+QWEN3_VL_TYPES = ("qwen3_vl", "qwen3_5", "qwen3_omni_vision_encoder")  # Qwen3-VL's tower: fast_pos_embed_* inputs
+QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl", *QWEN3_VL_TYPES)
 TILE_TYPES = ("internvl", "internvl_vision", "phi4mm")
 TOKENS_PER_TILE = 256  # visualBuilder.cpp kBlockLength
 
@@ -80,7 +83,7 @@ def visual_profile(config: dict, input_dims: dict[str, list[int | str]], limits:
         if kind == "qwen2_5_vl":
             out["cu_window_seqlens"] = rng([2], [hi], [hi])
             out["window_index"] = out["reverse_window_index"] = rng([min_hw // 4], [opt_hw // 4], [max_hw // 4])
-        elif kind in ("qwen3_vl", "qwen3_5"):
+        elif kind in QWEN3_VL_TYPES:
             out["fast_pos_embed_idx"] = out["fast_pos_embed_weight"] = rng([4, min_hw], [4, opt_hw], [4, max_hw])
         return out
     if kind in TILE_TYPES:
