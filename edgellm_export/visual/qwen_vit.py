@@ -40,10 +40,24 @@ class QwenTower:
         return self.merge * self.merge
 
 
-def golden_patches(spec: QwenTower, grids) -> np.ndarray:
-    """Deterministic normalized-pixel-like patches for `grids` (the golden bundle's)."""
-    t = sum(a * b * c for a, b, c in grids)
-    return np.random.default_rng(20261202).standard_normal((t, spec.patch_dim)).astype(np.float16)
+def golden_patches(spec: QwenTower, grids, mean=None, std=None, seed: int = 20261202) -> np.ndarray:
+    """The golden bundle's `input` `[T, patch_dim]` fp16 for `grids`: each frame a synthetic picture of exactly
+    h x w patches (a size the runtime does not resize), through the runtime's preprocessing (normalize with
+    `mean` / `std`, the frame repeated temporal_patch_size times, rows in merge-block order), frames of one
+    image after one another, images in order. `mean` / `std` default to the family's processor defaults:
+    0.5 / 0.5 for Qwen3-VL and Qwen3.5 (their specs carry the learned position table), OpenAI CLIP's for
+    Qwen2-VL and Qwen2.5-VL. Frame k of all frames is `synthetic_image(..., seed + k)`."""
+    from edgellm_core.image_preprocess import QWEN_NORMALIZATION, qwen_patches, synthetic_image
+
+    family = "qwen3_vl" if hasattr(spec, "num_positions") else "qwen2_5_vl"
+    mean = QWEN_NORMALIZATION[family][0] if mean is None else mean
+    std = QWEN_NORMALIZATION[family][1] if std is None else std
+    p, frames = spec.patch_size, []
+    for t, h, w in grids:
+        for _ in range(t):
+            image = synthetic_image(h * p, w * p, seed + len(frames), spec.channels)
+            frames.append(qwen_patches(image, p, spec.temporal_patch_size, spec.merge, mean, std)[0])
+    return np.concatenate(frames).astype(np.float16)
 
 
 def first_image(spec: QwenTower, grids) -> dict:
