@@ -206,7 +206,7 @@ def test_layout_config_manifest_and_validation(exported):
     res = validate_export(out, result_path=out.parent / "v.json")
     assert res["passed"], res["failures"]
     vis = res["components"]["visual"]["outputs"]["output"]
-    assert vis["passed"] and vis["tokens"] == 512 and vis["worst_cosine"] >= 0.999
+    assert vis["passed"] and vis["tokens"] == 768 and vis["worst_cosine"] >= 0.999  # two tiles and the thumbnail
 
 
 def test_a_changed_encoder_fails_validation(exported, tmp_path):
@@ -341,9 +341,9 @@ def test_make_reports_the_visual_component(tmp_path):
     assert main(["-q", "make", str(ckpt), "--target", "x86-cpu", "--out", str(out), "--no-container"]) == 0
     case = json.loads((out / "report" / "qualification.json").read_text())["cases"][0]
     visual = case["components"]["visual"]
-    assert case["verdict"] == "pass" and visual["passed"] and visual["outputs"]["output"]["tokens"] == 512
+    assert case["verdict"] == "pass" and visual["passed"] and visual["outputs"]["output"]["tokens"] == 768
     summary = (out / "report" / "summary.md").read_text()
-    assert "## Components" in summary and f"| {case['name']} | visual | pass | 512 |" in summary
+    assert "## Components" in summary and f"| {case['name']} | visual | pass | 768 |" in summary
 
 
 def test_an_encoder_failure_survives_a_threshold_override(exported, tmp_path):

@@ -304,14 +304,18 @@ def _to_fp16(ref):
     return to_fp16(ref)
 
 
-GOLDEN_TILES = 2  # two tiles in one call: the batch dim is exercised
+GOLDEN_GRID = (1, 2)  # the golden image: one row of two tiles, so the runtime adds a thumbnail (three tiles)
 
 
 def golden_inputs(s: InternVisionSpec) -> dict[str, np.ndarray]:
-    """Deterministic normalized-pixel tiles `[GOLDEN_TILES, C, S, S]` fp16 (what the runtime's preprocessing
-    feeds: per-channel normalized values, mostly within +-2)."""
-    rng = np.random.default_rng(20261202)
-    return {INPUT: rng.standard_normal((GOLDEN_TILES, s.channels, s.image_size, s.image_size)).astype(np.float16)}
+    """One synthetic image as InternViTRunner tiles it (edgellm_core/image_preprocess.py): at its grid's size (no
+    resize), its GOLDEN_GRID sub-tiles row-major, then the thumbnail (resized, as the runtime does, with an
+    approximation of its filter), normalized with the runtime's ImageNet mean / std: `[3, C, S, S]` fp16."""
+    from edgellm_core.image_preprocess import internvl_tiles, synthetic_image
+
+    rows, cols = GOLDEN_GRID
+    image = synthetic_image(rows * s.image_size, cols * s.image_size, seed=20261202, channels=s.channels)
+    return {INPUT: internvl_tiles(image, tile=s.image_size).astype(np.float16)}
 
 
 # -- eager face -------------------------------------------------------------------------------------
@@ -372,6 +376,7 @@ def eager(inputs: dict, t: dict, s: InternVisionSpec):
 
 
 def golden_image(s: InternVisionSpec) -> dict:
-    """The first image of the golden inputs, as the LLM's image scenario uses it: one tile's tokens (the first
-    rows of the output); InternVL's language model has plain RoPE (no grid)."""
-    return {"counts": [s.tokens_per_tile], "grids": None, "merge": None}
+    """The golden image as the LLM's image scenario uses it: all of its tiles' tokens (sub-tiles, thumbnail),
+    in the runtime's order; InternVL's language model has plain RoPE (no grid)."""
+    rows, cols = GOLDEN_GRID
+    return {"counts": [s.tokens_per_tile * (rows * cols + 1)], "grids": None, "merge": None}

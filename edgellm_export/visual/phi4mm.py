@@ -236,11 +236,14 @@ def write_sidecars(out: Path, s: Phi4VisionSpec, ckpt, weights) -> None:
 
 
 def golden_inputs(s: Phi4VisionSpec) -> dict[str, np.ndarray]:
-    """One image as the runtime crops it: its global thumbnail, then a GOLDEN_BLOCKS grid of sub-crops
-    (normalized-pixel-like values)."""
-    crops = 1 + GOLDEN_BLOCKS[0] * GOLDEN_BLOCKS[1]
-    rng = np.random.default_rng(20261203)
-    return {INPUT: rng.standard_normal((crops, s.channels, s.image_size, s.image_size)).astype(np.float16)}
+    """One synthetic image as Phi4MMViTRunner crops it (edgellm_core/image_preprocess.py): at its GOLDEN_BLOCKS
+    grid's size (no resize), its global thumbnail (resized with an approximation of the runtime's filter), then
+    the sub-crops row-major, normalized with the runtime's 0.5 / 0.5: `[3, C, S, S]` fp16."""
+    from edgellm_core.image_preprocess import phi4mm_crops, synthetic_image
+
+    hb, wb = GOLDEN_BLOCKS
+    image = synthetic_image(hb * s.image_size, wb * s.image_size, seed=20261203, channels=s.channels)
+    return {INPUT: phi4mm_crops(image, crop=s.image_size).astype(np.float16)}
 
 
 def golden_image(s: Phi4VisionSpec) -> dict:
