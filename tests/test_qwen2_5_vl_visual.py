@@ -203,8 +203,10 @@ def test_layout_config_graph_and_validation(exported):
 
 @pytest.mark.parametrize("vision, words", [
     ({"window_size": 100}, "window_size 100 is not a positive multiple of patch_size x spatial_merge_size (28)"),
-    ({"out_hidden_size": 128}, "out_hidden_size 128 differs from the language model's hidden size 256"),
+    ({"out_hidden_size": 128}, "out_hidden_size 128 (the tower's output) differs from the language model's"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu' (supported: silu)"),
+    ({"rope_parameters": {"rope_theta": 20000.0, "rope_type": "axial"}},
+     "rope_theta 20000: Edge-LLM 0.7.1's Qwen runner computes the vision rotary angles"),
 ])
 def test_towers_that_cannot_be_exported_are_refused(tmp_path, capsys, vision, words):
     ckpt, _ = make_qwen2_5_vl(tmp_path / "ckpt")

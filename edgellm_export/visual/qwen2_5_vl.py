@@ -50,19 +50,8 @@ class QwenVisionSpec(QwenTower):
 
 
 def parse(raw: dict, text_hidden: int, path: Path) -> QwenVisionSpec:
-    v = raw.get("vision_config")
-    if not isinstance(v, dict):
-        raise ExportError("has no vision_config object", path)
-
-    def need(key, *alts, default=None):
-        for k in (key, *alts):
-            if v.get(k) is not None:
-                return v[k]
-        if default is None:
-            raise ExportError(f"vision_config lacks {key!r}", path)
-        return default
-
-    rope = v.get("rope_parameters") if isinstance(v.get("rope_parameters"), dict) else {}
+    v, need = qwen_vit.vision_fields(raw.get("vision_config"), path)
+    rope, theta = qwen_vit.vision_rope(v)
     depth = need("depth")
     spec = QwenVisionSpec(
         hidden=need("hidden_size"), heads=need("num_heads"), depth=depth, intermediate=need("intermediate_size"),
@@ -70,25 +59,12 @@ def parse(raw: dict, text_hidden: int, path: Path) -> QwenVisionSpec:
         channels=need("in_channels", "in_chans", default=3), merge=need("spatial_merge_size", default=2),
         window_size=need("window_size", default=0),
         full_blocks=tuple(need("fullatt_block_indexes", default=list(range(depth)))),
-        out_hidden=need("out_hidden_size"), rope_theta=float(rope.get("rope_theta", v.get("rope_theta", 10000.0))))
-    problems = []
-    if spec.hidden % spec.heads or spec.head_dim % 4:
-        problems.append(f"hidden_size {spec.hidden} / num_heads {spec.heads}: the head size must split into "
-                        "four rotary quarters")
-    if v.get("hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act {v.get('hidden_act')!r} (supported: silu)")
-    if rope.get("rope_type", "axial") not in ("axial", "default"):
-        problems.append(f"rope_type {rope.get('rope_type')!r} (supported: axial)")
-    if spec.merge != 2:
-        problems.append(f"spatial_merge_size {spec.merge}: Edge-LLM 0.7.1's visual_build and Qwen runner count four "
-                        "patches per image token")
+        out_hidden=need("out_hidden_size"), rope_theta=theta)
+    problems = qwen_vit.common_problems(spec, v, rope, "silu", text_hidden, "out_hidden_size")
     windowed = [i for i in range(depth) if i not in spec.full_blocks]
     if windowed and (spec.window_size <= 0 or spec.window_size % (spec.patch_size * spec.merge)):
         problems.append(f"window_size {spec.window_size} is not a positive multiple of patch_size x "
                         f"spatial_merge_size ({spec.patch_size * spec.merge})")
-    if spec.out_hidden != text_hidden:
-        problems.append(f"out_hidden_size {spec.out_hidden} differs from the language model's hidden size "
-                        f"{text_hidden}")
     if problems:
         raise UnsupportedError("the Qwen2.5-VL vision tower cannot be exported: " + "; ".join(problems), path)
     return spec

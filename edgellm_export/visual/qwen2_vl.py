@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgellm_core.errors import ExportError, UnsupportedError
+from edgellm_core.errors import UnsupportedError
 from edgellm_core.onnx_graph.builder import FLOAT, FLOAT16, INT32, GraphBuilder
 
 from . import qwen_vit
@@ -31,24 +31,12 @@ INPUT, OUTPUT = "input", "output"
 INPUTS = ("input", "rotary_pos_emb", "cu_seqlens", "max_seqlen_carrier")
 LN_EPS = 1e-6  # the blocks' and the merger's LayerNorms (fixed in the model code, not in the config)
 QUICK_GELU = 1.702  # x * sigmoid(1.702 x)
-RUNTIME_ROPE_THETA = 10000.0  # QwenViTRunner computes rotary_pos_emb with this theta, whatever the config says
 # Two images of different sizes and aspect ratios in one call (ragged cu_seqlens), in patches (t, h, w).
 GOLDEN_GRIDS = ((1, 12, 20), (1, 4, 8))
 
 
 def parse(raw: dict, text_hidden: int, path: Path) -> QwenTower:
-    v = raw.get("vision_config")
-    if not isinstance(v, dict):
-        raise ExportError("has no vision_config object", path)
-
-    def need(key, *alts, default=None):
-        for k in (key, *alts):
-            if v.get(k) is not None:
-                return v[k]
-        if default is None:
-            raise ExportError(f"vision_config lacks {key!r}", path)
-        return default
-
+    v, need = qwen_vit.vision_fields(raw.get("vision_config"), path)
     values = {"embed_dim": need("embed_dim"), "num_heads": need("num_heads"), "depth": need("depth"),
               "hidden_size": need("hidden_size"), "patch_size": need("patch_size"),
               "temporal_patch_size": need("temporal_patch_size", default=2),
@@ -61,30 +49,13 @@ def parse(raw: dict, text_hidden: int, path: Path) -> QwenTower:
     if bad:
         raise UnsupportedError("the Qwen2-VL vision tower cannot be exported: vision_config has "
                                + ", ".join(bad) + " (positive integers expected)", path)
-    rope = v.get("rope_parameters") if isinstance(v.get("rope_parameters"), dict) else {}
+    rope, theta = qwen_vit.vision_rope(v)
     spec = QwenTower(
         hidden=values["embed_dim"], heads=values["num_heads"], depth=values["depth"],
         intermediate=int(values["embed_dim"] * ratio), patch_size=values["patch_size"],
         temporal_patch_size=values["temporal_patch_size"], channels=values["in_channels"],
-        merge=values["spatial_merge_size"], out_hidden=values["hidden_size"],
-        rope_theta=float(rope.get("rope_theta", v.get("rope_theta", RUNTIME_ROPE_THETA))))
-    problems = []
-    if spec.hidden % spec.heads or spec.head_dim % 4:
-        problems.append(f"embed_dim {spec.hidden} / num_heads {spec.heads}: the head size must split into four "
-                        "rotary quarters")
-    if v.get("hidden_act", "quick_gelu") != "quick_gelu":
-        problems.append(f"hidden_act {v.get('hidden_act')!r} (supported: quick_gelu)")
-    if rope.get("rope_type", "axial") not in ("axial", "default"):
-        problems.append(f"rope_type {rope.get('rope_type')!r} (supported: axial)")
-    if spec.rope_theta != RUNTIME_ROPE_THETA:
-        problems.append(f"rope_theta {spec.rope_theta:g}: Edge-LLM 0.7.1's Qwen runner computes the vision rotary "
-                        f"angles with {RUNTIME_ROPE_THETA:g}")
-    if spec.merge != 2:
-        problems.append(f"spatial_merge_size {spec.merge}: Edge-LLM 0.7.1's visual_build and Qwen runner count four "
-                        "patches per image token")
-    if spec.out_hidden != text_hidden:
-        problems.append(f"hidden_size {spec.out_hidden} (the tower's output) differs from the language model's "
-                        f"hidden size {text_hidden}")
+        merge=values["spatial_merge_size"], out_hidden=values["hidden_size"], rope_theta=theta)
+    problems = qwen_vit.common_problems(spec, v, rope, "quick_gelu", text_hidden, "hidden_size", "embed_dim")
     if problems:
         raise UnsupportedError("the Qwen2-VL vision tower cannot be exported: " + "; ".join(problems), path)
     return spec

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgellm_core.errors import ExportError, UnsupportedError
+from edgellm_core.errors import UnsupportedError
 from edgellm_core.onnx_graph.builder import FLOAT, FLOAT16, INT32, INT64, GraphBuilder
 
 from . import qwen_vit
@@ -75,41 +75,20 @@ def _scope(raw: dict) -> dict:
 
 
 def parse(raw: dict, text_hidden: int, path: Path) -> Qwen3VisionSpec:
-    v = _scope(raw).get("vision_config")
-    if not isinstance(v, dict):
-        raise ExportError("has no vision_config object", path)
-
-    def need(key, default=None):
-        if v.get(key) is not None:
-            return v[key]
-        if default is None:
-            raise ExportError(f"vision_config lacks {key!r}", path)
-        return default
-
-    rope = v.get("rope_parameters") if isinstance(v.get("rope_parameters"), dict) else {}
+    v, need = qwen_vit.vision_fields(_scope(raw).get("vision_config"), path)
+    rope, theta = qwen_vit.vision_rope(v)
     spec = Qwen3VisionSpec(
         hidden=need("hidden_size"), heads=need("num_heads"), depth=need("depth"),
         intermediate=need("intermediate_size"),
-        patch_size=need("patch_size"), temporal_patch_size=need("temporal_patch_size", 2),
-        channels=need("in_channels", 3), merge=need("spatial_merge_size", 2), out_hidden=need("out_hidden_size"),
-        num_positions=need("num_position_embeddings"), deepstack=tuple(need("deepstack_visual_indexes", [])),
-        rope_theta=float(rope.get("rope_theta", 10000.0)))
-    problems = []
-    if spec.hidden % spec.heads or spec.head_dim % 4:
-        problems.append(f"hidden_size {spec.hidden} / num_heads {spec.heads}: the head size must split into four "
-                        "rotary quarters")
-    if v.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
-        problems.append(f"hidden_act {v.get('hidden_act')!r} (supported: gelu_pytorch_tanh)")
-    if spec.merge != 2:
-        problems.append(f"spatial_merge_size {spec.merge}: Edge-LLM 0.7.1's visual_build and Qwen runner count four "
-                        "patches per image token")
+        patch_size=need("patch_size"), temporal_patch_size=need("temporal_patch_size", default=2),
+        channels=need("in_channels", default=3), merge=need("spatial_merge_size", default=2),
+        out_hidden=need("out_hidden_size"), num_positions=need("num_position_embeddings"),
+        deepstack=tuple(need("deepstack_visual_indexes", default=[])), rope_theta=theta)
+    problems = qwen_vit.common_problems(spec, v, rope, "gelu_pytorch_tanh", text_hidden, "out_hidden_size")
     if spec.side ** 2 != spec.num_positions:
         problems.append(f"num_position_embeddings {spec.num_positions} is not a square grid")
     if any(not 0 <= i < spec.depth for i in spec.deepstack):
         problems.append(f"deepstack_visual_indexes {list(spec.deepstack)} outside the {spec.depth} blocks")
-    if spec.out_hidden != text_hidden:
-        problems.append(f"out_hidden_size {spec.out_hidden} differs from the language model's hidden size "
-                        f"{text_hidden}")
     if problems:
         raise UnsupportedError("the Qwen3-VL vision tower cannot be exported: " + "; ".join(problems), path)
     return spec

@@ -73,6 +73,59 @@ def all_images(spec: QwenTower, grids) -> dict:
             "merge": spec.merge}
 
 
+RUNTIME_ROPE_THETA = 10000.0  # qwenViTRunner computes every Qwen tower's vision rotary angles with it
+
+
+def vision_fields(raw_vision, path):
+    """(vision_config, need): `need(key, *alternatives, default=None)` gives the first of the keys the config
+    has, else the default, else refuses naming the key."""
+    from edgellm_core.errors import ExportError
+
+    if not isinstance(raw_vision, dict):
+        raise ExportError("has no vision_config object", path)
+
+    def need(key, *alternatives, default=None):
+        for k in (key, *alternatives):
+            if raw_vision.get(k) is not None:
+                return raw_vision[k]
+        if default is None:
+            raise ExportError(f"vision_config lacks {key!r}", path)
+        return default
+
+    return raw_vision, need
+
+
+def vision_rope(v: dict) -> tuple[dict, float]:
+    """The tower's rope parameters and theta (transformers 5 nests them in rope_parameters)."""
+    rope = v.get("rope_parameters") if isinstance(v.get("rope_parameters"), dict) else {}
+    return rope, float(rope.get("rope_theta", v.get("rope_theta", RUNTIME_ROPE_THETA)))
+
+
+def common_problems(spec: QwenTower, v: dict, rope: dict, act: str, text_hidden: int, out_key: str,
+                    width_key: str = "hidden_size") -> list[str]:
+    """What every Qwen tower's graph or the 0.7.1 runner cannot take: heads that do not split into rotary
+    quarters, another activation, another rope type or theta (the runner's is fixed), a merge size other than 2,
+    an output that is not the language model's width."""
+    out = []
+    if spec.hidden % spec.heads or spec.head_dim % 4:
+        out.append(f"{width_key} {spec.hidden} / num_heads {spec.heads}: the head size must split into four "
+                   "rotary quarters")
+    if v.get("hidden_act", act) != act:
+        out.append(f"hidden_act {v.get('hidden_act')!r} (supported: {act})")
+    if rope.get("rope_type", "axial") not in ("axial", "default"):
+        out.append(f"rope_type {rope.get('rope_type')!r} (supported: axial)")
+    if spec.rope_theta != RUNTIME_ROPE_THETA:
+        out.append(f"rope_theta {spec.rope_theta:g}: Edge-LLM 0.7.1's Qwen runner computes the vision rotary "
+                   f"angles with {RUNTIME_ROPE_THETA:g}")
+    if spec.merge != 2:
+        out.append(f"spatial_merge_size {spec.merge}: Edge-LLM 0.7.1's visual_build and Qwen runner count four "
+                   "patches per image token")
+    if spec.out_hidden != text_hidden:
+        out.append(f"{out_key} {spec.out_hidden} (the tower's output) differs from the language model's hidden "
+                   f"size {text_hidden}")
+    return out
+
+
 def preprocessor_problems(pre: dict, spec: QwenTower) -> list[str]:
     """The Qwen processors' patch settings against the tower's (patch_size, temporal_patch_size, merge_size)."""
     out = []
