@@ -27,6 +27,43 @@ QUANT_FORMATS = ("fp8", "nvfp4", "mxfp8")  # quant.plan's names of the formats a
 NAMES = {"visual": "vision tower", "audio": "audio encoder"}  # for messages
 
 
+MAX_SIZE = 1 << 20  # no real encoder has a size (width, depth, patch, table length) beyond this
+
+
+def config_fields(section, what: str, path):
+    """`need(key, *alternatives, default=None, size=True)` over config section `section` (named `what` in
+    messages): the first of the keys it has, else the default, else an error naming the key. `size`: a positive
+    integer up to MAX_SIZE (checked before anything is sized from it); `size=False`: any value."""
+    if not isinstance(section, dict):
+        raise ExportError(f"has no {what} object", path)
+
+    def need(key, *alternatives, default=None, size=True):
+        found = next((k for k in (key, *alternatives) if section.get(k) is not None), None)
+        if found is None:
+            if default is None:
+                raise ExportError(f"{what} lacks {key!r}", path)
+            return default
+        value = section[found]
+        if size and (isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_SIZE):
+            raise ExportError(f"{what}.{found} is {value!r}; expected a positive integer (at most {MAX_SIZE})", path)
+        return value
+
+    return need
+
+
+def index_list(value, what: str, path) -> tuple[int, ...]:
+    """A config list of layer indexes (fullatt_block_indexes, deepstack_visual_indexes)."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        raise ExportError(f"{what} is {value!r}; expected a list of layer indexes", path)
+    return tuple(value)
+
+
+def number(value, what: str, path) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ExportError(f"{what} is {value!r}; expected a number", path)
+    return float(value)
+
+
 @dataclass
 class Preprocessor:
     """Where a component's preprocessing settings live: `preprocessor_config.json` when it holds `marker`, else

@@ -77,3 +77,57 @@ def test_config_normaliser(cfg):
         build_model_config(cfg, lambda suffix: False, Path("config.json"))
     except ExportError:
         pass
+
+
+# Encoder configs (visual/*.py, audio/*.py and the component rules): plausible keys with any JSON in them.
+_VISION_KEYS = ("hidden_size", "num_heads", "num_attention_heads", "depth", "num_hidden_layers", "intermediate_size",
+                "patch_size", "image_size", "temporal_patch_size", "spatial_merge_size", "out_hidden_size",
+                "window_size", "fullatt_block_indexes", "num_position_embeddings", "deepstack_visual_indexes",
+                "embed_dim", "mlp_ratio", "hidden_act", "rope_parameters", "rope_theta", "feature_layer", "crop_size",
+                "image_token_id", "norm_type", "layer_norm_eps", "num_channels", "in_channels", "model_type")
+_AUDIO_KEYS = ("d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim", "num_mel_bins",
+               "downsample_hidden_size", "output_dim", "n_window", "n_window_infer", "max_source_positions",
+               "activation_function", "model_type")
+
+
+def _sub(keys):
+    small = st.integers(-3, 1100) | json_scalars | st.lists(st.integers(-2, 40), max_size=3)
+    return json_values | st.fixed_dictionaries({}, optional={k: small for k in keys})
+
+
+encoder_configs = st.fixed_dictionaries(
+    {"model_type": st.sampled_from(["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "internvl", "internvl_chat",
+                                    "phi4mm", "phi4_multimodal", "qwen3_asr", "qwen3_omni_moe"])},
+    optional={"vision_config": _sub(_VISION_KEYS), "audio_config": _sub(_AUDIO_KEYS),
+              "thinker_config": json_values | st.fixed_dictionaries({}, optional={
+                  "vision_config": _sub(_VISION_KEYS), "audio_config": _sub(_AUDIO_KEYS), "text_config": json_values,
+                  "audio_token_id": json_scalars, "image_token_id": json_scalars}),
+              "embd_layer": json_values | st.fixed_dictionaries({}, optional={"image_embd_layer": json_values,
+                                                                              "audio_embd_layer": json_values}),
+              "text_config": json_values, "llm_config": json_values, "downsample_ratio": json_scalars,
+              "image_token_id": json_scalars, "video_token_id": json_scalars, "vision_start_token_id": json_scalars,
+              "audio_token_id": json_scalars, "audio_start_token_id": json_scalars,
+              "audio_end_token_id": json_scalars, "vocab_size": json_scalars, "talker_config": json_values})
+
+
+@SETTINGS
+@given(encoder_configs, st.sampled_from([None, ("llm",), ("llm", "visual"), ("llm", "audio")]))
+def test_encoder_configs(raw, components):
+    """Parsing an encoder's config, its runtime config and the component rules: accepted or ExportError."""
+    from edgellm_export import audio, visual
+    from edgellm_export.config import check_components
+
+    path = Path("config.json")
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            check_components(raw, components, path)
+        except ExportError:
+            pass
+        for module in (visual.FAMILIES.get(raw["model_type"]), audio.FAMILIES.get(raw["model_type"])):
+            if module is None:
+                continue
+            try:
+                spec = module.parse(raw, 256, path)
+                module.runtime_config(raw, spec, Path(d))
+            except ExportError:
+                pass

@@ -29,6 +29,7 @@ from edgellm_core.multimodal import PHI4MM_SIDECAR
 from edgellm_core.onnx_graph.builder import FLOAT16, GraphBuilder
 
 from ..encoder_ops import EagerOps, GraphOps
+from ..encoders import config_fields, number
 
 EMBED = "embed_tokens_extend.image_embed."
 TOWER = EMBED + "img_processor."
@@ -80,25 +81,21 @@ def parse(raw: dict, text_hidden: int, path: Path) -> Phi4VisionSpec:
     SigLIP, which `prepare` checks against the tensors); refuses what the 0.7.1 runner cannot run."""
     original = raw.get("model_type") == "phi4mm"
     v = _vision_config(raw)
-    embd = (raw.get("embd_layer") or {}).get("image_embd_layer") or {} if original else {}
-
-    def need(key, default=None):
-        value = v.get(key, default)
-        if value is None:
-            raise ExportError(f"vision_config lacks {key!r}", path)
-        return value
-
+    embd = _image_embd_layer(raw) if original else {}
+    need = config_fields(v, "vision_config", path)
     total = need("num_hidden_layers")
     feature = embd.get("layer_idx", v.get("feature_layer", -2)) if original else v.get("feature_layer", -2)
     crop = embd.get("crop_size", RUNTIME_CROP) if original else v.get("crop_size", RUNTIME_CROP)
-    image, patch = need("image_size"), need("patch_size")
+    image, patch = need("image_size", size=False), need("patch_size", size=False)  # checked below, with the crop
     problems = []
     if not isinstance(feature, int) or isinstance(feature, bool) or not -total <= feature < 0:
         problems.append(f"feature_layer {feature!r} (a negative layer index within the {total} layers)")
         feature = -1
     spec = Phi4VisionSpec(hidden=need("hidden_size"), heads=need("num_attention_heads"), layers=total + feature + 1,
                           intermediate=need("intermediate_size"), image_size=image, patch_size=patch,
-                          channels=need("num_channels", 3), eps=float(need("layer_norm_eps", 1e-6)),
+                          channels=need("num_channels", default=3),
+                          eps=number(need("layer_norm_eps", default=1e-6, size=False), "vision_config.layer_norm_eps",
+                                     path),
                           text_hidden=text_hidden, total_layers=total, original_layout=original)
     if v.get("hidden_act", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_new"):
         problems.append(f"hidden_act {v.get('hidden_act')!r} (supported: gelu_pytorch_tanh)")
@@ -119,6 +116,13 @@ def parse(raw: dict, text_hidden: int, path: Path) -> Phi4VisionSpec:
     return spec
 
 
+def _image_embd_layer(raw: dict) -> dict:
+    """The original layout's `embd_layer.image_embd_layer` (empty when absent or not an object)."""
+    embd = raw.get("embd_layer") if isinstance(raw.get("embd_layer"), dict) else {}
+    image = embd.get("image_embd_layer")
+    return image if isinstance(image, dict) else {}
+
+
 def image_token_id(raw: dict):
     v = raw.get("vision_config")
     return v.get("image_token_id", RUNTIME_IMAGE_TOKEN) if isinstance(v, dict) else RUNTIME_IMAGE_TOKEN
@@ -127,8 +131,8 @@ def image_token_id(raw: dict):
 def runtime_config(raw: dict, spec: Phi4VisionSpec, ckpt_dir: Path) -> dict:
     """visual/config.json (families.md §7): what the 0.7.1 builder and Phi4MMViTRunner read: `model_type`
     phi4mm (the one they know, whichever layout), `vocab_size`, `embd_layer.image_embd_layer.crop_size`."""
-    embd = dict(raw.get("embd_layer") or {})
-    embd["image_embd_layer"] = {**(embd.get("image_embd_layer") or {}), "crop_size": spec.image_size}
+    embd = dict(raw.get("embd_layer")) if isinstance(raw.get("embd_layer"), dict) else {}
+    embd["image_embd_layer"] = {**_image_embd_layer(raw), "crop_size": spec.image_size}
     vision = raw.get("vision_config") if isinstance(raw.get("vision_config"), dict) else _STOCK_SIGLIP
     # visual_build reads vision_config.model_type before the top level's; 0.7.1 knows neither
     # phi4_multimodal_vision nor phi4_multimodal, only phi4mm

@@ -25,6 +25,7 @@ import numpy as np
 from edgellm_core.errors import ExportError, UnsupportedError
 from edgellm_core.onnx_graph.builder import FLOAT, FLOAT16, INT32, INT64, GraphBuilder
 
+from ..encoders import index_list
 from . import qwen_vit
 from .qwen_vit import EagerOps, GraphOps, QwenTower, all_images, frame_seqlens, golden_patches, rotary_angles
 
@@ -51,14 +52,15 @@ class QwenVisionSpec(QwenTower):
 
 def parse(raw: dict, text_hidden: int, path: Path) -> QwenVisionSpec:
     v, need = qwen_vit.vision_fields(raw.get("vision_config"), path)
-    rope, theta = qwen_vit.vision_rope(v)
+    rope, theta = qwen_vit.vision_rope(v, path)
     depth = need("depth")
     spec = QwenVisionSpec(
         hidden=need("hidden_size"), heads=need("num_heads"), depth=depth, intermediate=need("intermediate_size"),
         patch_size=need("patch_size"), temporal_patch_size=need("temporal_patch_size", default=2),
         channels=need("in_channels", "in_chans", default=3), merge=need("spatial_merge_size", default=2),
         window_size=need("window_size", default=0),
-        full_blocks=tuple(need("fullatt_block_indexes", default=list(range(depth)))),
+        full_blocks=index_list(need("fullatt_block_indexes", default=list(range(depth)), size=False),
+                               "vision_config.fullatt_block_indexes", path),
         out_hidden=need("out_hidden_size"), rope_theta=theta)
     problems = qwen_vit.common_problems(spec, v, rope, "silu", text_hidden, "out_hidden_size")
     windowed = [i for i in range(depth) if i not in spec.full_blocks]

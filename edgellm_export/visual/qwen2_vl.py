@@ -42,14 +42,14 @@ def parse(raw: dict, text_hidden: int, path: Path) -> QwenTower:
               "temporal_patch_size": need("temporal_patch_size", default=2),
               "in_channels": need("in_channels", "in_chans", default=3),
               "spatial_merge_size": need("spatial_merge_size", default=2)}
-    ratio = need("mlp_ratio", default=4)
+    ratio = need("mlp_ratio", default=4, size=False)
     bad = [f"{k} {val!r}" for k, val in values.items() if isinstance(val, bool) or not isinstance(val, int) or val < 1]
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio <= 0:
         bad.append(f"mlp_ratio {ratio!r}")
     if bad:
         raise UnsupportedError("the Qwen2-VL vision tower cannot be exported: vision_config has "
                                + ", ".join(bad) + " (positive integers expected)", path)
-    rope, theta = qwen_vit.vision_rope(v)
+    rope, theta = qwen_vit.vision_rope(v, path)
     spec = QwenTower(
         hidden=values["embed_dim"], heads=values["num_heads"], depth=values["depth"],
         intermediate=int(values["embed_dim"] * ratio), patch_size=values["patch_size"],

@@ -22,6 +22,7 @@ import numpy as np
 from edgellm_core.errors import UnsupportedError
 from edgellm_core.onnx_graph.builder import FLOAT, FLOAT16, INT32, INT64, GraphBuilder
 
+from ..encoders import index_list
 from . import qwen_vit
 from .qwen_vit import (
     EagerOps,
@@ -76,14 +77,15 @@ def _scope(raw: dict) -> dict:
 
 def parse(raw: dict, text_hidden: int, path: Path) -> Qwen3VisionSpec:
     v, need = qwen_vit.vision_fields(_scope(raw).get("vision_config"), path)
-    rope, theta = qwen_vit.vision_rope(v)
+    rope, theta = qwen_vit.vision_rope(v, path)
     spec = Qwen3VisionSpec(
         hidden=need("hidden_size"), heads=need("num_heads"), depth=need("depth"),
         intermediate=need("intermediate_size"),
         patch_size=need("patch_size"), temporal_patch_size=need("temporal_patch_size", default=2),
         channels=need("in_channels", default=3), merge=need("spatial_merge_size", default=2),
         out_hidden=need("out_hidden_size"), num_positions=need("num_position_embeddings"),
-        deepstack=tuple(need("deepstack_visual_indexes", default=[])), rope_theta=theta)
+        deepstack=index_list(need("deepstack_visual_indexes", default=[], size=False),
+                             "vision_config.deepstack_visual_indexes", path), rope_theta=theta)
     problems = qwen_vit.common_problems(spec, v, rope, "gelu_pytorch_tanh", text_hidden, "out_hidden_size")
     if spec.side ** 2 != spec.num_positions:
         problems.append(f"num_position_embeddings {spec.num_positions} is not a square grid")

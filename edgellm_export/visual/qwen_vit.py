@@ -77,28 +77,18 @@ RUNTIME_ROPE_THETA = 10000.0  # qwenViTRunner computes every Qwen tower's vision
 
 
 def vision_fields(raw_vision, path):
-    """(vision_config, need): `need(key, *alternatives, default=None)` gives the first of the keys the config
-    has, else the default, else refuses naming the key."""
-    from edgellm_core.errors import ExportError
+    """(vision_config, need): encoders.config_fields over it (sizes are bounded positive integers)."""
+    from ..encoders import config_fields
 
-    if not isinstance(raw_vision, dict):
-        raise ExportError("has no vision_config object", path)
-
-    def need(key, *alternatives, default=None):
-        for k in (key, *alternatives):
-            if raw_vision.get(k) is not None:
-                return raw_vision[k]
-        if default is None:
-            raise ExportError(f"vision_config lacks {key!r}", path)
-        return default
-
-    return raw_vision, need
+    return raw_vision, config_fields(raw_vision, "vision_config", path)
 
 
-def vision_rope(v: dict) -> tuple[dict, float]:
+def vision_rope(v: dict, path) -> tuple[dict, float]:
     """The tower's rope parameters and theta (transformers 5 nests them in rope_parameters)."""
+    from ..encoders import number
+
     rope = v.get("rope_parameters") if isinstance(v.get("rope_parameters"), dict) else {}
-    return rope, float(rope.get("rope_theta", v.get("rope_theta", RUNTIME_ROPE_THETA)))
+    return rope, number(rope.get("rope_theta", v.get("rope_theta", RUNTIME_ROPE_THETA)), "vision rope_theta", path)
 
 
 def common_problems(spec: QwenTower, v: dict, rope: dict, act: str, text_hidden: int, out_key: str,
