@@ -210,9 +210,9 @@ def _write_encoder(planned: encoders.PlannedEncoder, out: Path, ckpt, opts: Expo
 
 def _encoder_scenario(cfg: ModelConfig, planned: encoders.PlannedEncoder, embed_ref, outputs: dict, out_dir: Path,
                       native: bool = False):
-    """The golden bundle's image or audio scenario: the encoder golden's first image (or its clip) in a prompt
-    (config.json's token ids), MRoPE positions where the language model has them (the table is made once the
-    capacity is known)."""
+    """The golden bundle's image or audio scenario: the encoder golden's images (the family's `golden_image`
+    says which rows, and how the runtime lays them out) or its clip in a prompt (config.json's token ids), MRoPE
+    positions where the language model has them (the table is made once the capacity is known)."""
     from edgellm_core.multimodal import qwen_positions
 
     layout = planned.module.golden_image(planned.spec)
