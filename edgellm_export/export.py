@@ -320,9 +320,9 @@ def plan_export(ckpt, contract, opts: ExportOptions) -> PlannedExport:
 def _refuse_unmerged_lora(ckpt) -> None:
     """LoRA adapters stored in the checkpoint (Phi-4-MM's builtin vision / speech LoRA) are deltas on the base
     weights: exporting the base alone computes another model. They are merged first, by choice of adapter."""
-    adapters = sorted({n.split(".lora_A.", 1)[1].rsplit(".", 1)[0] for n in ckpt.names() if ".lora_A." in n})
-    if any(".lora_A." in n or ".lora_B." in n for n in ckpt.names()):
-        named = ", ".join(adapters) or "unnamed"
+    lora = [n.split(".lora_", 1)[1] for n in ckpt.names() if ".lora_A." in n or ".lora_B." in n]
+    if lora:  # "A.vision.weight" -> vision; a PEFT-style "A.weight" names none
+        named = ", ".join(sorted({p.split(".")[1] for p in lora if p.count(".") >= 2})) or "unnamed"
         raise UnsupportedError(
             f"the checkpoint holds unmerged LoRA adapters ({named}) next to its base weights; exporting the base "
             "weights alone would compute another model. Merge the one you want first: edgellm merge-lora CKPT "

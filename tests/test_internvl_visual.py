@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import BASE
+from fixtures.tower_checks import rel_err, row_cosines, skip_block
 from safetensors.numpy import load_file, save_file
 
 from edgellm_export.cli import main
@@ -79,14 +80,6 @@ def hf_features(model, tiles: np.ndarray) -> np.ndarray:
     return out.reshape(-1, out.shape[-1]).numpy()
 
 
-def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
-
-
-def rel_err(got, want) -> float:
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
-
-
 def run_visual(out: Path, tiles: np.ndarray) -> np.ndarray:
     be = CpuBackend(out / "visual")
     try:
@@ -151,10 +144,6 @@ def _projector_quick_gelu(model):
     return [(model.multi_modal_projector, "act", ACT2FN["quick_gelu"])]
 
 
-def _skip_layer(tower, k):
-    return [(tower.encoder.layer[k], "forward", lambda hidden_states, **_: hidden_states)]
-
-
 # Bugs put into HF's tower (the reference side), each as the attributes to patch; the graph must fail the
 # comparison's bounds against every one of them. (GELU's tanh form for the exact one is not here: the two differ by
 # at most 5e-4, under the fp16 graph's own error, so no comparison of this kind can tell them apart.)
@@ -163,7 +152,7 @@ MUTATIONS = {
     "across_tiles": lambda m: _across_tiles(m.vision_tower),
     "quick_gelu": _quick_gelu,
     "projector_quick_gelu": _projector_quick_gelu,
-    **{f"layer_{k}_skipped": (lambda m, k=k: _skip_layer(m.vision_tower, k)) for k in range(2)},
+    **{f"layer_{k}_skipped": (lambda m, k=k: skip_block(m.vision_tower.encoder.layer, k)) for k in range(2)},
 }
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_phi4mm_visual import IMAGE_TOKEN, TEXT, crops_inputs, make_phi4mm, row_cosines, to_original_layout
+from fixtures.tower_checks import row_cosines
+from test_phi4mm_visual import IMAGE_TOKEN, TEXT, crops_inputs, make_phi4mm, to_original_layout
 
 from edgellm_export.cli import main
 

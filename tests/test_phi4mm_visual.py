@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures.tower_checks import rel_err, row_cosines, skip_block
 from safetensors.numpy import load_file, save_file
 
 from edgellm_export.cli import main
@@ -104,14 +105,6 @@ def hf_crop_features(model, crops: np.ndarray) -> np.ndarray:
     return out.reshape(-1, out.shape[-1]).numpy()
 
 
-def row_cosines(a, b):
-    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
-
-
-def rel_err(got, want) -> float:
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("phi4mm")
@@ -183,10 +176,6 @@ def _quick_gelu(tower):
     return [(layer.mlp, "activation_fn", ACT2FN["quick_gelu"]) for layer in tower.encoder.layers]
 
 
-def _skip_layer(tower, k):
-    return [(tower.encoder.layers[k], "forward", lambda hidden_states, *_, **__: hidden_states)]
-
-
 # Bugs put into HF's tower (the reference side), each as the attributes to patch; the graph must fail the
 # comparison's bounds against every one of them. The features are the second-to-last layer's (feature_layer -2),
 # so the last layer is never run and leaving it out changes nothing; exact GELU for the tower's tanh form is not
@@ -197,7 +186,7 @@ MUTATIONS = {
     "causal_attention": lambda e: _each_attention(e.img_processor, _causal),
     "quick_gelu": lambda e: _quick_gelu(e.img_processor),
     "last_layer_features": lambda e: [(e, "layer_idx", -1)],
-    **{f"layer_{k}_skipped": (lambda e, k=k: _skip_layer(e.img_processor, k))
+    **{f"layer_{k}_skipped": (lambda e, k=k: skip_block(e.img_processor.encoder.layers, k))
        for k in range(VISION["num_hidden_layers"] - 1)},
 }
 

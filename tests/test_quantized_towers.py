@@ -16,6 +16,7 @@ import warnings
 
 import numpy as np
 import pytest
+from fixtures.tower_checks import row_cosines
 from safetensors.numpy import load_file
 
 from edgellm_export.cli import main
@@ -130,10 +131,6 @@ def dequantized(reference, ckpt):
         name = p + ".weight" if p + ".weight" in params else "model." + p + ".weight"
         params[name].data = torch.from_numpy(dequantize_linear(t, {}).astype(np.float32))
     return model
-
-
-def row_cosines(a, b):
-    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
 def tower(model, patches, grids):

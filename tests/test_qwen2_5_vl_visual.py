@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import BASE
+from fixtures.tower_checks import one_sequence, rel_err, row_cosines, skip_block
 from safetensors.numpy import load_file
 
 from edgellm_export.cli import main
@@ -73,14 +74,6 @@ def hf_tower(model, patches: np.ndarray, grids) -> np.ndarray:
     return out.numpy()
 
 
-def row_cosines(a, b):
-    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
-
-
-def rel_err(got, want) -> float:
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
-
-
 def graph_and_patches(exported, grids):
     """The exported graph's rows on seeded patches for `grids` (the runtime's preprocessing), and the patches."""
     ckpt, _, out = exported
@@ -114,42 +107,29 @@ def test_visual_graph_matches_transformers(exported, grids, record_property):
     assert err <= MAX_REL_ERR, err
 
 
-def _skip_block(visual, k):
-    return [(visual.blocks[k], "forward", lambda hidden_states, **_: hidden_states)]
-
-
 def _gelu_for_silu(visual):
     import torch
 
     return [(b.mlp, "act_fn", torch.nn.GELU()) for b in visual.blocks]
 
 
-def _one_sequence(merge_temporal_only: bool):
-    """transformers' cu_seqlens for the full-attention blocks, with every image (or, with merge_temporal_only,
-    every image's frames) in one attention sequence."""
-    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as m
 
-    real = m.get_vision_attention_seqlens
+def _modeling():
+    """transformers' module whose attention bookkeeping the across-images / frames mutations patch."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 
-    def seqlens(grid_thw, config, merge_temporal=False, kwargs=None):
-        if merge_temporal_only:
-            return real(grid_thw, config, merge_temporal=True, kwargs=kwargs)
-        cu, longest = real(grid_thw, config, merge_temporal=merge_temporal, kwargs=kwargs)
-        return cu[[0, -1]], longest
-
-    return [(m, "get_vision_attention_seqlens", seqlens)]
-
+    return modeling_qwen2_5_vl
 
 # Bugs put into HF's tower (the reference side), each as the attributes to patch; the graph must fail the
 # comparison's bounds against every one of them. (GELU's tanh form for the merger's exact one is not here: the
 # two differ by at most 5e-4, under the fp16 graph's own error, so no comparison of this kind can tell them apart.)
 MUTATIONS = {
     "no_rope": (GRIDS["golden"], lambda v: [(v.rotary_pos_emb, "inv_freq", v.rotary_pos_emb.inv_freq * 0)]),
-    "across_images": (GRIDS["golden"], lambda v: _one_sequence(False)),
-    "across_frames": (GRIDS["two_frames_and_large"], lambda v: _one_sequence(True)),
+    "across_images": (GRIDS["golden"], lambda v: one_sequence(_modeling(), False)),
+    "across_frames": (GRIDS["two_frames_and_large"], lambda v: one_sequence(_modeling(), True)),
     "no_windows": (GRIDS["golden"], lambda v: [(v, "fullatt_block_indexes", list(range(len(v.blocks))))]),
     "gelu_for_silu": (GRIDS["golden"], _gelu_for_silu),
-    **{f"block_{k}_skipped": (GRIDS["golden"], lambda v, k=k: _skip_block(v, k)) for k in range(VISION["depth"])},
+    **{f"block_{k}_skipped": (GRIDS["golden"], lambda v, k=k: skip_block(v.blocks, k)) for k in range(VISION["depth"])},
 }
 
 

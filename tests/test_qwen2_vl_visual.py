@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import BASE
+from fixtures.tower_checks import rel_err, row_cosines
 from safetensors.numpy import load_file
 
 from edgellm_export.cli import main
@@ -81,14 +82,6 @@ def run_visual(out, feeds) -> np.ndarray:
         return be.run(feeds)["output"].astype(np.float32)
     finally:
         be.close()
-
-
-def row_cosines(a, b):
-    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
-
-
-def rel_err(got, want) -> float:
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
 @pytest.mark.parametrize("grids", [q2.GOLDEN_GRIDS, ((1, 8, 8),), ((1, 2, 24), (1, 22, 4)), ((2, 4, 12), (1, 16, 16))],

@@ -8,9 +8,10 @@ import json
 
 import numpy as np
 import pytest
+from fixtures.tower_checks import row_cosines
 from safetensors.numpy import load_file
 from test_qwen3_5 import QWEN3_5
-from test_vlm_golden_image import hf_logits, image_scenario, row_cosines
+from test_vlm_golden_image import hf_logits, image_scenario
 
 from edgellm_export.cli import main
 from edgellm_export.visual import qwen3_vl as q3

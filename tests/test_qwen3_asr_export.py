@@ -12,6 +12,7 @@ import json
 
 import numpy as np
 import pytest
+from fixtures.tower_checks import row_cosines
 from safetensors.numpy import load_file
 from test_qwen3_asr_audio import IDS, TINY, USER_ID, _signal
 
@@ -55,10 +56,6 @@ def exported(tmp_path_factory):
     ckpt, model = make_asr(root / "ckpt")
     assert main(["-q", "export", str(ckpt), str(root / "out")]) == 0  # llm and audio, by default
     return ckpt, model, root / "out"
-
-
-def row_cosines(a, b):
-    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
 def test_layout_and_configs(exported):

@@ -21,6 +21,7 @@ import json
 import numpy as np
 import pytest
 from fixtures.moe_reference import check_twin_against_hf, hf_logits_with_router_margins, softmax_margin
+from fixtures.tower_checks import row_cosines
 from safetensors.numpy import load_file
 from test_qwen3_asr_audio import TINY, _signal
 
@@ -86,10 +87,6 @@ def omni(tmp_path_factory):
     ckpt, thinker = make_omni(root / "ckpt")
     assert main(["-q", "export", str(ckpt), str(root / "out"), *COMPONENTS]) == 0
     return ckpt, thinker, root / "out"
-
-
-def row_cosines(a, b):
-    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
 def scenario(out, name):

@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 from conftest import BASE
+from fixtures.tower_checks import one_sequence, rel_err, row_cosines, skip_block
 
 from edgellm_export.cli import main
 from edgellm_export.visual import qwen3_vl as q3
@@ -66,14 +67,6 @@ def spec_of(ckpt):
     return q3.parse(json.loads((ckpt / "config.json").read_text()), BASE["hidden_size"], None)
 
 
-def row_cosines(a, b):
-    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
-
-
-def rel_err(got, want) -> float:
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
-
-
 def run_visual(out, patches, grids, spec):
     be = CpuBackend(out / "visual")
     try:
@@ -113,22 +106,6 @@ def test_visual_graph_and_deepstack_match_transformers(exported, grids, record_p
     assert err <= MAX_REL_ERR, err
 
 
-def _one_sequence(merge_temporal_only: bool):
-    """transformers' cu_seqlens with every image (or, with merge_temporal_only, every image's frames) in one
-    attention sequence."""
-    from transformers.models.qwen3_vl import modeling_qwen3_vl as m
-
-    real = m.get_vision_attention_seqlens
-
-    def seqlens(grid_thw, config, merge_temporal=False, kwargs=None):
-        if merge_temporal_only:
-            return real(grid_thw, config, merge_temporal=True, kwargs=kwargs)
-        cu, longest = real(grid_thw, config, merge_temporal=merge_temporal, kwargs=kwargs)
-        return cu[[0, -1]], longest
-
-    return [(m, "get_vision_attention_seqlens", seqlens)]
-
-
 def _quick_gelu(visual):
     from transformers.activations import ACT2FN
 
@@ -141,9 +118,12 @@ def _no_position_table(visual):
     return [(visual.pos_embed, "weight", torch.nn.Parameter(visual.pos_embed.weight * 0))]
 
 
-def _skip_block(visual, k):
-    return [(visual.blocks[k], "forward", lambda hidden_states, **_: hidden_states)]
 
+def _modeling():
+    """transformers' module whose attention bookkeeping the across-images / frames mutations patch."""
+    from transformers.models.qwen3_vl import modeling_qwen3_vl
+
+    return modeling_qwen3_vl
 
 # Bugs put into HF's tower (the reference side), each as the attributes to patch; the graph must fail the
 # comparison's bounds against every one of them. (Exact GELU for the tower's tanh form is not here: the two differ
@@ -151,10 +131,10 @@ def _skip_block(visual, k):
 MUTATIONS = {
     "no_rope": (GRIDS["golden"], lambda v: [(v.rotary_pos_emb, "inv_freq", v.rotary_pos_emb.inv_freq * 0)]),
     "no_position_table": (GRIDS["golden"], _no_position_table),
-    "across_images": (GRIDS["golden"], lambda v: _one_sequence(False)),
-    "across_frames": (GRIDS["two_frames"], lambda v: _one_sequence(True)),
+    "across_images": (GRIDS["golden"], lambda v: one_sequence(_modeling(), False)),
+    "across_frames": (GRIDS["two_frames"], lambda v: one_sequence(_modeling(), True)),
     "quick_gelu": (GRIDS["golden"], _quick_gelu),
-    **{f"block_{k}_skipped": (GRIDS["golden"], lambda v, k=k: _skip_block(v, k)) for k in range(3)},
+    **{f"block_{k}_skipped": (GRIDS["golden"], lambda v, k=k: skip_block(v.blocks, k)) for k in range(3)},
 }
 
 

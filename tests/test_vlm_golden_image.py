@@ -7,16 +7,12 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
+from fixtures.tower_checks import row_cosines
 from safetensors.numpy import load_file
 
 from edgellm_export.cli import main
 from edgellm_validate.validate import validate_export
-
-
-def row_cosines(a, b):
-    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
 def image_scenario(llm):

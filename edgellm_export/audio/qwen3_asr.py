@@ -427,7 +427,8 @@ def golden_wave(s: AudioSpec) -> np.ndarray:
 
 def golden_image(s: AudioSpec) -> dict:
     """The golden clip for the LLM's audio scenario: all of its rows, between the audio start / end tokens."""
-    return {"counts": [len(golden_inputs(s)[INDICES])], "grids": None, "merge": None}
+    rows = sum(runtime_post_cnn_length(n, s) for n in chunk_lengths(golden_frames(s), s))  # no mel computed again
+    return {"counts": [rows], "grids": None, "merge": None}
 
 
 def llm_config_fields(raw: dict, ckpt_dir: Path) -> dict:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from edgellm_core.errors import ExportError, UnsupportedError
-from edgellm_core.onnx_graph.builder import FLOAT, FLOAT16, INT32, INT64, GraphBuilder
+from edgellm_core.onnx_graph.builder import FLOAT16, INT32, INT64, GraphBuilder
 
 from ..encoders import index_list
 from . import qwen_vit
@@ -150,10 +150,7 @@ def linear_names(s: QwenVisionSpec) -> list[str]:
 def emit_graph(g: GraphBuilder, w, s: QwenVisionSpec) -> None:
     n, i64, ops = g.node, g.i64, GraphOps(g, w)
     h, d = s.hidden, s.head_dim
-    x = g.input(INPUT, FLOAT16, ["num_patches", s.patch_dim])
-    rot = g.input("rotary_pos_emb", FLOAT, ["num_patches", d // 2])
-    cu = g.input("cu_seqlens", INT32, ["num_images_plus_1"])
-    carrier = g.input("max_seqlen_carrier", INT32, ["max_seqlen"])
+    x, rot, cu, carrier = qwen_vit.base_inputs(g, s)
     cu_win = g.input("cu_window_seqlens", INT32, ["num_windows_plus_1"])
     win = g.input("window_index", INT64, ["num_groups"])
     rev = g.input("reverse_window_index", INT64, ["num_groups"])

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from edgellm_core.errors import UnsupportedError
-from edgellm_core.onnx_graph.builder import FLOAT, FLOAT16, INT32, GraphBuilder
+from edgellm_core.onnx_graph.builder import FLOAT16, GraphBuilder
 
 from . import qwen_vit
 from .qwen_vit import EagerOps, GraphOps, QwenTower, all_images, frame_seqlens, golden_patches, rotary_angles
@@ -106,11 +106,8 @@ def _quick_gelu_graph(ops: GraphOps, y):
 
 def emit_graph(g: GraphBuilder, w, s: QwenTower) -> None:
     n, i64, ops = g.node, g.i64, GraphOps(g, w)
-    h, d = s.hidden, s.head_dim
-    x = g.input(INPUT, FLOAT16, ["num_patches", s.patch_dim])
-    rot = g.input("rotary_pos_emb", FLOAT, ["num_patches", d // 2])
-    cu = g.input("cu_seqlens", INT32, ["num_images_plus_1"])
-    carrier = g.input("max_seqlen_carrier", INT32, ["max_seqlen"])
+    h = s.hidden
+    x, rot, cu, carrier = qwen_vit.base_inputs(g, s)
 
     shape = (h, s.channels, s.temporal_patch_size, s.patch_size, s.patch_size)
     hs = ops.patch_embed(x, TOWER + "patch_embed.proj", shape, bias=False)

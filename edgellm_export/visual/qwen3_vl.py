@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from edgellm_core.errors import UnsupportedError
-from edgellm_core.onnx_graph.builder import FLOAT, FLOAT16, INT32, INT64, GraphBuilder
+from edgellm_core.onnx_graph.builder import FLOAT16, INT64, GraphBuilder
 
 from ..encoders import index_list
 from . import qwen_vit
@@ -169,11 +169,8 @@ def linear_names(s: Qwen3VisionSpec) -> list[str]:
 
 def emit_graph(g: GraphBuilder, w, s: Qwen3VisionSpec) -> None:
     n, i64, ops = g.node, g.i64, GraphOps(g, w)
-    h, d, wide = s.hidden, s.head_dim, s.hidden * s.merge_unit
-    x = g.input(INPUT, FLOAT16, ["num_patches", s.patch_dim])
-    rot = g.input("rotary_pos_emb", FLOAT, ["num_patches", d // 2])
-    cu = g.input("cu_seqlens", INT32, ["num_images_plus_1"])
-    carrier = g.input("max_seqlen_carrier", INT32, ["max_seqlen"])
+    h, wide = s.hidden, s.hidden * s.merge_unit
+    x, rot, cu, carrier = qwen_vit.base_inputs(g, s)
     idx = g.input("fast_pos_embed_idx", INT64, [4, "num_patches"])
     weight = g.input("fast_pos_embed_weight", FLOAT16, [4, "num_patches"])
     shape = (h, s.channels, s.temporal_patch_size, s.patch_size, s.patch_size)

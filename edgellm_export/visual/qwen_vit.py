@@ -73,6 +73,17 @@ def all_images(spec: QwenTower, grids) -> dict:
             "merge": spec.merge}
 
 
+def base_inputs(g, spec: QwenTower) -> tuple[str, str, str, str]:
+    """The inputs every Qwen tower's graph has, in 0.7.1's order: `input` patches, `rotary_pos_emb`,
+    `cu_seqlens`, `max_seqlen_carrier` (each family adds its own after them)."""
+    from edgellm_core.onnx_graph.builder import FLOAT, FLOAT16, INT32
+
+    return (g.input("input", FLOAT16, ["num_patches", spec.patch_dim]),
+            g.input("rotary_pos_emb", FLOAT, ["num_patches", spec.head_dim // 2]),
+            g.input("cu_seqlens", INT32, ["num_images_plus_1"]),
+            g.input("max_seqlen_carrier", INT32, ["max_seqlen"]))
+
+
 RUNTIME_ROPE_THETA = 10000.0  # qwenViTRunner computes every Qwen tower's vision rotary angles with it
 
 
