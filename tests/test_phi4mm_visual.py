@@ -275,18 +275,19 @@ def test_audio_encoder_is_never_dropped_silently(exported, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_unmerged_builtin_lora_is_refused(exported, tmp_path, capsys):
+@pytest.mark.parametrize("adapter, named", [(".vision", "vision"), ("", "unnamed")])  # builtin / PEFT-style keys
+def test_unmerged_builtin_lora_is_refused(exported, tmp_path, capsys, adapter, named):
     ckpt, _, _ = exported
     orig = to_original_layout(ckpt, tmp_path / "orig")
     t = load_file(str(orig / "model.safetensors"))
     w = t.pop("model.layers.0.self_attn.qkv_proj.weight")
     t["model.layers.0.self_attn.qkv_proj.base_layer.weight"] = w
-    t["model.layers.0.self_attn.qkv_proj.lora_A.vision.weight"] = np.zeros((4, w.shape[1]), w.dtype)
-    t["model.layers.0.self_attn.qkv_proj.lora_B.vision.weight"] = np.zeros((w.shape[0], 4), w.dtype)
+    t[f"model.layers.0.self_attn.qkv_proj.lora_A{adapter}.weight"] = np.zeros((4, w.shape[1]), w.dtype)
+    t[f"model.layers.0.self_attn.qkv_proj.lora_B{adapter}.weight"] = np.zeros((w.shape[0], 4), w.dtype)
     save_file(t, str(orig / "model.safetensors"), metadata={"format": "pt"})
     assert main(["-q", "export", str(orig), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "unmerged LoRA adapters (vision)" in err and "edgellm merge-lora" in err and "Traceback" not in err
+    assert f"unmerged LoRA adapters ({named})" in err and "edgellm merge-lora" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
 
